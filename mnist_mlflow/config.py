@@ -1,0 +1,217 @@
+"""Typed, validated configurations for every entry point.
+
+Each dataclass mirrors the arguments of the function it configures, so a config can be
+built in Python as easily as from the command line. Validation happens in
+``__post_init__``: a bad value raises :class:`ConfigError` with one sentence that names the
+parameter and the value, before any data is loaded or any MLflow run is created.
+
+This module imports neither TensorFlow nor MLflow, so that a bad parameter is reported
+within a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class UserInputError(ValueError):
+    """An error caused by what the user asked for; reported as one line, without a traceback."""
+
+
+class ConfigError(UserInputError):
+    """A parameter has a value that cannot be used."""
+
+
+DATASETS = ("mnist", "fashion_mnist")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "softplus", "swish", "leaky_relu", "linear")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+
+
+def parse_int(name: str, text: Any, minimum: int | None = None) -> int:
+    """Parses a whole number, refusing floats such as "2.5" and anything below ``minimum``."""
+    try:
+        number = int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a whole number") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{name}={text!r} must be at least {minimum}")
+    return number
+
+
+def parse_float(name: str, text: Any) -> float:
+    try:
+        number = float(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name}={text!r} must be a finite number")
+    return number
+
+
+def parse_list(name: str, text: Any) -> list[str]:
+    """Splits a comma list such as "50, 50" into stripped items, refusing empty items."""
+    if isinstance(text, (list, tuple)):
+        items = [str(item).strip() for item in text]
+    else:
+        items = [item.strip() for item in str(text).split(",")]
+    if not items or any(item == "" for item in items):
+        raise ConfigError(f"{name}={text!r} must be a comma-separated list with no empty items")
+    return items
+
+
+def parse_positive_int_list(name: str, text: Any) -> tuple[int, ...]:
+    items = parse_list(name, text)
+    numbers = []
+    for item in items:
+        try:
+            number = int(item)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise ConfigError(f"{name}={text!r}: {item!r} is not a positive whole number")
+        numbers.append(number)
+    return tuple(numbers)
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+
+
+def _require_range(name: str, value: float, low: float, high: float, *, low_inclusive: bool, high_inclusive: bool) -> None:
+    above_low = value >= low if low_inclusive else value > low
+    below_high = value <= high if high_inclusive else value < high
+    if not (above_low and below_high):
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        raise ConfigError(f"{name}={value!r} must lie in {left}{low:g}, {high:g}{right}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set to load and how to split it; mirrors :func:`mnist_mlflow.data.load_splits`."""
+
+    dataset: str = "mnist"
+    validation_fraction: float = 0.1
+    seed: int = 0
+    max_train_examples: int = 0
+    tfds_data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_choice("dataset", self.dataset, DATASETS)
+        _require_range("validation_fraction", self.validation_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r} must be zero or positive")
+        if self.max_train_examples < 0:
+            raise ConfigError(f"max_train_examples={self.max_train_examples!r} must be zero (all) or positive")
+
+
+@dataclass(frozen=True)
+class DenseModelConfig:
+    """A fully connected classifier; mirrors :func:`mnist_mlflow.models.build_dense_model`."""
+
+    hidden_units: tuple[int, ...] = (50, 50)
+    activations: tuple[str, ...] = ("relu", "relu")
+    dropout_rate: float = 0.0
+    l2_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.hidden_units or any(width <= 0 for width in self.hidden_units):
+            raise ConfigError(f"hidden_units={self.hidden_units!r} must be positive widths")
+        if len(self.activations) != len(self.hidden_units):
+            raise ConfigError(
+                f"activation={','.join(self.activations)!r} has {len(self.activations)} entries "
+                f"but hidden_units has {len(self.hidden_units)} layers; give one activation or one per layer"
+            )
+        for activation in self.activations:
+            _require_choice("activation", activation, ACTIVATIONS)
+        _require_range("dropout", self.dropout_rate, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
+        if self.l2_factor < 0:
+            raise ConfigError(f"l2={self.l2_factor!r} must be zero or positive")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How to fit a model; mirrors :func:`mnist_mlflow.training.train_and_evaluate`."""
+
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    batch_size: int = 100
+    epochs: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate!r} must be positive")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size={self.batch_size!r} must be a positive whole number")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
+
+
+@dataclass(frozen=True)
+class DenseRunConfig:
+    """Everything one ``dense`` run needs."""
+
+    model: DenseModelConfig = field(default_factory=DenseModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def as_params(self) -> dict[str, Any]:
+        """The entry-point parameters, under the names the MLproject file uses."""
+        return {
+            "hidden_units": ",".join(str(width) for width in self.model.hidden_units),
+            "activation": ",".join(self.model.activations),
+            "optimizer": self.training.optimizer,
+            "learning_rate": self.training.learning_rate,
+            "batch_size": self.training.batch_size,
+            "epochs": self.training.epochs,
+            "dropout": self.model.dropout_rate,
+            "l2": self.model.l2_factor,
+            "dataset": self.data.dataset,
+            "validation_fraction": self.data.validation_fraction,
+            "seed": self.data.seed,
+            "max_train_examples": self.data.max_train_examples,
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "DenseRunConfig":
+        """Builds a config from entry-point parameters given as strings (or values).
+
+        Unknown names are refused; missing names take their defaults.
+        """
+        defaults = cls().as_params()
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            raise ConfigError(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(defaults)}")
+        raw = {**defaults, **{name: value for name, value in params.items() if value is not None}}
+
+        hidden_units = parse_positive_int_list("hidden_units", raw["hidden_units"])
+        activations = tuple(item.lower() for item in parse_list("activation", raw["activation"]))
+        if len(activations) == 1:
+            activations = activations * len(hidden_units)
+        seed = parse_int("seed", raw["seed"], minimum=0)
+        return cls(
+            model=DenseModelConfig(
+                hidden_units=hidden_units,
+                activations=activations,
+                dropout_rate=parse_float("dropout", raw["dropout"]),
+                l2_factor=parse_float("l2", raw["l2"]),
+            ),
+            training=TrainingConfig(
+                optimizer=str(raw["optimizer"]).strip().lower(),
+                learning_rate=parse_float("learning_rate", raw["learning_rate"]),
+                batch_size=parse_int("batch_size", raw["batch_size"], minimum=1),
+                epochs=parse_int("epochs", raw["epochs"], minimum=1),
+                seed=seed,
+            ),
+            data=DataConfig(
+                dataset=str(raw["dataset"]).strip().lower(),
+                validation_fraction=parse_float("validation_fraction", raw["validation_fraction"]),
+                seed=seed,
+                max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
+            ),
+        )
+

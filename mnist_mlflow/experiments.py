@@ -1,0 +1,127 @@
+"""One tracked training run from a validated config: the glue between the library's parts.
+
+Order matters for a good user experience: the config is already validated; then the tracking
+server is checked (seconds), then the data is loaded, and only then is a run started. A
+failure before training therefore creates no run when the script is started directly.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mnist_mlflow import data, evaluation, models, plots, tracking, training
+from mnist_mlflow.config import DataConfig, DenseRunConfig, TrainingConfig
+
+NUM_EXAMPLE_IMAGES = 5
+
+
+@dataclass
+class RunResult:
+    """What a tracked run returns: its id, its summary metrics and where its model lives."""
+
+    run_id: str
+    metrics: dict[str, float]
+    model_uri: str
+
+
+def dense_run_name(config: DenseRunConfig) -> str:
+    model = config.model
+    activations = model.activations[0] if len(set(model.activations)) == 1 else "-".join(model.activations)
+    name = f"dense-{'x'.join(map(str, model.hidden_units))}-{activations}-{config.training.optimizer}"
+    name += f"-lr{config.training.learning_rate:g}-bs{config.training.batch_size}"
+    if model.dropout_rate:
+        name += f"-drop{model.dropout_rate:g}"
+    if model.l2_factor:
+        name += f"-l2{model.l2_factor:g}"
+    return name
+
+
+def run_dense(config: DenseRunConfig) -> RunResult:
+    """Trains the dense network ``config`` describes and records everything in MLflow."""
+    return run_classifier(
+        build_model=lambda: models.build_dense_model(
+            config.model.hidden_units,
+            config.model.activations,
+            dropout_rate=config.model.dropout_rate,
+            l2_factor=config.model.l2_factor,
+        ),
+        training_config=config.training,
+        data_config=config.data,
+        params=config.as_params(),
+        run_name=dense_run_name(config),
+        tags={"entry_point": "dense", "model_family": "dense"},
+    )
+
+
+def run_classifier(
+    build_model: Callable[[], Any],
+    training_config: TrainingConfig,
+    data_config: DataConfig,
+    params: dict[str, Any],
+    run_name: str,
+    tags: dict[str, str],
+) -> RunResult:
+    """Loads data, builds, trains and evaluates a classifier inside one MLflow run."""
+    tracking_uri = tracking.check_tracking_server()
+    splits = data.load_splits(data_config)
+
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(training_config.seed)
+    tf.config.experimental.enable_op_determinism()
+    model = build_model()
+    steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
+    models.compile_model(model, training_config.optimizer, training_config.learning_rate, steps_per_execution)
+
+    tracking.enable_autolog()
+    all_tags = {
+        **tags,
+        "dataset": splits.dataset,
+        "host": platform.node(),
+        **tracking.environment_summary(),
+    }
+    with tracking.start_run(run_name, all_tags) as run_id:
+        print(f"MLflow run {run_id} ({run_name}) at {tracking_uri}", flush=True)
+        tracking.log_params(
+            {
+                **params,
+                **splits.sizes,
+                "trainable_parameters": models.count_trainable_parameters(model),
+                "steps_per_execution": steps_per_execution,
+                "tfds_version": splits.version,
+            }
+        )
+        tracking.log_dataset_splits(splits)
+        tracking.log_text(models.summary_text(model), "model_summary.txt")
+
+        result = training.train_and_evaluate(
+            model, splits, training_config.batch_size, training_config.epochs, training_config.seed
+        )
+        tracking.log_metrics(result.metrics())
+        log_evaluation(result, splits)
+        model_uri = tracking.log_keras_model(model, splits.test_images[:NUM_EXAMPLE_IMAGES])
+        print(
+            f"Selected epoch {result.best_epoch + 1}: val_accuracy {result.best_val_accuracy:.4f}, "
+            f"test_accuracy {result.test_accuracy:.4f}; {result.mean_epoch_time_s:.2f} s per epoch",
+            flush=True,
+        )
+        return RunResult(run_id=run_id, metrics=result.metrics(), model_uri=model_uri)
+
+
+def log_evaluation(result: training.TrainingResult, splits: data.Splits) -> None:
+    """Logs the confusion matrix, per-class report and training history of the selected model."""
+    matrix = evaluation.confusion_counts(splits.test_labels, result.test_probabilities)
+    tracking.log_text(evaluation.confusion_csv(matrix, splits.class_names), "evaluation/confusion_matrix.csv")
+    tracking.log_dict(
+        evaluation.per_class_report(splits.test_labels, result.test_probabilities, splits.class_names),
+        "evaluation/classification_report.json",
+    )
+    for figure, path in (
+        (plots.confusion_matrix_figure(matrix, splits.class_names), "evaluation/confusion_matrix.png"),
+        (plots.history_figure(result.history, result.best_epoch), "plots/history.png"),
+    ):
+        tracking.log_figure(figure, path)
+        plots.close(figure)

@@ -1,0 +1,79 @@
+"""Keras model builders. This module knows nothing about MLflow.
+
+Every model takes raw pixel intensities 0-255 of shape (28, 28, 1) and scales them itself,
+so the logged and served model needs no preprocessing from its callers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+def _input_layers() -> list:
+    return [
+        keras.Input(shape=IMAGE_SHAPE, name="pixels"),
+        keras.layers.Rescaling(1.0 / 255.0, name="rescale"),
+    ]
+
+
+def build_dense_model(
+    hidden_units: Sequence[int],
+    activations: Sequence[str],
+    dropout_rate: float = 0.0,
+    l2_factor: float = 0.0,
+    num_classes: int = NUM_CLASSES,
+) -> keras.Model:
+    """Flatten -> Dense(width, activation) [-> Dropout] per hidden layer -> Dense(10, softmax).
+
+    ``l2_factor`` adds L2 weight decay to every hidden kernel; ``dropout_rate`` adds dropout
+    after every hidden layer.
+    """
+    layers = _input_layers() + [keras.layers.Flatten(name="flatten")]
+    for index, (width, activation) in enumerate(zip(hidden_units, activations, strict=True), start=1):
+        regularizer = keras.regularizers.L2(l2_factor) if l2_factor else None
+        layers.append(
+            keras.layers.Dense(width, activation=activation, kernel_regularizer=regularizer, name=f"hidden_{index}")
+        )
+        if dropout_rate:
+            layers.append(keras.layers.Dropout(dropout_rate, name=f"dropout_{index}"))
+    layers.append(keras.layers.Dense(num_classes, activation="softmax", name="probabilities"))
+    return keras.Sequential(layers, name="dense")
+
+
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    optimizers = {
+        "adam": keras.optimizers.Adam,
+        "sgd": keras.optimizers.SGD,
+        "rmsprop": keras.optimizers.RMSprop,
+    }
+    if name not in optimizers:
+        raise ValueError(f"optimizer={name!r} is not one of: {', '.join(optimizers)}")
+    return optimizers[name](learning_rate=learning_rate)
+
+
+def compile_model(model: keras.Model, optimizer: str, learning_rate: float, steps_per_execution: int = 1) -> keras.Model:
+    """Compiles for integer labels with XLA; ``steps_per_execution`` batches run per call."""
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+        jit_compile=True,
+    )
+    return model
+
+
+def count_trainable_parameters(model: keras.Model) -> int:
+    return int(sum(int(keras.ops.size(weight)) for weight in model.trainable_weights))
+
+
+def summary_text(model: keras.Model) -> str:
+    """The model summary (layers, output shapes, parameter counts) as plain text."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=100)
+    return "\n".join(lines)

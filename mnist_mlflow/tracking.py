@@ -1,0 +1,168 @@
+"""Every MLflow call of the project lives here.
+
+The rest of the library trains, evaluates and plots; this module records. It checks that the
+tracking server answers before any expensive work, turns on the one autolog integration the
+project uses (``mlflow.tensorflow.autolog``), and logs parameters, data sets, figures,
+tables and models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from mnist_mlflow.config import UserInputError
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+class TrackingUnavailableError(UserInputError):
+    """The tracking server named by the tracking URI does not answer."""
+
+
+def check_tracking_server(timeout_s: float = 5.0) -> str:
+    """Returns the tracking URI after checking, within ``timeout_s``, that its server answers.
+
+    MLflow's own client retries an unreachable server for minutes; this check fails at once
+    with a message that names the URI. Local URIs (sqlite, file) need no server.
+    """
+    import requests
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as error:
+        reason = type(error).__name__
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server at {uri} ({TRACKING_URI_ENV}) cannot be reached ({reason}); "
+            "start it or point the variable at a running server"
+        ) from None
+    if response.status_code != 200:
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server at {uri} ({TRACKING_URI_ENV}) answered /health with HTTP {response.status_code}"
+        )
+    return uri
+
+
+def enable_autolog() -> None:
+    """Turns on ``mlflow.tensorflow.autolog`` for Keras parameters and per-epoch metrics.
+
+    The project logs the selected model, the data sets and checkpoints itself, so autolog's
+    own copies are turned off.
+    """
+    mlflow.tensorflow.autolog(
+        log_models=False,
+        log_datasets=False,
+        checkpoint=False,
+        log_every_epoch=True,
+        silent=True,
+    )
+
+
+@contextlib.contextmanager
+def start_run(run_name: str, tags: Mapping[str, str], description: str | None = None) -> Iterator[str]:
+    """Starts (or, under ``mlflow run``, resumes) a run, names and tags it, and yields its id.
+
+    The run ends FINISHED when the block completes and FAILED when it raises, including on
+    Ctrl-C, so no run is ever left RUNNING by this process.
+    """
+    with mlflow.start_run(description=description) as run:
+        mlflow.set_tags({"mlflow.runName": run_name, **tags})
+        yield run.info.run_id
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Logs parameters, skipping any the run already has.
+
+    ``mlflow run`` logs the entry-point parameters exactly as typed (say ``1e-3``); the same
+    parameter written again in another spelling (``0.001``) would be refused by MLflow.
+    """
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    missing = {name: value for name, value in params.items() if name not in existing}
+    if missing:
+        mlflow.log_params(missing)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
+
+
+def log_dataset_splits(splits) -> None:
+    """Logs train, validation and test as run inputs with name, size and digest."""
+    for context, images, labels in (
+        ("training", splits.train_images, splits.train_labels),
+        ("validation", splits.validation_images, splits.validation_labels),
+        ("test", splits.test_images, splits.test_labels),
+    ):
+        dataset = mlflow.data.from_numpy(
+            images, targets=labels, source=splits.source, name=f"{splits.dataset}-{context}"
+        )
+        mlflow.log_input(
+            dataset,
+            context=context,
+            tags={"examples": str(len(labels)), "tfds_version": splits.version},
+        )
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_dict(dictionary: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(dictionary, indent=2, sort_keys=False), artifact_file)
+
+
+def log_keras_model(model, example_images: np.ndarray, name: str = "model") -> str:
+    """Logs a Keras model that takes raw pixels (float32, (-1, 28, 28, 1)) and returns 10 probabilities.
+
+    Requirements are given explicitly instead of being inferred, which would load the model
+    once more in a subprocess. Returns the model URI.
+    """
+    import keras
+    import tensorflow as tf
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+    )
+    info = mlflow.tensorflow.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=example_images.astype(np.float32),
+        pip_requirements=[
+            f"mlflow=={mlflow.__version__}",
+            f"tensorflow=={tf.__version__}",
+            f"keras=={keras.__version__}",
+            f"numpy=={np.__version__}",
+        ],
+    )
+    return info.model_uri
+
+
+def environment_summary() -> dict[str, str]:
+    """Versions and settings worth recording with every run, as tags."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "mlflow_version": mlflow.__version__,
+        "cpu_count": str(os.cpu_count()),
+    }

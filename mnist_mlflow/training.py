@@ -1,0 +1,151 @@
+"""Fitting and evaluating a compiled Keras model. This module knows nothing about MLflow.
+
+``train_and_evaluate`` returns its metrics; whoever calls it decides what to record. Extra
+Keras callbacks (such as a tracker's) can be passed in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from mnist_mlflow.data import Splits, evaluation_dataset, training_dataset
+
+# Batches run per compiled call at most; amortises Python and dispatch overhead per step.
+MAX_STEPS_PER_EXECUTION = 200
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_time_s`` (wall seconds, including validation) to each epoch's logs.
+
+    Placed before other callbacks, it makes the timing visible to every later callback,
+    including the History and any metric logger.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch_times: list[float] = []
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self._start
+        self.epoch_times.append(elapsed)
+        if logs is not None:
+            logs["epoch_time_s"] = elapsed
+
+
+class RestoreBestWeights(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the best ``monitor`` and restores them at the end.
+
+    Ties go to the earlier epoch. Unlike ``EarlyStopping(restore_best_weights=True)``, it
+    never stops training and always restores.
+    """
+
+    def __init__(self, monitor: str = "val_accuracy") -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.best_value = -math.inf
+        self.best_epoch = -1
+        self._best_weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value > self.best_value:
+            self.best_value = float(value)
+            self.best_epoch = epoch
+            self._best_weights = self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self._best_weights is not None:
+            self.model.set_weights(self._best_weights)
+
+
+@dataclass
+class TrainingResult:
+    """What a finished fit produced, with the selected (best-epoch) model evaluated on test."""
+
+    history: dict[str, list[float]]
+    epoch_times: list[float]
+    best_epoch: int
+    train_time_s: float
+    examples_per_s: float
+    test_loss: float
+    test_accuracy: float
+    test_probabilities: np.ndarray = field(repr=False)
+
+    @property
+    def best_val_accuracy(self) -> float:
+        return float(self.history["val_accuracy"][self.best_epoch])
+
+    @property
+    def mean_epoch_time_s(self) -> float:
+        return float(np.mean(self.epoch_times))
+
+    def metrics(self) -> dict[str, float]:
+        """The run-level summary metrics (per-epoch histories are separate)."""
+        return {
+            "best_epoch": float(self.best_epoch),
+            "best_val_accuracy": self.best_val_accuracy,
+            "best_val_loss": float(self.history["val_loss"][self.best_epoch]),
+            "train_time_s": self.train_time_s,
+            "mean_epoch_time_s": self.mean_epoch_time_s,
+            "examples_per_s": self.examples_per_s,
+            "test_loss": self.test_loss,
+            "test_accuracy": self.test_accuracy,
+        }
+
+
+def steps_per_execution_for(num_examples: int, batch_size: int) -> int:
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    return max(1, min(MAX_STEPS_PER_EXECUTION, steps_per_epoch))
+
+
+def train_and_evaluate(
+    model: keras.Model,
+    splits: Splits,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 2,
+) -> TrainingResult:
+    """Fits a compiled model, restores its best-``val_accuracy`` weights and evaluates on test.
+
+    The test split is used exactly once, on the selected model.
+    """
+    timer = EpochTimer()
+    best = RestoreBestWeights("val_accuracy")
+    train_data = training_dataset(splits.train_images, splits.train_labels, batch_size, seed)
+    validation_data = evaluation_dataset(splits.validation_images, splits.validation_labels)
+
+    start = time.perf_counter()
+    history = model.fit(
+        train_data,
+        epochs=epochs,
+        validation_data=validation_data,
+        callbacks=[timer, best, *callbacks],
+        verbose=verbose,
+    )
+    train_time_s = time.perf_counter() - start
+
+    test_data = evaluation_dataset(splits.test_images, splits.test_labels)
+    test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
+    test_probabilities = model.predict(test_data, verbose=0)
+    return TrainingResult(
+        history={name: [float(value) for value in values] for name, values in history.history.items()},
+        epoch_times=list(timer.epoch_times),
+        best_epoch=best.best_epoch,
+        train_time_s=train_time_s,
+        examples_per_s=len(splits.train_labels) * epochs / train_time_s,
+        test_loss=float(test_loss),
+        test_accuracy=float(test_accuracy),
+        test_probabilities=test_probabilities,
+    )
