@@ -188,13 +188,18 @@ def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, se
     def gather(indices):
         return tf.cast(tf.gather(image_tensor, indices), tf.float32), tf.gather(label_tensor, indices)
 
-    return (
+    dataset = (
         tf.data.Dataset.range(len(labels))
         .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
+    # Keras autologging reads the batch size from this attribute, which only a dataset whose
+    # last step is .batch() has. Without it, autolog would record batch_size=None, clash with
+    # the entry point's batch_size parameter and silently log nothing at all.
+    dataset._batch_size = tf.constant(batch_size, dtype=tf.int64)
+    return dataset
 
 
 def evaluation_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int = 1000):

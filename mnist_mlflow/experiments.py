@@ -68,10 +68,10 @@ def run_classifier(
     splits = data.load_splits(data_config)
 
     import keras
-    import tensorflow as tf
 
+    # Seeds Python, NumPy and TensorFlow. On CPU this makes runs repeatable without
+    # tf.config.experimental.enable_op_determinism(), which would also switch off XLA.
     keras.utils.set_random_seed(training_config.seed)
-    tf.config.experimental.enable_op_determinism()
     model = build_model()
     steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
     models.compile_model(model, training_config.optimizer, training_config.learning_rate, steps_per_execution)
@@ -102,7 +102,9 @@ def run_classifier(
         )
         tracking.log_metrics(result.metrics())
         log_evaluation(result, splits)
-        model_uri = tracking.log_keras_model(model, splits.test_images[:NUM_EXAMPLE_IMAGES])
+        model_uri = tracking.log_keras_model(
+            models.prepare_for_inference(model), splits.test_images[:NUM_EXAMPLE_IMAGES]
+        )
         print(
             f"Selected epoch {result.best_epoch + 1}: val_accuracy {result.best_val_accuracy:.4f}, "
             f"test_accuracy {result.test_accuracy:.4f}; {result.mean_epoch_time_s:.2f} s per epoch",

@@ -56,16 +56,36 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
     return optimizers[name](learning_rate=learning_rate)
 
 
-def compile_model(model: keras.Model, optimizer: str, learning_rate: float, steps_per_execution: int = 1) -> keras.Model:
-    """Compiles for integer labels with XLA; ``steps_per_execution`` batches run per call."""
+def compile_model(
+    model: keras.Model,
+    optimizer: str | keras.optimizers.Optimizer,
+    learning_rate: float | None = None,
+    steps_per_execution: int = 1,
+) -> keras.Model:
+    """Compiles for integer labels with XLA; ``steps_per_execution`` batches run per call.
+
+    ``optimizer`` is a name (then ``learning_rate`` is required) or an optimizer instance,
+    whose state is kept.
+    """
+    if isinstance(optimizer, str):
+        optimizer = make_optimizer(optimizer, learning_rate)
     model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate),
+        optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
         jit_compile=True,
     )
     return model
+
+
+def prepare_for_inference(model: keras.Model) -> keras.Model:
+    """Recompiles a trained model to run one batch per call, keeping its optimizer state.
+
+    Training runs many batches per call; a saved model that did so would report odd step
+    counts and over-run small prediction requests.
+    """
+    return compile_model(model, model.optimizer, steps_per_execution=1)
 
 
 def count_trainable_parameters(model: keras.Model) -> int:

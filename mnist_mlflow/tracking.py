@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from typing import Any, Iterator, Mapping
 
 import mlflow
@@ -103,9 +104,12 @@ def log_dataset_splits(splits) -> None:
         ("validation", splits.validation_images, splits.validation_labels),
         ("test", splits.test_images, splits.test_labels),
     ):
-        dataset = mlflow.data.from_numpy(
-            images, targets=labels, source=splits.source, name=f"{splits.dataset}-{context}"
-        )
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that a path is ambiguous.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_numpy(
+                images, targets=labels, source=splits.source, name=f"{splits.dataset}-{context}"
+            )
         mlflow.log_input(
             dataset,
             context=context,
@@ -140,18 +144,23 @@ def log_keras_model(model, example_images: np.ndarray, name: str = "model") -> s
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
     )
-    info = mlflow.tensorflow.log_model(
-        model,
-        name=name,
-        signature=signature,
-        input_example=example_images.astype(np.float32),
-        pip_requirements=[
-            f"mlflow=={mlflow.__version__}",
-            f"tensorflow=={tf.__version__}",
-            f"keras=={keras.__version__}",
-            f"numpy=={np.__version__}",
-        ],
-    )
+    # MLflow checks the input example by predicting on it; keep Keras's progress bar out of the log.
+    keras.utils.disable_interactive_logging()
+    try:
+        info = mlflow.tensorflow.log_model(
+            model,
+            name=name,
+            signature=signature,
+            input_example=example_images.astype(np.float32),
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                f"numpy=={np.__version__}",
+            ],
+        )
+    finally:
+        keras.utils.enable_interactive_logging()
     return info.model_uri
 
 
