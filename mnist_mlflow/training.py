@@ -131,6 +131,8 @@ def train_and_evaluate(
         train_data,
         epochs=epochs,
         validation_data=validation_data,
+        # The data set reshuffles itself every epoch.
+        shuffle=False,
         callbacks=[timer, best, *callbacks],
         verbose=verbose,
     )

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from mnist_mlflow import data
+from mnist_mlflow.config import DataConfig, UserInputError
+
+
+def test_split_sizes_and_disjointness():
+    train, validation = data.split_train_validation(60000, 0.1, seed=0)
+    assert len(validation) == 6000
+    assert len(train) == 54000
+    assert not set(train) & set(validation)
+    assert set(train) | set(validation) == set(range(60000))
+
+
+def test_split_is_determined_by_the_seed():
+    first = data.split_train_validation(1000, 0.2, seed=3)
+    again = data.split_train_validation(1000, 0.2, seed=3)
+    other = data.split_train_validation(1000, 0.2, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_max_train_examples_caps_training_but_not_validation():
+    train, validation = data.split_train_validation(60000, 0.1, seed=0, max_train_examples=500)
+    full_train, full_validation = data.split_train_validation(60000, 0.1, seed=0)
+    assert len(train) == 500
+    assert set(train) <= set(full_train)
+    assert np.array_equal(validation, full_validation)
+
+
+def test_a_fraction_leaving_no_examples_is_refused():
+    with pytest.raises(UserInputError, match="validation_fraction"):
+        data.split_train_validation(5, 0.01, seed=0)
+
+
+def test_load_splits_gives_uint8_images_and_the_documented_sizes(small_splits):
+    assert small_splits.sizes == {"train_examples": 2000, "validation_examples": 6000, "test_examples": 10000}
+    for images in (small_splits.train_images, small_splits.validation_images, small_splits.test_images):
+        assert images.dtype == np.uint8
+        assert images.shape[1:] == (28, 28, 1)
+        assert images.max() == 255
+    assert set(np.unique(small_splits.train_labels)) == set(range(10))
+    assert small_splits.version == "3.0.1"
+
+
+def test_training_dataset_covers_every_example_once_per_epoch_in_a_seeded_order(small_splits):
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    labels = np.arange(10)
+    dataset = data.training_dataset(images, labels, batch_size=4, seed=1)
+    epochs = [np.concatenate([batch_labels.numpy() for _, batch_labels in dataset]) for _ in range(2)]
+    for order in epochs:
+        assert sorted(order) == list(range(10))
+    assert [len(batch_labels) for _, batch_labels in dataset] == [4, 4, 2]
+    first_image, first_label = next(iter(dataset))
+    assert first_image.dtype.name == "float32"
+    # The image still matches its label after the batched gather.
+    assert np.array_equal(first_image.numpy().reshape(-1), first_label.numpy())
+    again = data.training_dataset(images, labels, batch_size=4, seed=1)
+    assert np.array_equal(np.concatenate([b.numpy() for _, b in again]), epochs[0])
+
+
+def test_manual_dir_without_the_files_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(data.DataUnavailableError, match=data.DATA_DIR_ENV):
+        data.load_splits(DataConfig(tfds_data_dir=str(tmp_path / "tfds")))
+
+
+def _network_reachable() -> bool:
+    import socket
+
+    try:
+        socket.create_connection((data.DOWNLOAD_HOSTS["mnist"], 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_network_reachable(), reason="the download host is reachable, so tfds would download")
+def test_without_network_and_without_the_variable_fails_fast_naming_it(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    start = time.monotonic()
+    with pytest.raises(data.DataUnavailableError, match=data.DATA_DIR_ENV):
+        data.load_splits(DataConfig(tfds_data_dir=str(tmp_path / "tfds")))
+    assert time.monotonic() - start < 30
