@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, free_port, run_script, subprocess_env
+from conftest import PROJECT_DIR, run_script
+from mnist_mlflow.processes import free_port, python_env
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +41,10 @@ def dense_run(mlflow_server):
             "--env-manager", "local", "--experiment-name", experiment_name,
             "-P", "epochs=2", "-P", "max_train_examples=2000",
         ],
-        env=subprocess_env(mlflow_server.uri),
+        env=python_env(mlflow_server.url),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(mlflow_server.url)
     experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
@@ -127,8 +128,8 @@ def test_logged_model_predicts_on_raw_test_images(dense_run, small_splits, mlflo
     import mlflow
 
     _, run = dense_run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    mlflow.set_tracking_uri(mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    mlflow.set_tracking_uri(mlflow_server.url)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     raw = small_splits.test_images[:64].astype(np.float32)
     probabilities = np.asarray(model.predict(raw))
@@ -172,11 +173,11 @@ BAD_PARAMETERS = [
 
 @pytest.mark.parametrize("name, value", BAD_PARAMETERS)
 def test_bad_parameter_exits_with_one_clear_line_and_creates_no_run(name, value, mlflow_server):
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(mlflow_server.url)
     before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     result = run_script(
         [sys.executable, "entrypoints/dense.py", f"--{name}", value],
-        env=subprocess_env(mlflow_server.uri),
+        env=python_env(mlflow_server.url),
         timeout=60,
     )
     assert result.returncode == 2
@@ -195,11 +196,11 @@ def test_bad_parameter_under_mlflow_run_ends_the_run_failed(mlflow_server):
             sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense", "--env-manager", "local",
             "--experiment-name", experiment_name, "-P", "hidden_units=50,abc",
         ],
-        env=subprocess_env(mlflow_server.uri),
+        env=python_env(mlflow_server.url),
     )
     assert result.returncode != 0
     assert "hidden_units='50,abc'" in result.stdout + result.stderr
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(mlflow_server.url)
     runs = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
 
@@ -208,7 +209,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri():
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     result = run_script(
-        [sys.executable, "entrypoints/dense.py", "--epochs", "1"], env=subprocess_env(uri), timeout=120
+        [sys.executable, "entrypoints/dense.py", "--epochs", "1"], env=python_env(uri), timeout=120
     )
     elapsed = time.monotonic() - start
     assert result.returncode == 2
