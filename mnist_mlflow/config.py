@@ -88,6 +88,11 @@ def _require_range(name: str, value: float, low: float, high: float, *, low_incl
         raise ConfigError(f"{name}={value!r} must lie in {left}{low:g}, {high:g}{right}")
 
 
+def _require_non_negative(name: str, value: float, meaning_of_zero: str = "") -> None:
+    if value < 0:
+        raise ConfigError(f"{name}={value!r} must be zero{meaning_of_zero} or positive")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data set to load and how to split it; mirrors :func:`mnist_mlflow.data.load_splits`."""
@@ -101,10 +106,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require_choice("dataset", self.dataset, DATASETS)
         _require_range("validation_fraction", self.validation_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-        if self.seed < 0:
-            raise ConfigError(f"seed={self.seed!r} must be zero or positive")
-        if self.max_train_examples < 0:
-            raise ConfigError(f"max_train_examples={self.max_train_examples!r} must be zero (all) or positive")
+        _require_non_negative("seed", self.seed)
+        _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,7 @@ class DenseModelConfig:
         for activation in self.activations:
             _require_choice("activation", activation, ACTIVATIONS)
         _require_range("dropout", self.dropout_rate, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
-        if self.l2_factor < 0:
-            raise ConfigError(f"l2={self.l2_factor!r} must be zero or positive")
+        _require_non_negative("l2", self.l2_factor)
 
 
 @dataclass(frozen=True)
