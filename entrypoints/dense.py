@@ -12,22 +12,15 @@ from pathlib import Path
 # Started as `python entrypoints/dense.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import run_main, string_parser  # noqa: E402
+from mnist_mlflow.cli import TRAINING_HELP, run_main, string_parser  # noqa: E402
 from mnist_mlflow.config import DenseRunConfig  # noqa: E402
 
 HELP = {
     "hidden_units": "comma list of hidden-layer widths",
     "activation": "one activation for every hidden layer, or a comma list with one per layer",
-    "optimizer": "adam, sgd or rmsprop",
-    "learning_rate": "optimizer learning rate",
-    "batch_size": "examples per training step",
-    "epochs": "passes over the training data",
     "dropout": "dropout rate after every hidden layer, in [0, 1)",
     "l2": "L2 weight-decay factor on every hidden kernel",
-    "dataset": "mnist or fashion_mnist",
-    "validation_fraction": "share of the training split held out for validation, in (0, 1)",
-    "seed": "seed for the split, the initial weights and the shuffling",
-    "max_train_examples": "cap on training examples for quick runs; 0 means all",
+    **TRAINING_HELP,
 }
 
 

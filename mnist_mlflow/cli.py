@@ -9,6 +9,19 @@ from typing import Callable, Sequence
 from mnist_mlflow.config import UserInputError
 
 
+# Help for the parameters every training entry point shares.
+TRAINING_HELP = {
+    "optimizer": "adam, sgd or rmsprop",
+    "learning_rate": "optimizer learning rate",
+    "batch_size": "examples per training step",
+    "epochs": "passes over the training data",
+    "dataset": "mnist or fashion_mnist",
+    "validation_fraction": "share of the training split held out for validation, in (0, 1)",
+    "seed": "seed for the split, the initial weights and the shuffling",
+    "max_train_examples": "cap on training examples for quick runs; 0 means all",
+}
+
+
 def string_parser(description: str, defaults: dict[str, object], help_texts: dict[str, str]) -> argparse.ArgumentParser:
     """A parser with one ``--name`` flag per entry-point parameter, all read as strings.
 

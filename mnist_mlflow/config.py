@@ -153,6 +153,52 @@ class TrainingConfig:
             raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
 
 
+def merge_params(defaults: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Entry-point parameters over their defaults; unknown names are refused."""
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(defaults)}")
+    return {**defaults, **{name: value for name, value in params.items() if value is not None}}
+
+
+def parse_activations(text: Any, num_layers: int) -> tuple[str, ...]:
+    """One activation for every layer, or one per layer."""
+    activations = tuple(item.lower() for item in parse_list("activation", text))
+    return activations * num_layers if len(activations) == 1 else activations
+
+
+def parse_training(raw: Mapping[str, Any], seed: int) -> TrainingConfig:
+    return TrainingConfig(
+        optimizer=str(raw["optimizer"]).strip().lower(),
+        learning_rate=parse_float("learning_rate", raw["learning_rate"]),
+        batch_size=parse_int("batch_size", raw["batch_size"], minimum=1),
+        epochs=parse_int("epochs", raw["epochs"], minimum=1),
+        seed=seed,
+    )
+
+
+def parse_data(raw: Mapping[str, Any], seed: int) -> DataConfig:
+    return DataConfig(
+        dataset=str(raw["dataset"]).strip().lower(),
+        validation_fraction=parse_float("validation_fraction", raw["validation_fraction"]),
+        seed=seed,
+        max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
+    )
+
+
+def training_and_data_params(training: TrainingConfig, data: DataConfig) -> dict[str, Any]:
+    return {
+        "optimizer": training.optimizer,
+        "learning_rate": training.learning_rate,
+        "batch_size": training.batch_size,
+        "epochs": training.epochs,
+        "dataset": data.dataset,
+        "validation_fraction": data.validation_fraction,
+        "seed": data.seed,
+        "max_train_examples": data.max_train_examples,
+    }
+
+
 @dataclass(frozen=True)
 class DenseRunConfig:
     """Everything one ``dense`` run needs."""
@@ -166,54 +212,130 @@ class DenseRunConfig:
         return {
             "hidden_units": ",".join(str(width) for width in self.model.hidden_units),
             "activation": ",".join(self.model.activations),
-            "optimizer": self.training.optimizer,
-            "learning_rate": self.training.learning_rate,
-            "batch_size": self.training.batch_size,
-            "epochs": self.training.epochs,
             "dropout": self.model.dropout_rate,
             "l2": self.model.l2_factor,
-            "dataset": self.data.dataset,
-            "validation_fraction": self.data.validation_fraction,
-            "seed": self.data.seed,
-            "max_train_examples": self.data.max_train_examples,
+            **training_and_data_params(self.training, self.data),
         }
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "DenseRunConfig":
-        """Builds a config from entry-point parameters given as strings (or values).
-
-        Unknown names are refused; missing names take their defaults.
-        """
-        defaults = cls().as_params()
-        unknown = sorted(set(params) - set(defaults))
-        if unknown:
-            raise ConfigError(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(defaults)}")
-        raw = {**defaults, **{name: value for name, value in params.items() if value is not None}}
-
+        """Builds a config from entry-point parameters given as strings (or values)."""
+        raw = merge_params(cls().as_params(), params)
         hidden_units = parse_positive_int_list("hidden_units", raw["hidden_units"])
-        activations = tuple(item.lower() for item in parse_list("activation", raw["activation"]))
-        if len(activations) == 1:
-            activations = activations * len(hidden_units)
         seed = parse_int("seed", raw["seed"], minimum=0)
         return cls(
             model=DenseModelConfig(
                 hidden_units=hidden_units,
-                activations=activations,
+                activations=parse_activations(raw["activation"], len(hidden_units)),
                 dropout_rate=parse_float("dropout", raw["dropout"]),
                 l2_factor=parse_float("l2", raw["l2"]),
             ),
-            training=TrainingConfig(
-                optimizer=str(raw["optimizer"]).strip().lower(),
-                learning_rate=parse_float("learning_rate", raw["learning_rate"]),
-                batch_size=parse_int("batch_size", raw["batch_size"], minimum=1),
-                epochs=parse_int("epochs", raw["epochs"], minimum=1),
-                seed=seed,
-            ),
-            data=DataConfig(
-                dataset=str(raw["dataset"]).strip().lower(),
-                validation_fraction=parse_float("validation_fraction", raw["validation_fraction"]),
-                seed=seed,
-                max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            ),
+            training=parse_training(raw, seed),
+            data=parse_data(raw, seed),
         )
 
+
+def parse_bool_list(name: str, text: Any) -> tuple[bool, ...]:
+    values = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    flags = []
+    for item in parse_list(name, text):
+        if item.lower() not in values:
+            raise ConfigError(f"{name}={text!r}: {item!r} is not true or false")
+        flags.append(values[item.lower()])
+    return tuple(flags)
+
+
+@dataclass(frozen=True)
+class CnnModelConfig:
+    """A convolutional classifier; mirrors :func:`mnist_mlflow.models.build_cnn_model`.
+
+    ``pooling`` holds one flag per convolution: a 2x2 max-pool (stride 2) after it or not.
+    """
+
+    filters: tuple[int, ...] = (32, 32)
+    kernel_size: int = 3
+    pooling: tuple[bool, ...] = (True, True)
+    dense_units: tuple[int, ...] = (64, 64)
+    dropout_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.filters or any(count <= 0 for count in self.filters):
+            raise ConfigError(f"filters={self.filters!r} must be positive counts")
+        if len(self.pooling) != len(self.filters):
+            raise ConfigError(
+                f"pooling={','.join(str(flag).lower() for flag in self.pooling)!r} has {len(self.pooling)} entries "
+                f"but filters has {len(self.filters)} convolutions; give one flag per convolution"
+            )
+        if any(width <= 0 for width in self.dense_units):
+            raise ConfigError(f"dense_units={self.dense_units!r} must be positive widths")
+        if self.kernel_size <= 0:
+            raise ConfigError(f"kernel_size={self.kernel_size!r} must be a positive whole number")
+        _require_range("dropout", self.dropout_rate, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
+        size = 28
+        for index, pooled in enumerate(self.pooling, start=1):
+            size -= self.kernel_size - 1
+            if size < 1:
+                raise ConfigError(
+                    f"kernel_size={self.kernel_size} with filters={','.join(map(str, self.filters))!r}: "
+                    f"convolution {index} would shrink the 28x28 image below 1x1"
+                )
+            if pooled:
+                size //= 2
+                if size < 1:
+                    raise ConfigError(f"pooling={self.pooling!r}: pooling after convolution {index} leaves no pixels")
+
+
+# The smallest number of epochs with which the default CNN reaches 99.2% test accuracy on
+# full MNIST (measured; see the README).
+CNN_DEFAULT_EPOCHS = 12
+
+
+@dataclass(frozen=True)
+class CnnRunConfig:
+    """Everything one ``cnn`` run needs; ``register_as`` empty means: do not register."""
+
+    model: CnnModelConfig = field(default_factory=CnnModelConfig)
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(optimizer="sgd", learning_rate=0.1, batch_size=32, epochs=CNN_DEFAULT_EPOCHS)
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    register_as: str = "mnist-cnn"
+
+    def __post_init__(self) -> None:
+        if self.register_as and not all(char.isalnum() or char in "-_." for char in self.register_as):
+            raise ConfigError(f"register_as={self.register_as!r} may hold only letters, digits, '-', '_' and '.'")
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "filters": ",".join(map(str, self.model.filters)),
+            "kernel_size": self.model.kernel_size,
+            "pooling": ",".join(str(flag).lower() for flag in self.model.pooling),
+            "dense_units": ",".join(map(str, self.model.dense_units)),
+            "dropout": self.model.dropout_rate,
+            **training_and_data_params(self.training, self.data),
+            "register_as": self.register_as,
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "CnnRunConfig":
+        defaults = cls().as_params()
+        raw = merge_params(defaults, params)
+        filters = parse_positive_int_list("filters", raw["filters"])
+        pooling_text = params.get("pooling")
+        if pooling_text is None or not str(pooling_text).strip():
+            # Unset or empty: a max-pool after every convolution.
+            pooling_text = ",".join(["true"] * len(filters))
+        dense_text = str(raw["dense_units"]).strip()
+        seed = parse_int("seed", raw["seed"], minimum=0)
+        return cls(
+            model=CnnModelConfig(
+                filters=filters,
+                kernel_size=parse_int("kernel_size", raw["kernel_size"], minimum=1),
+                pooling=parse_bool_list("pooling", pooling_text),
+                dense_units=parse_positive_int_list("dense_units", dense_text) if dense_text else (),
+                dropout_rate=parse_float("dropout", raw["dropout"]),
+            ),
+            training=parse_training(raw, seed),
+            data=parse_data(raw, seed),
+            register_as=str(raw["register_as"]).strip(),
+        )

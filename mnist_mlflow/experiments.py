@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mnist_mlflow import data, evaluation, models, plots, tracking, training
-from mnist_mlflow.config import DataConfig, DenseRunConfig, TrainingConfig
+from mnist_mlflow.config import CnnRunConfig, DataConfig, DenseRunConfig, TrainingConfig
 
 NUM_EXAMPLE_IMAGES = 5
 
@@ -24,6 +24,7 @@ class RunResult:
     run_id: str
     metrics: dict[str, float]
     model_uri: str
+    registered_version: str | None = None
 
 
 def dense_run_name(config: DenseRunConfig) -> str:
@@ -55,6 +56,36 @@ def run_dense(config: DenseRunConfig) -> RunResult:
     )
 
 
+def cnn_run_name(config: CnnRunConfig) -> str:
+    model = config.model
+    pools = "" if all(model.pooling) else "-pool" + "".join("1" if flag else "0" for flag in model.pooling)
+    dense = "x".join(map(str, model.dense_units)) or "none"
+    name = f"cnn-{'-'.join(map(str, model.filters))}-k{model.kernel_size}{pools}-dense{dense}"
+    name += f"-{config.training.optimizer}-lr{config.training.learning_rate:g}-bs{config.training.batch_size}"
+    if model.dropout_rate:
+        name += f"-drop{model.dropout_rate:g}"
+    return name
+
+
+def run_cnn(config: CnnRunConfig) -> RunResult:
+    """Trains the convolutional network ``config`` describes, records it and optionally registers it."""
+    return run_classifier(
+        build_model=lambda: models.build_cnn_model(
+            config.model.filters,
+            kernel_size=config.model.kernel_size,
+            pooling=config.model.pooling,
+            dense_units=config.model.dense_units,
+            dropout_rate=config.model.dropout_rate,
+        ),
+        training_config=config.training,
+        data_config=config.data,
+        params=config.as_params(),
+        run_name=cnn_run_name(config),
+        tags={"entry_point": "cnn", "model_family": "cnn"},
+        register_as=config.register_as or None,
+    )
+
+
 def run_classifier(
     build_model: Callable[[], Any],
     training_config: TrainingConfig,
@@ -62,8 +93,12 @@ def run_classifier(
     params: dict[str, Any],
     run_name: str,
     tags: dict[str, str],
+    register_as: str | None = None,
 ) -> RunResult:
-    """Loads data, builds, trains and evaluates a classifier inside one MLflow run."""
+    """Loads data, builds, trains and evaluates a classifier inside one MLflow run.
+
+    With ``register_as``, the selected model becomes a new version of that registered model.
+    """
     tracking_uri = tracking.check_tracking_server()
     splits = data.load_splits(data_config)
 
@@ -110,7 +145,17 @@ def run_classifier(
             f"test_accuracy {result.test_accuracy:.4f}; {result.mean_epoch_time_s:.2f} s per epoch",
             flush=True,
         )
-        return RunResult(run_id=run_id, metrics=result.metrics(), model_uri=model_uri)
+        version = None
+        if register_as:
+            version = tracking.register_model_version(
+                model_uri,
+                register_as,
+                run_id=run_id,
+                val_accuracy=result.best_val_accuracy,
+                test_accuracy=result.test_accuracy,
+            )
+            print(f"Registered as {register_as} version {version}", flush=True)
+        return RunResult(run_id=run_id, metrics=result.metrics(), model_uri=model_uri, registered_version=version)
 
 
 def log_evaluation(result: training.TrainingResult, splits: data.Splits) -> None:
@@ -121,8 +166,11 @@ def log_evaluation(result: training.TrainingResult, splits: data.Splits) -> None
         evaluation.per_class_report(splits.test_labels, result.test_probabilities, splits.class_names),
         "evaluation/classification_report.json",
     )
+    test_view = (splits.test_images, splits.test_labels, result.test_probabilities, splits.class_names)
     for figure, path in (
         (plots.confusion_matrix_figure(matrix, splits.class_names), "evaluation/confusion_matrix.png"),
+        (plots.misclassified_figure(*test_view), "evaluation/misclassified.png"),
+        (plots.predictions_figure(*test_view), "evaluation/predictions.png"),
         (plots.history_figure(result.history, result.best_epoch), "plots/history.png"),
     ):
         tracking.log_figure(figure, path)

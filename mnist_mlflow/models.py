@@ -45,6 +45,34 @@ def build_dense_model(
     return keras.Sequential(layers, name="dense")
 
 
+def build_cnn_model(
+    filters: Sequence[int],
+    kernel_size: int = 3,
+    pooling: Sequence[bool] | None = None,
+    dense_units: Sequence[int] = (64, 64),
+    dropout_rate: float = 0.0,
+    num_classes: int = NUM_CLASSES,
+) -> keras.Model:
+    """Conv2D(count, kernel, relu) [-> MaxPool 2x2] per entry -> Flatten -> Dense(relu)... -> Dense(10, softmax).
+
+    ``pooling`` holds one flag per convolution (default: pool after each). ``dropout_rate``
+    applies dropout just before the output layer.
+    """
+    pooling = [True] * len(filters) if pooling is None else list(pooling)
+    layers = _input_layers()
+    for index, (count, pooled) in enumerate(zip(filters, pooling, strict=True), start=1):
+        layers.append(keras.layers.Conv2D(count, kernel_size, activation="relu", name=f"conv_{index}"))
+        if pooled:
+            layers.append(keras.layers.MaxPooling2D(pool_size=2, strides=2, name=f"pool_{index}"))
+    layers.append(keras.layers.Flatten(name="flatten"))
+    for index, width in enumerate(dense_units, start=1):
+        layers.append(keras.layers.Dense(width, activation="relu", name=f"hidden_{index}"))
+    if dropout_rate:
+        layers.append(keras.layers.Dropout(dropout_rate, name="dropout"))
+    layers.append(keras.layers.Dense(num_classes, activation="softmax", name="probabilities"))
+    return keras.Sequential(layers, name="cnn")
+
+
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     optimizers = {
         "adam": keras.optimizers.Adam,

@@ -54,5 +54,54 @@ def history_figure(history: dict[str, list[float]], best_epoch: int | None = Non
     return figure
 
 
+def misclassified_figure(
+    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], max_images: int = 36
+):
+    """A grid of misclassified test images, each titled with its true and predicted label."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)[:max_images]
+    columns = 6
+    rows = max(1, int(np.ceil(len(wrong) / columns)))
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(columns * 1.8, rows * 2.0), squeeze=False)
+    for axes in axes_grid.flat:
+        axes.axis("off")
+    for axes, index in zip(axes_grid.flat, wrong):
+        axes.imshow(images[index].squeeze(), cmap="gray_r")
+        axes.set_title(
+            f"true {class_names[labels[index]]}\npred {class_names[predicted[index]]} ({probabilities[index].max():.0%})",
+            fontsize=8,
+            color="firebrick",
+        )
+    total_wrong = int(np.sum(predicted != labels))
+    figure.suptitle(f"Misclassified test images: first {len(wrong)} of {total_wrong}")
+    figure.tight_layout()
+    return figure
+
+
+def predictions_figure(
+    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], count: int = 6
+):
+    """The first test images, each next to a bar chart of its predicted class probabilities."""
+    count = min(count, len(images))
+    figure, axes_grid = plt.subplots(count, 2, figsize=(8, count * 1.6), squeeze=False,
+                                     gridspec_kw={"width_ratios": [1, 3]})
+    positions = np.arange(len(class_names))
+    for row in range(count):
+        image_axes, bar_axes = axes_grid[row]
+        image_axes.imshow(images[row].squeeze(), cmap="gray_r")
+        image_axes.axis("off")
+        predicted = int(probabilities[row].argmax())
+        image_axes.set_title(f"true {class_names[labels[row]]}", fontsize=8)
+        colours = ["lightgrey"] * len(class_names)
+        colours[predicted] = "seagreen" if predicted == labels[row] else "firebrick"
+        bar_axes.bar(positions, probabilities[row], color=colours)
+        bar_axes.set_ylim(0, 1)
+        bar_axes.set_xticks(positions, labels=class_names, fontsize=7, rotation=30 if len(class_names[0]) > 2 else 0)
+        bar_axes.set_ylabel("p", fontsize=8)
+        bar_axes.set_title(f"predicted {class_names[predicted]} ({probabilities[row, predicted]:.1%})", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def close(figure) -> None:
     plt.close(figure)

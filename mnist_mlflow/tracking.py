@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 import os
 import warnings
 from typing import Any, Iterator, Mapping
@@ -175,3 +176,75 @@ def environment_summary() -> dict[str, str]:
         "mlflow_version": mlflow.__version__,
         "cpu_count": str(os.cpu_count()),
     }
+
+
+def register_model_version(model_uri: str, name: str, run_id: str, val_accuracy: float, test_accuracy: float) -> str:
+    """Registers ``model_uri`` as a new version of ``name``, tagged with its run and scores."""
+    version = mlflow.register_model(
+        model_uri,
+        name,
+        tags={
+            "run_id": run_id,
+            "val_accuracy": f"{val_accuracy:.6f}",
+            "test_accuracy": f"{test_accuracy:.6f}",
+        },
+    )
+    return str(version.version)
+
+
+@dataclass
+class Promotion:
+    """What ``promote_best_version`` chose, and the scores it chose among."""
+
+    model_name: str
+    alias: str
+    metric: str
+    version: str
+    value: float
+    candidates: list[tuple[str, float | None]]
+    previous_version: str | None
+
+
+def _version_score(client: MlflowClient, version, metric: str) -> float | None:
+    """A version's score: its own tag if it has one, else the metric of the run that made it."""
+    if metric in version.tags:
+        try:
+            return float(version.tags[metric])
+        except ValueError:
+            return None
+    if version.run_id:
+        value = client.get_run(version.run_id).data.metrics.get(metric)
+        return None if value is None else float(value)
+    return None
+
+
+def promote_best_version(model_name: str, metric: str = "val_accuracy", alias: str = "champion") -> Promotion:
+    """Points ``alias`` at the version of ``model_name`` with the highest ``metric``.
+
+    Selection never uses test scores: the test split is kept for reporting. Ties go to the
+    newer version. Versions without the metric are skipped.
+    """
+    if metric.startswith("test_"):
+        raise UserInputError(
+            f"metric={metric!r}: choosing a model by a test-split score leaks the test set; use a validation metric"
+        )
+    client = MlflowClient()
+    try:
+        client.get_registered_model(model_name)
+    except mlflow.exceptions.MlflowException:
+        raise UserInputError(f"model_name={model_name!r}: no registered model of that name at {mlflow.get_tracking_uri()}") from None
+    versions = client.search_model_versions(f"name='{model_name}'")
+    candidates = sorted(
+        ((str(version.version), _version_score(client, version, metric)) for version in versions),
+        key=lambda item: int(item[0]),
+    )
+    scored = [(number, value) for number, value in candidates if value is not None]
+    if not scored:
+        raise UserInputError(f"model_name={model_name!r}: none of its {len(candidates)} versions has a {metric!r} score")
+    best_version, best_value = max(scored, key=lambda item: (item[1], int(item[0])))
+    try:
+        previous = str(client.get_model_version_by_alias(model_name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        previous = None
+    client.set_registered_model_alias(model_name, alias, best_version)
+    return Promotion(model_name, alias, metric, best_version, best_value, candidates, previous)

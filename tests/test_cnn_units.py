@@ -1,0 +1,98 @@
+"""The CNN config and builder, the promotion rule's input checks, and the image client's preprocessing."""
+
+import numpy as np
+import pytest
+
+from mnist_mlflow import models
+from mnist_mlflow.config import CnnRunConfig, ConfigError
+
+
+def test_cnn_defaults_are_the_mnist_cnn_of_experiments_section_3():
+    config = CnnRunConfig.from_params({})
+    assert config.model.filters == (32, 32)
+    assert config.model.pooling == (True, True)
+    assert config.model.dense_units == (64, 64)
+    assert config.training.optimizer == "sgd"
+    assert config.training.learning_rate == 0.1
+    assert config.training.batch_size == 32
+    assert config.register_as == "mnist-cnn"
+
+
+def test_empty_pooling_means_pool_after_every_convolution_and_empty_register_means_none():
+    config = CnnRunConfig.from_params({"filters": "64,32,16", "pooling": "", "register_as": ""})
+    assert config.model.pooling == (True, True, True)
+    assert config.register_as == ""
+    assert CnnRunConfig.from_params({"filters": "64,32,16", "pooling": "true,yes,false"}).model.pooling == (True, True, False)
+
+
+@pytest.mark.parametrize(
+    "params, named",
+    [
+        ({"filters": "32,x"}, "filters"),
+        ({"filters": "32,32", "pooling": "true"}, "pooling"),
+        ({"pooling": "true,maybe"}, "pooling"),
+        ({"kernel_size": "0"}, "kernel_size"),
+        ({"kernel_size": "15", "filters": "8,8"}, "kernel_size"),
+        ({"dense_units": "64,-1"}, "dense_units"),
+        ({"register_as": "bad name!"}, "register_as"),
+        ({"optimizer": "adagrad"}, "optimizer"),
+    ],
+)
+def test_bad_cnn_parameters_are_named(params, named):
+    with pytest.raises(ConfigError, match=named):
+        CnnRunConfig.from_params(params)
+
+
+@pytest.mark.parametrize(
+    "filters, pooling, dense_units, expected",
+    [
+        ((32, 32), (True, True), (64, 64), 65_642),  # the MNIST CNN
+        # The Fashion-MNIST variants of EXPERIMENTS.md section 3, with their reference counts.
+        ((64, 64), (True, True), (128,), 243_786),
+        ((16, 16), (True, True), (128,), 55_098),
+        ((16,), (True,), (128,), 347_690),
+        ((64, 32, 16), (True, True, False), (128,), 43_578),
+        ((32,), (True,), (128,), 693_962),
+    ],
+)
+def test_cnn_parameter_counts_match_the_references(filters, pooling, dense_units, expected):
+    model = models.build_cnn_model(filters, 3, pooling, dense_units)
+    assert models.count_trainable_parameters(model) == expected
+    output = model(np.zeros((2, 28, 28, 1), dtype="float32"))
+    assert output.shape == (2, 10)
+
+
+def test_dropout_sits_just_before_the_output_layer():
+    model = models.build_cnn_model((8,), 3, (True,), (16,), dropout_rate=0.25)
+    assert [layer.name for layer in model.layers][-2:] == ["dropout", "probabilities"]
+
+
+def test_image_client_turns_dark_on_light_colour_images_into_mnist_form(tmp_path):
+    from PIL import Image
+
+    from mnist_mlflow.predict import image_to_mnist
+
+    # A dark vertical bar on a white, colour, non-square canvas.
+    canvas = np.full((90, 60, 3), 255, dtype=np.uint8)
+    canvas[15:75, 26:34] = (10, 10, 40)
+    path = tmp_path / "bar.jpg"
+    Image.fromarray(canvas).save(path)
+    pixels = image_to_mnist(path)
+    assert pixels.shape == (28, 28, 1) and pixels.dtype == np.float32
+    assert pixels[0, 0, 0] == 0  # background became dark
+    assert pixels[14, 14, 0] > 200  # the bar became light and is centred
+    rows = np.flatnonzero(pixels[:, :, 0].max(axis=1) > 100)
+    assert 18 <= len(rows) <= 21  # fitted into the 20-pixel box
+
+
+def test_image_client_keeps_mnist_digits_recognisable(small_splits, tmp_path):
+    from PIL import Image
+
+    from mnist_mlflow.predict import image_to_mnist
+
+    original = small_splits.test_images[0, :, :, 0]
+    path = tmp_path / "digit.png"
+    Image.fromarray(original).save(path)
+    converted = image_to_mnist(path)[:, :, 0]
+    correlation = np.corrcoef(original.reshape(-1).astype(float), converted.reshape(-1))[0, 1]
+    assert correlation > 0.8
