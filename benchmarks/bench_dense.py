@@ -17,18 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
-
-RESULTS_DIR = PROJECT_DIR / "benchmarks" / "results"
-WORK_DIR = PROJECT_DIR / "benchmarks" / "work"
+from common import WORK_DIR, epoch_timer, run_entry_point, run_in_subprocess, steady_mean, write_results
 
 
 def notebook_way(epochs: int) -> list[float]:
@@ -69,39 +62,8 @@ def notebook_way(epochs: int) -> list[float]:
     model.compile(optimizer=keras.optimizers.Adam(0.001), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
     times: list[float] = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.start)
-
-    model.fit(train_data, epochs=epochs, validation_data=(validation_inputs, validation_targets), verbose=2, callbacks=[Timer()])
+    model.fit(train_data, epochs=epochs, validation_data=(validation_inputs, validation_targets), verbose=2, callbacks=[epoch_timer(times)])
     return times
-
-
-def project_way(epochs: int, tracking_uri: str, experiment: str) -> tuple[list[float], float]:
-    """Runs the dense entry point with tracking; returns its logged epoch times and test accuracy."""
-    from mlflow.tracking import MlflowClient
-
-    from mnist_mlflow.processes import python_env
-
-    client = MlflowClient(tracking_uri)
-    subprocess.run(
-        [sys.executable, str(PROJECT_DIR / "entrypoints" / "dense.py"), "--epochs", str(epochs)],
-        env=python_env(tracking_uri, MLFLOW_EXPERIMENT_NAME=experiment),
-        cwd=WORK_DIR,
-        check=True,
-    )
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    run = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
-    history = sorted(client.get_metric_history(run.info.run_id, "epoch_time_s"), key=lambda point: point.step)
-    return [point.value for point in history], run.data.metrics["test_accuracy"]
-
-
-def steady_mean(times: list[float]) -> float:
-    return statistics.mean(times[1:]) if len(times) > 1 else times[0]
 
 
 def main() -> None:
@@ -117,24 +79,18 @@ def main() -> None:
         print("NOTEBOOK_TIMES " + json.dumps(notebook_way(args.epochs)), flush=True)
         return
 
-    from mnist_mlflow.processes import python_env, tracking_server
+    from mnist_mlflow.processes import tracking_server
 
-    WORK_DIR.mkdir(parents=True, exist_ok=True)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     notebook_runs, project_runs, accuracies = [], [], []
     with tracking_server(WORK_DIR / "mlflow") as server:
         for repeat in range(args.repeats):
             print(f"== repeat {repeat + 1}/{args.repeats}: notebook way", flush=True)
-            output = subprocess.run(
-                [sys.executable, __file__, "--notebook-only", "--epochs", str(args.epochs)],
-                env=python_env(), capture_output=True, text=True, check=True,
-            ).stdout
-            notebook_runs.append(json.loads(output.split("NOTEBOOK_TIMES ", 1)[1]))
+            notebook_runs.append(run_in_subprocess(__file__, ["--notebook-only", "--epochs", str(args.epochs)], "NOTEBOOK_TIMES "))
             print(f"   epoch seconds: {[round(t, 2) for t in notebook_runs[-1]]}", flush=True)
             print(f"== repeat {repeat + 1}/{args.repeats}: project dense entry point with tracking", flush=True)
-            times, accuracy = project_way(args.epochs, server.url, "benchmark-dense")
+            times, run = run_entry_point("dense.py", ["--epochs", str(args.epochs)], server.url, "benchmark-dense")
             project_runs.append(times)
-            accuracies.append(accuracy)
+            accuracies.append(run.data.metrics["test_accuracy"])
             print(f"   epoch seconds: {[round(t, 2) for t in times]}", flush=True)
 
     notebook_s = statistics.mean(steady_mean(times) for times in notebook_runs)
@@ -143,24 +99,21 @@ def main() -> None:
         "benchmark": "dense baseline 784-50-50-10, batch 100, full MNIST",
         "epochs": args.epochs,
         "repeats": args.repeats,
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "notebook_epoch_seconds": notebook_runs,
         "project_epoch_seconds": project_runs,
         "notebook_s_per_epoch_steady": notebook_s,
         "project_s_per_epoch_steady": project_s,
         "speedup": notebook_s / project_s,
         "project_test_accuracy": accuracies,
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (RESULTS_DIR / "dense.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (
-        "| variant | s per epoch (epochs 2-{e}) |\n|---|---|\n"
+        f"| variant | s per epoch (epochs 2-{args.epochs}) |\n|---|---|\n"
         f"| notebook way (per-example map, shuffle 10000, plain fit, no tracking) | {notebook_s:.2f} |\n"
         f"| project `dense` entry point, tracking to a real mlflow server | {project_s:.2f} |\n"
         f"| speed-up | {notebook_s / project_s:.1f}x |\n"
-    ).replace("{e}", str(args.epochs))
-    (RESULTS_DIR / "dense.md").write_text(table)
-    print(table)
+    )
+    write_results("dense", result, table)
 
 
 if __name__ == "__main__":

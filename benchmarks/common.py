@@ -1,0 +1,73 @@
+"""Helpers shared by the benchmark scripts: running an entry point with tracking, timing epochs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+RESULTS_DIR = PROJECT_DIR / "benchmarks" / "results"
+WORK_DIR = PROJECT_DIR / "benchmarks" / "work"
+
+
+def epoch_timer(times: list[float]):
+    """A Keras callback that appends each epoch's wall seconds to ``times``."""
+    import keras
+
+    class EpochTimes(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    return EpochTimes()
+
+
+def run_entry_point(script: str, args: list[str], tracking_uri: str, experiment: str):
+    """Runs ``entrypoints/<script>`` with tracking on; returns (epoch seconds, the run)."""
+    from mlflow.tracking import MlflowClient
+
+    from mnist_mlflow.processes import python_env
+
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "entrypoints" / script), *args],
+        env=python_env(tracking_uri, MLFLOW_EXPERIMENT_NAME=experiment),
+        cwd=WORK_DIR,
+        check=True,
+    )
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    run = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    history = sorted(client.get_metric_history(run.info.run_id, "epoch_time_s"), key=lambda point: point.step)
+    return [point.value for point in history], run
+
+
+def run_in_subprocess(script: str, args: list[str], marker: str):
+    """Runs a benchmark script in a fresh process and parses the JSON it prints after ``marker``."""
+    from mnist_mlflow.processes import python_env
+
+    output = subprocess.run(
+        [sys.executable, script, *args], env=python_env(), capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(output.split(marker, 1)[1].splitlines()[0])
+
+
+def steady_mean(times: list[float]) -> float:
+    """Mean seconds per epoch without the first epoch, which holds tracing and compilation."""
+    return statistics.mean(times[1:]) if len(times) > 1 else times[0]
+
+
+def write_results(name: str, result: dict, table: str) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    result = {**result, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(table)
+    print(table)

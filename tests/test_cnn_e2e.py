@@ -1,0 +1,186 @@
+"""End to end against real processes: `mlflow run . -e cnn` with registration, `promote`, and a
+real `mlflow models serve` of the champion answering good and bad requests."""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from conftest import PROJECT_DIR, run_script
+from mnist_mlflow.processes import ServerProcess, free_port, python_env
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def registered_cnn(mlflow_server):
+    """One `mlflow run . -e cnn` (1 epoch, 3,000 examples) registered under a fresh name, then promoted."""
+    model_name = f"cnn-e2e-{uuid.uuid4().hex[:8]}"
+    experiment_name = f"e2e-cnn-{model_name}"
+    env = python_env(mlflow_server.url)
+    result = run_script(
+        [
+            sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "cnn",
+            "--env-manager", "local", "--experiment-name", experiment_name,
+            "-P", "epochs=1", "-P", "max_train_examples=3000", "-P", f"register_as={model_name}",
+        ],
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    promote = run_script([sys.executable, "entrypoints/promote.py", "--model_name", model_name], env=env, timeout=120)
+    assert promote.returncode == 0, promote.stderr
+    client = MlflowClient(mlflow_server.url)
+    run = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id])[0]
+    return client, run, model_name, promote.stdout
+
+
+@pytest.fixture(scope="module")
+def champion_server(registered_cnn, mlflow_server, tmp_path_factory):
+    """A real `mlflow models serve` process serving models:/<name>@champion on a free loopback port."""
+    _, _, model_name, _ = registered_cnn
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "models", "serve",
+        "-m", f"models:/{model_name}@champion",
+        "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port),
+    ]
+    with ServerProcess(command, port, tmp_path_factory.mktemp("serve"), "/ping", env=python_env(mlflow_server.url)) as server:
+        yield server
+
+
+def test_cnn_run_logs_what_cnn_users_look_at(registered_cnn, tmp_path):
+    client, run, model_name, _ = registered_cnn
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["entry_point"] == "cnn"
+    assert run.data.tags["model_family"] == "cnn"
+    assert run.data.params["trainable_parameters"] == "65642"
+    assert run.data.params["filters"] == "32,32"
+    assert run.data.params["register_as"] == model_name
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {
+        "evaluation/misclassified.png",
+        "evaluation/predictions.png",
+        "evaluation/confusion_matrix.png",
+        "evaluation/confusion_matrix.csv",
+        "evaluation/classification_report.json",
+    } <= artifacts
+    summary = client.download_artifacts(run.info.run_id, "model_summary.txt", str(tmp_path))
+    text = open(summary).read()
+    # Per-layer output shapes: the second pooling leaves 5x5x32.
+    assert "(None, 5, 5, 32)" in text and "65,642" in text
+    for metric in ("epoch_time_s", "val_accuracy"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == 1
+
+
+def test_registered_version_carries_run_and_scores(registered_cnn):
+    client, run, model_name, promote_output = registered_cnn
+    [version] = client.search_model_versions(f"name='{model_name}'")
+    assert version.tags["run_id"] == run.info.run_id
+    assert float(version.tags["val_accuracy"]) == pytest.approx(run.data.metrics["best_val_accuracy"], abs=1e-6)
+    assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+    assert client.get_model_version_by_alias(model_name, "champion").version == version.version
+    assert "champion" in promote_output and f"version {version.version}" in promote_output
+
+
+def _post(server, payload=None, data=None):
+    return requests.post(
+        server.url + "/invocations",
+        json=payload,
+        data=data,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+
+
+def test_served_champion_classifies_real_test_images(champion_server, small_splits):
+    images = small_splits.test_images[:200].astype(np.float32)
+    response = _post(champion_server, {"inputs": images.tolist()})
+    assert response.status_code == 200, response.text[:500]
+    probabilities = np.asarray(response.json()["predictions"])
+    assert probabilities.shape == (200, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
+    accuracy = np.mean(probabilities.argmax(axis=1) == small_splits.test_labels[:200])
+    assert accuracy >= 0.90
+
+
+@pytest.mark.parametrize(
+    "payload, raw",
+    [
+        ({"inputs": np.zeros((2, 28, 28, 3)).tolist()}, None),  # wrong shape
+        ({"inputs": [[["a"] * 28] * 28]}, None),  # strings
+        ({"inputs": []}, None),  # empty list
+        ({"instances_typo": np.zeros((1, 28, 28, 1)).tolist()}, None),  # no "inputs"
+        (None, b"this is not json"),
+    ],
+    ids=["wrong-shape", "strings", "empty", "missing-inputs", "not-json"],
+)
+def test_bad_payloads_get_4xx_and_the_server_keeps_serving(champion_server, small_splits, payload, raw):
+    response = _post(champion_server, payload=payload, data=raw)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert response.text.strip()
+    assert requests.get(champion_server.url + "/ping", timeout=10).status_code == 200
+    good = _post(champion_server, {"inputs": small_splits.test_images[:20].astype(np.float32).tolist()})
+    assert good.status_code == 200
+    assert np.mean(np.asarray(good.json()["predictions"]).argmax(axis=1) == small_splits.test_labels[:20]) >= 0.8
+
+
+def test_predict_client_reads_png_files_and_reports_unreadable_ones(champion_server, small_splits, tmp_path):
+    from PIL import Image
+
+    # Use test images the served model gets right with confidence, so the check is about the client.
+    response = _post(champion_server, {"inputs": small_splits.test_images[:50].astype(np.float32).tolist()})
+    probabilities = np.asarray(response.json()["predictions"])
+    confident = [
+        index for index in range(50)
+        if probabilities[index].argmax() == small_splits.test_labels[index] and probabilities[index].max() > 0.9
+    ][:6]
+    assert len(confident) >= 3
+    paths = []
+    for index in confident:
+        path = tmp_path / f"test_{index}.png"
+        Image.fromarray(small_splits.test_images[index, :, :, 0]).save(path)
+        paths.append(path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    result = run_script(
+        [sys.executable, "-m", "mnist_mlflow.predict", "--url", champion_server.url, str(broken), *map(str, paths)],
+        env=python_env(),
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "broken.png" in result.stderr
+    printed = dict(re.findall(r"(test_\d+)\.png: (\d) \(probability", result.stdout))
+    assert printed == {f"test_{index}": str(small_splits.test_labels[index]) for index in confident}
+
+
+def test_promote_chooses_by_validation_never_by_test(registered_cnn, tracking_uri):
+    from mnist_mlflow import tracking
+
+    client, run, _, _ = registered_cnn
+    model_name = f"promote-{uuid.uuid4().hex[:8]}"
+    model_uri = f"runs:/{run.info.run_id}/model"
+    better_validation = tracking.register_model_version(model_uri, model_name, run.info.run_id, 0.95, 0.90)
+    better_test = tracking.register_model_version(model_uri, model_name, run.info.run_id, 0.93, 0.99)
+    promotion = tracking.promote_best_version(model_name)
+    assert promotion.version == better_validation != better_test
+    assert client.get_model_version_by_alias(model_name, "champion").version == better_validation
+    # A tie goes to the newer version.
+    tied = tracking.register_model_version(model_uri, model_name, run.info.run_id, 0.95, 0.80)
+    assert tracking.promote_best_version(model_name).version == tied
+
+
+def test_promote_refuses_unknown_models_and_test_metrics(mlflow_server):
+    env = python_env(mlflow_server.url)
+    missing = run_script([sys.executable, "entrypoints/promote.py", "--model_name", "no-such-model"], env=env, timeout=60)
+    assert missing.returncode == 2
+    assert "no-such-model" in missing.stderr and "Traceback" not in missing.stderr
+    leaky = run_script(
+        [sys.executable, "entrypoints/promote.py", "--model_name", "x", "--metric", "test_accuracy"], env=env, timeout=60
+    )
+    assert leaky.returncode == 2 and "test_accuracy" in leaky.stderr
