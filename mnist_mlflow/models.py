@@ -11,6 +11,7 @@ from typing import Sequence
 import keras
 
 IMAGE_SHAPE = (28, 28, 1)
+RELU_INITIALIZER = "he_normal"
 NUM_CLASSES = 10
 
 
@@ -56,17 +57,23 @@ def build_cnn_model(
     """Conv2D(count, kernel, relu) [-> MaxPool 2x2] per entry -> Flatten -> Dense(relu)... -> Dense(10, softmax).
 
     ``pooling`` holds one flag per convolution (default: pool after each). ``dropout_rate``
-    applies dropout just before the output layer.
+    applies dropout just before the output layer. The relu layers start from He-normal
+    weights, which suit relu better than Keras's default Glorot-uniform: with plain SGD at
+    0.1 the network learns markedly faster in its first hundred steps.
     """
     pooling = [True] * len(filters) if pooling is None else list(pooling)
     layers = _input_layers()
     for index, (count, pooled) in enumerate(zip(filters, pooling, strict=True), start=1):
-        layers.append(keras.layers.Conv2D(count, kernel_size, activation="relu", name=f"conv_{index}"))
+        layers.append(
+            keras.layers.Conv2D(count, kernel_size, activation="relu", kernel_initializer=RELU_INITIALIZER, name=f"conv_{index}")
+        )
         if pooled:
             layers.append(keras.layers.MaxPooling2D(pool_size=2, strides=2, name=f"pool_{index}"))
     layers.append(keras.layers.Flatten(name="flatten"))
     for index, width in enumerate(dense_units, start=1):
-        layers.append(keras.layers.Dense(width, activation="relu", name=f"hidden_{index}"))
+        layers.append(
+            keras.layers.Dense(width, activation="relu", kernel_initializer=RELU_INITIALIZER, name=f"hidden_{index}")
+        )
     if dropout_rate:
         layers.append(keras.layers.Dropout(dropout_rate, name="dropout"))
     layers.append(keras.layers.Dense(num_classes, activation="softmax", name="probabilities"))
