@@ -12,7 +12,8 @@ from mnist_mlflow.config import UserInputError
 # Help for the parameters every training entry point shares.
 TRAINING_HELP = {
     "optimizer": "adam, sgd or rmsprop",
-    "learning_rate": "optimizer learning rate",
+    "learning_rate": "optimizer learning rate (the initial one with a schedule)",
+    "lr_schedule": "constant, or cosine: decay the learning rate to zero over all epochs",
     "batch_size": "examples per training step",
     "epochs": "passes over the training data",
     "dataset": "mnist or fashion_mnist",

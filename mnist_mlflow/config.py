@@ -26,6 +26,7 @@ class ConfigError(UserInputError):
 DATASETS = ("mnist", "fashion_mnist")
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "softplus", "swish", "leaky_relu", "linear")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def parse_int(name: str, text: Any, minimum: int | None = None) -> int:
@@ -142,9 +143,12 @@ class TrainingConfig:
     batch_size: int = 100
     epochs: int = 5
     seed: int = 0
+    # "cosine" decays the learning rate from its initial value to zero over all epochs.
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate={self.learning_rate!r} must be positive")
         if self.batch_size <= 0:
@@ -174,6 +178,7 @@ def parse_training(raw: Mapping[str, Any], seed: int) -> TrainingConfig:
         batch_size=parse_int("batch_size", raw["batch_size"], minimum=1),
         epochs=parse_int("epochs", raw["epochs"], minimum=1),
         seed=seed,
+        lr_schedule=str(raw["lr_schedule"]).strip().lower(),
     )
 
 
@@ -190,6 +195,7 @@ def training_and_data_params(training: TrainingConfig, data: DataConfig) -> dict
     return {
         "optimizer": training.optimizer,
         "learning_rate": training.learning_rate,
+        "lr_schedule": training.lr_schedule,
         "batch_size": training.batch_size,
         "epochs": training.epochs,
         "dataset": data.dataset,
@@ -296,7 +302,9 @@ class CnnRunConfig:
 
     model: CnnModelConfig = field(default_factory=CnnModelConfig)
     training: TrainingConfig = field(
-        default_factory=lambda: TrainingConfig(optimizer="sgd", learning_rate=0.1, batch_size=32, epochs=CNN_DEFAULT_EPOCHS)
+        default_factory=lambda: TrainingConfig(
+            optimizer="sgd", learning_rate=0.1, batch_size=32, epochs=CNN_DEFAULT_EPOCHS, lr_schedule="cosine"
+        )
     )
     data: DataConfig = field(default_factory=DataConfig)
     register_as: str = "mnist-cnn"

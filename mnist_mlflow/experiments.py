@@ -109,7 +109,12 @@ def run_classifier(
     keras.utils.set_random_seed(training_config.seed)
     model = build_model()
     steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
-    models.compile_model(model, training_config.optimizer, training_config.learning_rate, steps_per_execution)
+    jit_compile = not models.uses_convolutions(model)
+    total_steps = training_config.epochs * -(-len(splits.train_labels) // training_config.batch_size)
+    optimizer = models.make_optimizer(
+        training_config.optimizer, training_config.learning_rate, training_config.lr_schedule, total_steps
+    )
+    models.compile_model(model, optimizer, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
 
     tracking.enable_autolog()
     all_tags = {
@@ -126,6 +131,7 @@ def run_classifier(
                 **splits.sizes,
                 "trainable_parameters": models.count_trainable_parameters(model),
                 "steps_per_execution": steps_per_execution,
+                "jit_compile": jit_compile,
                 "tfds_version": splits.version,
             }
         )

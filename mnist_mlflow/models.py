@@ -46,6 +46,10 @@ def build_dense_model(
     return keras.Sequential(layers, name="dense")
 
 
+def uses_convolutions(model: keras.Model) -> bool:
+    return any(isinstance(layer, keras.layers.Conv2D) for layer in model.layers)
+
+
 def build_cnn_model(
     filters: Sequence[int],
     kernel_size: int = 3,
@@ -80,7 +84,16 @@ def build_cnn_model(
     return keras.Sequential(layers, name="cnn")
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    name: str, learning_rate: float, lr_schedule: str = "constant", total_steps: int | None = None
+) -> keras.optimizers.Optimizer:
+    """An optimizer by name; ``lr_schedule="cosine"`` decays the rate to zero over ``total_steps``."""
+    if lr_schedule == "cosine":
+        if not total_steps:
+            raise ValueError("lr_schedule='cosine' needs total_steps")
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
+    elif lr_schedule != "constant":
+        raise ValueError(f"lr_schedule={lr_schedule!r} is not one of: constant, cosine")
     optimizers = {
         "adam": keras.optimizers.Adam,
         "sgd": keras.optimizers.SGD,
@@ -96,11 +109,13 @@ def compile_model(
     optimizer: str | keras.optimizers.Optimizer,
     learning_rate: float | None = None,
     steps_per_execution: int = 1,
+    jit_compile: bool = True,
 ) -> keras.Model:
-    """Compiles for integer labels with XLA; ``steps_per_execution`` batches run per call.
+    """Compiles for integer labels; ``steps_per_execution`` batches run per call.
 
     ``optimizer`` is a name (then ``learning_rate`` is required) or an optimizer instance,
-    whose state is kept.
+    whose state is kept. ``jit_compile`` turns XLA on: on CPU it speeds up dense networks,
+    while TensorFlow's own oneDNN kernels are faster for convolutions.
     """
     if isinstance(optimizer, str):
         optimizer = make_optimizer(optimizer, learning_rate)
@@ -109,7 +124,7 @@ def compile_model(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
-        jit_compile=True,
+        jit_compile=jit_compile,
     )
     return model
 
@@ -120,7 +135,7 @@ def prepare_for_inference(model: keras.Model) -> keras.Model:
     Training runs many batches per call; a saved model that did so would report odd step
     counts and over-run small prediction requests.
     """
-    return compile_model(model, model.optimizer, steps_per_execution=1)
+    return compile_model(model, model.optimizer, steps_per_execution=1, jit_compile=model.jit_compile)
 
 
 def count_trainable_parameters(model: keras.Model) -> int:

@@ -45,8 +45,9 @@ class EpochTimer(keras.callbacks.Callback):
 class RestoreBestWeights(keras.callbacks.Callback):
     """Keeps the weights of the epoch with the best ``monitor`` and restores them at the end.
 
-    Ties go to the earlier epoch. Unlike ``EarlyStopping(restore_best_weights=True)``, it
-    never stops training and always restores.
+    Ties go to the later epoch, which has trained longer (and, with a decaying learning rate,
+    at a smaller step). Unlike ``EarlyStopping(restore_best_weights=True)``, it never stops
+    training and always restores.
     """
 
     def __init__(self, monitor: str = "val_accuracy") -> None:
@@ -58,7 +59,7 @@ class RestoreBestWeights(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        if value is not None and value > self.best_value:
+        if value is not None and value >= self.best_value:
             self.best_value = float(value)
             self.best_epoch = epoch
             self._best_weights = self.model.get_weights()

@@ -28,7 +28,8 @@ def test_result_holds_histories_timings_and_test_scores(small_splits):
 
 def test_the_best_epoch_weights_are_restored(small_splits):
     model, result = _fit(small_splits, epochs=3)
-    best = int(np.argmax(result.history["val_accuracy"]))
+    scores = result.history["val_accuracy"]
+    best = max(range(len(scores)), key=lambda epoch: (scores[epoch], epoch))
     assert result.best_epoch == best
     _, validation_accuracy = model.evaluate(
         data.evaluation_dataset(small_splits.validation_images, small_splits.validation_labels), verbose=0
@@ -49,6 +50,20 @@ def test_restore_best_weights_rolls_back_a_worse_last_epoch():
     callback.on_train_end()
     assert callback.best_epoch == 0
     assert float(model.layers[0].kernel.numpy()[0, 0]) == 1.0
+
+
+def test_restore_best_weights_prefers_the_later_epoch_on_a_tie():
+    import keras
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    callback = training.RestoreBestWeights("val_accuracy")
+    callback.set_model(model)
+    for epoch, (weight, score) in enumerate([(1.0, 0.9), (2.0, 0.95), (3.0, 0.95), (4.0, 0.7)]):
+        model.layers[0].kernel.assign([[weight]])
+        callback.on_epoch_end(epoch, {"val_accuracy": score})
+    callback.on_train_end()
+    assert callback.best_epoch == 2
+    assert float(model.layers[0].kernel.numpy()[0, 0]) == 3.0
 
 
 def test_same_seed_same_history(small_splits):
