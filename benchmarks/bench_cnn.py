@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import WORK_DIR, epoch_timer, run_entry_point, run_in_subprocess, steady_mean, write_results
+from common import WORK_DIR, epoch_timer, run_entry_point, run_in_subprocess, summarise, write_results
 
 # The arithmetic floor: about 8.2 MFLOP per training example, 60,000 examples, ~190 GFLOP/s
 # peak on two AVX2 cores (EXPERIMENTS.md).
@@ -153,15 +153,15 @@ def main() -> None:
             f"runs:/{run.info.run_id}/model", server.url, images, args.single_requests, args.batch_requests
         )
 
-    notebook_s, project_s = steady_mean(notebook_times), steady_mean(project_times)
+    notebook_s, project_s = summarise([notebook_times])["median"], summarise([project_times])["median"]
     result = {
         "benchmark": "MNIST CNN 32-32 conv, 64-64 dense, SGD 0.1, batch 32, full MNIST; serving of its logged model",
         "epochs": args.epochs,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "notebook_epoch_seconds": notebook_times,
         "project_epoch_seconds": project_times,
-        "notebook_s_per_epoch_steady": notebook_s,
-        "project_s_per_epoch_steady": project_s,
+        "notebook_s_per_epoch_median": notebook_s,
+        "project_s_per_epoch_median": project_s,
         "speedup": notebook_s / project_s,
         "floor_s_per_epoch": FLOOR_S_PER_EPOCH,
         "project_over_floor": project_s / FLOOR_S_PER_EPOCH,
@@ -169,7 +169,7 @@ def main() -> None:
         "serving": serving,
     }
     table = (
-        f"| CNN training | s per epoch (epochs 2-{args.epochs}) |\n|---|---|\n"
+        f"| CNN training | s per epoch, median of epochs 2-{args.epochs} |\n|---|---|\n"
         f"| notebook way (NumPy arrays into fit, no tracking) | {notebook_s:.1f} |\n"
         f"| project `cnn` entry point, tracking to a real mlflow server | {project_s:.1f} |\n"
         f"| speed-up | {notebook_s / project_s:.2f}x |\n"

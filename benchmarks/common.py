@@ -60,9 +60,15 @@ def run_in_subprocess(script: str, args: list[str], marker: str):
     return json.loads(output.split(marker, 1)[1].splitlines()[0])
 
 
-def steady_mean(times: list[float]) -> float:
-    """Mean seconds per epoch without the first epoch, which holds tracing and compilation."""
-    return statistics.mean(times[1:]) if len(times) > 1 else times[0]
+def steady_epochs(runs: list[list[float]]) -> list[float]:
+    """Every epoch's seconds but each run's first, which holds tracing and compilation."""
+    return [seconds for times in runs for seconds in (times[1:] if len(times) > 1 else times)]
+
+
+def summarise(runs: list[list[float]]) -> dict[str, float]:
+    """Median and mean seconds per steady epoch; the median resists this noisy machine's spikes."""
+    epochs = steady_epochs(runs)
+    return {"median": statistics.median(epochs), "mean": statistics.mean(epochs)}
 
 
 def write_results(name: str, result: dict, table: str) -> None:
