@@ -15,7 +15,6 @@ concurrency 4; compared with calling the same loaded model in process.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -24,7 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import WORK_DIR, epoch_timer, run_entry_point, run_in_subprocess, summarise, write_results
+from common import (
+    WORK_DIR, benchmark_parser, epoch_timer, notebook_in_subprocess, parse_benchmark_args, run_entry_point,
+    summarise, write_results,
+)
 
 # The arithmetic floor: about 8.2 MFLOP per training example, 60,000 examples, ~190 GFLOP/s
 # peak on two AVX2 cores (EXPERIMENTS.md).
@@ -120,18 +122,11 @@ def serving_benchmark(model_uri: str, tracking_uri: str, images: np.ndarray, sin
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser = benchmark_parser(__doc__.splitlines()[0], default_epochs=3)
     parser.add_argument("--single-requests", type=int, default=200)
     parser.add_argument("--batch-requests", type=int, default=40)
-    parser.add_argument("--notebook-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2: epoch 1 is excluded as warm-up")
-    if args.notebook_only:
-        import json
-
-        print("NOTEBOOK_TIMES " + json.dumps(notebook_way(args.epochs)), flush=True)
+    args = parse_benchmark_args(parser, notebook_way)
+    if args is None:
         return
 
     from mnist_mlflow.config import DataConfig
@@ -140,7 +135,7 @@ def main() -> None:
 
     with tracking_server(WORK_DIR / "mlflow-cnn") as server:
         print("== notebook way", flush=True)
-        notebook_times = run_in_subprocess(__file__, ["--notebook-only", "--epochs", str(args.epochs)], "NOTEBOOK_TIMES ")
+        notebook_times = notebook_in_subprocess(__file__, args.epochs)
         print(f"   epoch seconds: {[round(t, 1) for t in notebook_times]}", flush=True)
         print("== project cnn entry point with tracking", flush=True)
         project_times, run = run_entry_point(

@@ -15,12 +15,13 @@ is noisy. Results go to ``benchmarks/results/dense.json`` and ``dense.md``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 
-from common import WORK_DIR, epoch_timer, run_entry_point, run_in_subprocess, summarise, write_results
+from common import (
+    WORK_DIR, benchmark_parser, epoch_timer, notebook_in_subprocess, parse_benchmark_args, run_entry_point,
+    summarise, write_results,
+)
 
 
 def notebook_way(epochs: int) -> list[float]:
@@ -66,16 +67,10 @@ def notebook_way(epochs: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser = benchmark_parser(__doc__.splitlines()[0], default_epochs=5)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--notebook-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2: epoch 1 is excluded as warm-up")
-
-    if args.notebook_only:
-        print("NOTEBOOK_TIMES " + json.dumps(notebook_way(args.epochs)), flush=True)
+    args = parse_benchmark_args(parser, notebook_way)
+    if args is None:
         return
 
     from mnist_mlflow.processes import tracking_server
@@ -84,7 +79,7 @@ def main() -> None:
     with tracking_server(WORK_DIR / "mlflow") as server:
         for repeat in range(args.repeats):
             print(f"== repeat {repeat + 1}/{args.repeats}: notebook way", flush=True)
-            notebook_runs.append(run_in_subprocess(__file__, ["--notebook-only", "--epochs", str(args.epochs)], "NOTEBOOK_TIMES "))
+            notebook_runs.append(notebook_in_subprocess(__file__, args.epochs))
             print(f"   epoch seconds: {[round(t, 2) for t in notebook_runs[-1]]}", flush=True)
             print(f"== repeat {repeat + 1}/{args.repeats}: project dense entry point with tracking", flush=True)
             times, run = run_entry_point("dense.py", ["--epochs", str(args.epochs)], server.url, "benchmark-dense")

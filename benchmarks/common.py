@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -14,6 +15,27 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 RESULTS_DIR = PROJECT_DIR / "benchmarks" / "results"
 WORK_DIR = PROJECT_DIR / "benchmarks" / "work"
+NOTEBOOK_MARKER = "NOTEBOOK_TIMES "
+
+
+def benchmark_parser(description: str, default_epochs: int) -> argparse.ArgumentParser:
+    """Flags every training benchmark has: ``--epochs`` and the hidden ``--notebook-only``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epochs", type=int, default=default_epochs, help="at least 2; epoch 1 is warm-up")
+    parser.add_argument("--notebook-only", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, notebook_way) -> argparse.Namespace | None:
+    """Parses and checks the flags. With ``--notebook-only``, runs the notebook way, prints its
+    epoch times for the parent process and returns None."""
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: epoch 1 is excluded as warm-up")
+    if args.notebook_only:
+        print(NOTEBOOK_MARKER + json.dumps(notebook_way(args.epochs)), flush=True)
+        return None
+    return args
 
 
 def epoch_timer(times: list[float]):
@@ -48,6 +70,11 @@ def run_entry_point(script: str, args: list[str], tracking_uri: str, experiment:
     run = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
     history = sorted(client.get_metric_history(run.info.run_id, "epoch_time_s"), key=lambda point: point.step)
     return [point.value for point in history], run
+
+
+def notebook_in_subprocess(script: str, epochs: int) -> list[float]:
+    """Runs ``script --notebook-only`` in a fresh process and returns the epoch times it prints."""
+    return run_in_subprocess(script, ["--notebook-only", "--epochs", str(epochs)], NOTEBOOK_MARKER)
 
 
 def run_in_subprocess(script: str, args: list[str], marker: str):

@@ -27,13 +27,22 @@ class RunResult:
     registered_version: str | None = None
 
 
+def _training_name(training: TrainingConfig, dropout_rate: float) -> str:
+    """The run-name suffix for optimizer, learning rate (and schedule), batch size and dropout."""
+    name = f"-{training.optimizer}-lr{training.learning_rate:g}"
+    if training.lr_schedule != "constant":
+        name += f"-{training.lr_schedule}"
+    name += f"-bs{training.batch_size}"
+    if dropout_rate:
+        name += f"-drop{dropout_rate:g}"
+    return name
+
+
 def dense_run_name(config: DenseRunConfig) -> str:
     model = config.model
     activations = model.activations[0] if len(set(model.activations)) == 1 else "-".join(model.activations)
-    name = f"dense-{'x'.join(map(str, model.hidden_units))}-{activations}-{config.training.optimizer}"
-    name += f"-lr{config.training.learning_rate:g}-bs{config.training.batch_size}"
-    if model.dropout_rate:
-        name += f"-drop{model.dropout_rate:g}"
+    name = f"dense-{'x'.join(map(str, model.hidden_units))}-{activations}"
+    name += _training_name(config.training, model.dropout_rate)
     if model.l2_factor:
         name += f"-l2{model.l2_factor:g}"
     return name
@@ -61,10 +70,7 @@ def cnn_run_name(config: CnnRunConfig) -> str:
     pools = "" if all(model.pooling) else "-pool" + "".join("1" if flag else "0" for flag in model.pooling)
     dense = "x".join(map(str, model.dense_units)) or "none"
     name = f"cnn-{'-'.join(map(str, model.filters))}-k{model.kernel_size}{pools}-dense{dense}"
-    name += f"-{config.training.optimizer}-lr{config.training.learning_rate:g}-bs{config.training.batch_size}"
-    if model.dropout_rate:
-        name += f"-drop{model.dropout_rate:g}"
-    return name
+    return name + _training_name(config.training, model.dropout_rate)
 
 
 def run_cnn(config: CnnRunConfig) -> RunResult:
