@@ -116,7 +116,7 @@ def run_classifier(
     model = build_model()
     steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
     jit_compile = not models.uses_convolutions(model)
-    total_steps = training_config.epochs * -(-len(splits.train_labels) // training_config.batch_size)
+    total_steps = training_config.epochs * training.steps_per_epoch(len(splits.train_labels), training_config.batch_size)
     optimizer = models.make_optimizer(
         training_config.optimizer, training_config.learning_rate, training_config.lr_schedule, total_steps
     )
@@ -153,7 +153,7 @@ def run_classifier(
             models.prepare_for_inference(model), splits.test_images[:NUM_EXAMPLE_IMAGES]
         )
         print(
-            f"Selected epoch {result.best_epoch + 1}: val_accuracy {result.best_val_accuracy:.4f}, "
+            f"Selected epoch {result.best_epoch + 1} (step {result.best_epoch}): val_accuracy {result.best_val_accuracy:.4f}, "
             f"test_accuracy {result.test_accuracy:.4f}; {result.mean_epoch_time_s:.2f} s per epoch",
             flush=True,
         )

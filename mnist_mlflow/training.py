@@ -104,9 +104,12 @@ class TrainingResult:
         }
 
 
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return math.ceil(num_examples / batch_size)
+
+
 def steps_per_execution_for(num_examples: int, batch_size: int) -> int:
-    steps_per_epoch = math.ceil(num_examples / batch_size)
-    return max(1, min(MAX_STEPS_PER_EXECUTION, steps_per_epoch))
+    return max(1, min(MAX_STEPS_PER_EXECUTION, steps_per_epoch(num_examples, batch_size)))
 
 
 def train_and_evaluate(
