@@ -33,10 +33,10 @@ CLASS_NAMES = {
     ],
 }
 
-# The hosts tfds downloads each data set from, used only to fail fast when there is no network.
+# The host and port tfds downloads each data set from, used only to fail fast without a network.
 DOWNLOAD_HOSTS = {
-    "mnist": "storage.googleapis.com",
-    "fashion_mnist": "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+    "mnist": ("storage.googleapis.com", 443),
+    "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
 }
 
 MANUAL_FILES = (
@@ -90,9 +90,9 @@ def _manual_dir(dataset: str) -> Path | None:
 
 
 def _require_network(dataset: str) -> None:
-    host = DOWNLOAD_HOSTS[dataset]
+    host, port = DOWNLOAD_HOSTS[dataset]
     try:
-        socket.create_connection((host, 443 if dataset == "mnist" else 80), timeout=5).close()
+        socket.create_connection((host, port), timeout=5).close()
     except OSError as error:
         raise DataUnavailableError(
             f"{dataset} is not prepared locally and its download host {host} cannot be reached ({error}); "

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import mlflow

@@ -70,7 +70,7 @@ def _network_reachable() -> bool:
     import socket
 
     try:
-        socket.create_connection((data.DOWNLOAD_HOSTS["mnist"], 443), timeout=3).close()
+        socket.create_connection(data.DOWNLOAD_HOSTS["mnist"], timeout=3).close()
         return True
     except OSError:
         return False
