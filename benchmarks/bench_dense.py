@@ -19,8 +19,8 @@ import os
 import platform
 
 from common import (
-    WORK_DIR, benchmark_parser, epoch_timer, notebook_in_subprocess, parse_benchmark_args, run_entry_point,
-    summarise, write_results,
+    WORK_DIR, alternate_notebook_and_project, benchmark_parser, epoch_timer, parse_benchmark_args, summarise,
+    write_results,
 )
 
 
@@ -75,17 +75,11 @@ def main() -> None:
 
     from mnist_mlflow.processes import tracking_server
 
-    notebook_runs, project_runs, accuracies = [], [], []
     with tracking_server(WORK_DIR / "mlflow") as server:
-        for repeat in range(args.repeats):
-            print(f"== repeat {repeat + 1}/{args.repeats}: notebook way", flush=True)
-            notebook_runs.append(notebook_in_subprocess(__file__, args.epochs))
-            print(f"   epoch seconds: {[round(t, 2) for t in notebook_runs[-1]]}", flush=True)
-            print(f"== repeat {repeat + 1}/{args.repeats}: project dense entry point with tracking", flush=True)
-            times, run = run_entry_point("dense.py", ["--epochs", str(args.epochs)], server.url, "benchmark-dense")
-            project_runs.append(times)
-            accuracies.append(run.data.metrics["test_accuracy"])
-            print(f"   epoch seconds: {[round(t, 2) for t in times]}", flush=True)
+        notebook_runs, project_runs, runs = alternate_notebook_and_project(
+            __file__, args.repeats, args.epochs, "dense", [], server.url, "benchmark-dense"
+        )
+    accuracies = [run.data.metrics["test_accuracy"] for run in runs]
 
     notebook, project = summarise(notebook_runs), summarise(project_runs)
     result = {

@@ -77,6 +77,27 @@ def notebook_in_subprocess(script: str, epochs: int) -> list[float]:
     return run_in_subprocess(script, ["--notebook-only", "--epochs", str(epochs)], NOTEBOOK_MARKER)
 
 
+def alternate_notebook_and_project(
+    benchmark_script: str, repeats: int, epochs: int, entry_point: str, entry_args: list[str], tracking_uri: str, experiment: str
+) -> tuple[list[list[float]], list[list[float]], list]:
+    """Runs the notebook way and the project entry point in turn, ``repeats`` times each.
+
+    Alternating spreads this noisy machine's slow spells over both. Returns the notebook's
+    epoch times, the project's epoch times and the project's runs.
+    """
+    notebook_runs, project_runs, runs = [], [], []
+    for repeat in range(repeats):
+        print(f"== repeat {repeat + 1}/{repeats}: notebook way", flush=True)
+        notebook_runs.append(notebook_in_subprocess(benchmark_script, epochs))
+        print(f"   epoch seconds: {[round(t, 2) for t in notebook_runs[-1]]}", flush=True)
+        print(f"== repeat {repeat + 1}/{repeats}: project {entry_point} entry point with tracking", flush=True)
+        times, run = run_entry_point(f"{entry_point}.py", ["--epochs", str(epochs), *entry_args], tracking_uri, experiment)
+        project_runs.append(times)
+        runs.append(run)
+        print(f"   epoch seconds: {[round(t, 2) for t in times]}", flush=True)
+    return notebook_runs, project_runs, runs
+
+
 def run_in_subprocess(script: str, args: list[str], marker: str):
     """Runs a benchmark script in a fresh process and parses the JSON it prints after ``marker``."""
     from mnist_mlflow.processes import python_env

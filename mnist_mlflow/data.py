@@ -100,13 +100,25 @@ def _require_network(dataset: str) -> None:
         ) from None
 
 
+# Decoded data sets by (dataset, tfds data directory), so a study decodes each only once.
+_LOADED: dict[tuple[str, str | None, str | None], tuple] = {}
+
+
 def load_arrays(
     dataset: str, tfds_data_dir: str | None = None
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str, str]:
     """Prepares ``dataset`` with tfds if needed and decodes both splits into memory.
 
     Returns ``({"train": (images, labels), "test": (images, labels)}, version, prepared_dir)``.
+    Results are kept for the life of the process; the arrays must not be modified.
     """
+    key = (dataset, tfds_data_dir, os.environ.get("TFDS_DATA_DIR"))
+    if key not in _LOADED:
+        _LOADED[key] = _load_arrays(dataset, tfds_data_dir)
+    return _LOADED[key]
+
+
+def _load_arrays(dataset: str, tfds_data_dir: str | None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str, str]:
     if dataset not in CLASS_NAMES:
         raise DataUnavailableError(f"dataset={dataset!r} is not one of: {', '.join(CLASS_NAMES)}")
     import tensorflow_datasets as tfds

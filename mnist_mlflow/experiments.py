@@ -100,22 +100,29 @@ def run_classifier(
     run_name: str,
     tags: dict[str, str],
     register_as: str | None = None,
+    parent_run_id: str | None = None,
+    description: str | None = None,
 ) -> RunResult:
     """Loads data, builds, trains and evaluates a classifier inside one MLflow run.
 
     With ``register_as``, the selected model becomes a new version of that registered model.
+    With ``parent_run_id``, the run is a child of that (study) run; ``description`` is shown
+    with the run in the MLflow UI.
     """
     tracking_uri = tracking.check_tracking_server()
     splits = data.load_splits(data_config)
 
     import keras
 
+    # A study trains many models in one process; drop the graphs of the previous ones.
+    keras.backend.clear_session()
     # Seeds Python, NumPy and TensorFlow. On CPU this makes runs repeatable without
     # tf.config.experimental.enable_op_determinism(), which would also switch off XLA.
     keras.utils.set_random_seed(training_config.seed)
     model = build_model()
     steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
-    jit_compile = not models.uses_convolutions(model)
+    # XLA for every model: the convolutional ones are built from matrix products for it.
+    jit_compile = True
     total_steps = training_config.epochs * training.steps_per_epoch(len(splits.train_labels), training_config.batch_size)
     optimizer = models.make_optimizer(
         training_config.optimizer, training_config.learning_rate, training_config.lr_schedule, total_steps
@@ -129,7 +136,7 @@ def run_classifier(
         "host": platform.node(),
         **tracking.environment_summary(),
     }
-    with tracking.start_run(run_name, all_tags) as run_id:
+    with tracking.start_run(run_name, all_tags, description=description, parent_run_id=parent_run_id) as run_id:
         print(f"MLflow run {run_id} ({run_name}) at {tracking_uri}", flush=True)
         tracking.log_params(
             {

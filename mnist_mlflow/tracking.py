@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -70,15 +71,202 @@ def enable_autolog() -> None:
 
 
 @contextlib.contextmanager
-def start_run(run_name: str, tags: Mapping[str, str], description: str | None = None) -> Iterator[str]:
+def start_run(
+    run_name: str, tags: Mapping[str, str], description: str | None = None, parent_run_id: str | None = None
+) -> Iterator[str]:
     """Starts (or, under ``mlflow run``, resumes) a run, names and tags it, and yields its id.
 
-    The run ends FINISHED when the block completes and FAILED when it raises, including on
-    Ctrl-C, so no run is ever left RUNNING by this process.
+    With ``parent_run_id`` the run is a new child of that run (a study's parent), which is
+    passed explicitly rather than taken from the thread's active run. The run ends FINISHED
+    when the block completes and FAILED when it raises, including on Ctrl-C, so no run is
+    ever left RUNNING by this process.
     """
-    with mlflow.start_run(description=description) as run:
+    if parent_run_id:
+        experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+        run_context = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, description=description
+        )
+    else:
+        run_context = mlflow.start_run(description=description)
+    with run_context as run:
         mlflow.set_tags({"mlflow.runName": run_name, **tags})
         yield run.info.run_id
+
+
+# Tags through which a study's runs find each other.
+STUDY_ID_TAG = "study_id"
+STUDY_ROLE_TAG = "study_role"
+STUDY_KIND_TAG = "study_kind"
+STUDY_FINGERPRINT_TAG = "study_fingerprint"
+CHILD_KEY_TAG = "study_child_key"
+
+
+@dataclass
+class StudyParent:
+    """The parent run of a study and what opening it found."""
+
+    run_id: str
+    experiment_id: str
+    resumed: bool
+    launcher_run_id: str | None
+
+
+@dataclass
+class ChildRecord:
+    """One existing child run of a study."""
+
+    run_id: str
+    key: str
+    status: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+
+
+def _current_experiment_id() -> str:
+    # MLflow's own resolution: MLFLOW_EXPERIMENT_ID / _NAME, set_experiment(), or the default.
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    return _get_experiment_id()
+
+
+def _find_study_parent(client: MlflowClient, experiment_id: str, study_id: str):
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{STUDY_ID_TAG} = '{study_id}' and tags.{STUDY_ROLE_TAG} = 'parent'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def open_study_parent(
+    kind: str,
+    study_id: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    fingerprint: str,
+    description: str,
+) -> StudyParent:
+    """Creates the parent run of study ``study_id``, or reopens it if it exists.
+
+    Under ``mlflow run`` the launcher's run becomes the parent. If a parent with this study
+    id exists already, the study is resumed there and the launcher's run (if any) only
+    records which run it resumed. A study id started with other settings is refused, before
+    anything is trained, because its finished children would not be comparable.
+    """
+    client = MlflowClient()
+    # The launcher's run id must not be picked up again by the children's start_run.
+    launcher_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    experiment_id = (
+        client.get_run(launcher_run_id).info.experiment_id if launcher_run_id else _current_experiment_id()
+    )
+    existing = _find_study_parent(client, experiment_id, study_id)
+    if existing is not None and existing.info.run_id != launcher_run_id:
+        found = existing.data.tags.get(STUDY_FINGERPRINT_TAG)
+        if found != fingerprint or existing.data.tags.get(STUDY_KIND_TAG) != kind:
+            raise UserInputError(
+                f"sweep_id={study_id!r} belongs to run {existing.info.run_id}, a {existing.data.tags.get(STUDY_KIND_TAG)} "
+                "study started with other settings; rerun with exactly its parameters to resume it, or pick a new sweep_id"
+            )
+        if launcher_run_id:
+            client.set_tag(launcher_run_id, "resumed_study_run_id", existing.info.run_id)
+            client.set_tag(
+                launcher_run_id,
+                "mlflow.note.content",
+                f"This launch resumed {kind} study {study_id}; its runs and summary are in run {existing.info.run_id}.",
+            )
+        client.update_run(existing.info.run_id, status="RUNNING")
+        return StudyParent(existing.info.run_id, experiment_id, True, launcher_run_id)
+
+    if launcher_run_id:
+        run_id = launcher_run_id
+        client.set_tag(run_id, "mlflow.runName", run_name)
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    client.set_tag(run_id, "mlflow.note.content", description)
+    for name, value in {
+        STUDY_ID_TAG: study_id,
+        STUDY_ROLE_TAG: "parent",
+        STUDY_KIND_TAG: kind,
+        STUDY_FINGERPRINT_TAG: fingerprint,
+        **environment_summary(),
+    }.items():
+        client.set_tag(run_id, name, value)
+    existing_params = client.get_run(run_id).data.params
+    missing = {name: value for name, value in params.items() if name not in existing_params}
+    if missing:
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(name, str(value)) for name, value in missing.items()])
+    return StudyParent(run_id, experiment_id, False, launcher_run_id)
+
+
+def study_children(parent: StudyParent) -> list[ChildRecord]:
+    """The study's existing child runs, oldest first."""
+    client = MlflowClient()
+    runs = client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return [
+        ChildRecord(run.info.run_id, run.data.tags.get(CHILD_KEY_TAG, ""), run.info.status, dict(run.data.metrics), dict(run.data.params))
+        for run in runs
+    ]
+
+
+def mark_run_killed(run_id: str, reason: str) -> None:
+    """Ends a run some dead process left RUNNING as KILLED, with the reason as a tag."""
+    client = MlflowClient()
+    client.set_tag(run_id, "killed_reason", reason)
+    client.set_terminated(run_id, status="KILLED")
+
+
+def close_study_parent(parent: StudyParent, status: str) -> None:
+    """Ends the parent run (FINISHED, FAILED or KILLED) and the launcher's run if it is another one."""
+    client = MlflowClient()
+    client.set_terminated(parent.run_id, status=status)
+    if parent.launcher_run_id and parent.launcher_run_id != parent.run_id:
+        client.set_terminated(parent.launcher_run_id, status=status)
+
+
+def log_study_summary(
+    parent: StudyParent,
+    tables: Mapping[str, Any] | None = None,
+    texts: Mapping[str, str] | None = None,
+    figures: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    stepped_metrics: Mapping[str, list[float]] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> None:
+    """Logs a study's summary on its parent run, replacing any earlier summary.
+
+    ``tables`` are pandas DataFrames, logged with ``log_table`` (shown by the MLflow UI);
+    ``stepped_metrics`` hold one value per step (say, per weight-decay factor).
+    """
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    for artifact_file, frame in (tables or {}).items():
+        directory = artifact_file.rpartition("/")[0] or None
+        if any(item.path == artifact_file for item in client.list_artifacts(parent.run_id, directory)):
+            # log_table would append to the earlier table of a resumed study; write it whole instead.
+            client.log_text(parent.run_id, frame.to_json(orient="split", index=False), artifact_file)
+        else:
+            client.log_table(parent.run_id, data=frame, artifact_file=artifact_file)
+    for artifact_file, text in (texts or {}).items():
+        client.log_text(parent.run_id, text, artifact_file)
+    for artifact_file, figure in (figures or {}).items():
+        client.log_figure(parent.run_id, figure, artifact_file)
+    timestamp = int(time.time() * 1000)
+    batch = [Metric(name, float(value), timestamp, 0) for name, value in (metrics or {}).items()]
+    for name, values in (stepped_metrics or {}).items():
+        batch.extend(Metric(name, float(value), timestamp, step) for step, value in enumerate(values))
+    # The tracking server takes at most 1,000 metrics per call.
+    for start in range(0, len(batch), 1000):
+        client.log_batch(parent.run_id, metrics=batch[start : start + 1000])
+    for name, value in (tags or {}).items():
+        client.set_tag(parent.run_id, name, value)
 
 
 def log_params(params: Mapping[str, Any]) -> None:

@@ -67,6 +67,43 @@ def test_dropout_sits_just_before_the_output_layer():
     assert [layer.name for layer in model.layers][-2:] == ["dropout", "probabilities"]
 
 
+@pytest.mark.parametrize("input_shape", [(26, 26, 32), (11, 11, 32), (7, 6, 3)])
+def test_reshape_pooling_matches_max_pooling_in_values_and_gradients_including_odd_sizes(input_shape):
+    import keras
+    import tensorflow as tf
+
+    # Distinct values, so that no window has a tie and the gradients are unique.
+    inputs = tf.constant(np.random.default_rng(1).permutation(3 * np.prod(input_shape)).reshape(3, *input_shape).astype("float32"))
+    results = []
+    for layer in (keras.layers.MaxPooling2D(2, 2), models.ReshapeMaxPooling2D()):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = layer(inputs)
+            loss = tf.reduce_sum(outputs * outputs)
+        results.append((outputs.numpy(), tape.gradient(loss, inputs).numpy()))
+    (expected, expected_gradient), (actual, actual_gradient) = results
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(actual, expected)
+    np.testing.assert_array_equal(actual_gradient, expected_gradient)
+
+
+def test_saved_cnn_has_stock_layers_and_the_same_predictions():
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = models.build_cnn_model([32, 16], pooling=[True, False])
+    models.compile_model(model, "sgd", 0.1, steps_per_execution=10, jit_compile=True)
+    images = np.random.default_rng(2).integers(0, 256, size=(64, 28, 28, 1)).astype("float32")
+    model.fit(images, np.arange(64) % 10, batch_size=16, epochs=1, verbose=0)
+    saved = models.prepare_for_inference(model)
+    layer_types = {type(layer) for layer in saved.layers}
+    assert keras.layers.Conv2D in layer_types and keras.layers.MaxPooling2D in layer_types
+    assert models.ReshapeMaxPooling2D not in layer_types
+    assert not saved.jit_compile
+    assert [layer.name for layer in saved.layers] == [layer.name for layer in model.layers]
+    np.testing.assert_allclose(saved.predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-4, atol=1e-5)
+
+
 def test_image_client_turns_dark_on_light_colour_images_into_mnist_form(tmp_path):
     from PIL import Image
 
