@@ -6,11 +6,16 @@
     ``mlflow server`` on loopback.
 
 Both train the 784-50-50-10 baseline (Adam 0.001, batch 100) on the full data. Epoch 1 holds
-graph tracing and compilation, so seconds per epoch are averaged over epochs 2 to N. Each
-variant runs in its own fresh process; with ``--repeats`` they alternate, because the machine
-is noisy. Results go to ``benchmarks/results/dense.json`` and ``dense.md``.
+graph tracing and compilation, so seconds per epoch are summarised over epochs 2 to N, as
+wall and as CPU seconds (the steadier figure on a shared machine). Each variant runs in its
+own fresh process; with ``--repeats`` they alternate, because the machine is noisy. Results go
+to ``benchmarks/results/dense.json`` and ``dense.md``.
+
+``--batch-size 1`` measures exercise 7 of the dense suite (pure SGD, 54,000 steps per
+epoch) against the plain notebook loop at batch size 1; results go to ``dense_batch1.*``.
 
     python benchmarks/bench_dense.py --epochs 5 --repeats 2
+    python benchmarks/bench_dense.py --epochs 2 --repeats 1 --batch-size 1
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ import os
 import platform
 
 from common import (
-    WORK_DIR, alternate_notebook_and_project, benchmark_parser, epoch_timer, parse_benchmark_args, summarise,
-    write_results,
+    WORK_DIR, alternate_notebook_and_project, benchmark_parser, compare, comparison_rows, epoch_timer,
+    parse_benchmark_args, write_results,
 )
 
 
-def notebook_way(epochs: int) -> list[float]:
-    """The course notebook's pipeline and fit, returning wall seconds per epoch."""
+def notebook_way(args) -> dict[str, list[float]]:
+    """The course notebook's pipeline and fit, returning wall and CPU seconds per epoch."""
     import os
 
     import keras
@@ -50,7 +55,7 @@ def notebook_way(epochs: int) -> list[float]:
 
     shuffled = train_and_validation.map(scale).shuffle(10000)
     validation_inputs, validation_targets = next(iter(shuffled.take(num_validation).batch(num_validation)))
-    train_data = shuffled.skip(num_validation).batch(100)
+    train_data = shuffled.skip(num_validation).batch(args.batch_size)
 
     model = keras.Sequential([
         keras.Input((28, 28, 1)),
@@ -61,14 +66,15 @@ def notebook_way(epochs: int) -> list[float]:
     ])
     model.compile(optimizer=keras.optimizers.Adam(0.001), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
-    times: list[float] = []
-    model.fit(train_data, epochs=epochs, validation_data=(validation_inputs, validation_targets), verbose=2, callbacks=[epoch_timer(times)])
+    times: dict[str, list[float]] = {}
+    model.fit(train_data, epochs=args.epochs, validation_data=(validation_inputs, validation_targets), verbose=2, callbacks=[epoch_timer(times)])
     return times
 
 
 def main() -> None:
     parser = benchmark_parser(__doc__.splitlines()[0], default_epochs=5)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=100)
     args = parse_benchmark_args(parser, notebook_way)
     if args is None:
         return
@@ -77,31 +83,32 @@ def main() -> None:
 
     with tracking_server(WORK_DIR / "mlflow") as server:
         notebook_runs, project_runs, runs = alternate_notebook_and_project(
-            __file__, args.repeats, args.epochs, "dense", [], server.url, "benchmark-dense"
+            __file__, args.repeats, args.epochs, "dense", ["--batch_size", str(args.batch_size)], server.url,
+            "benchmark-dense", notebook_args=["--batch-size", str(args.batch_size)],
         )
-    accuracies = [run.data.metrics["test_accuracy"] for run in runs]
-
-    notebook, project = summarise(notebook_runs), summarise(project_runs)
+    comparison = compare(notebook_runs, project_runs)
     result = {
-        "benchmark": "dense baseline 784-50-50-10, batch 100, full MNIST",
+        "benchmark": f"dense baseline 784-50-50-10, batch {args.batch_size}, full MNIST",
         "epochs": args.epochs,
         "repeats": args.repeats,
+        "batch_size": args.batch_size,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "notebook_epoch_seconds": notebook_runs,
         "project_epoch_seconds": project_runs,
-        "notebook_s_per_epoch": notebook,
-        "project_s_per_epoch": project,
-        "speedup_median": notebook["median"] / project["median"],
-        "speedup_mean": notebook["mean"] / project["mean"],
-        "project_test_accuracy": accuracies,
+        "comparison": comparison,
+        "project_test_accuracy": [run.data.metrics["test_accuracy"] for run in runs],
+        "project_val_accuracy": [run.data.metrics["best_val_accuracy"] for run in runs],
     }
     table = (
-        f"| variant | s per epoch, median (mean) of epochs 2-{args.epochs} over {args.repeats} run(s) |\n|---|---|\n"
-        f"| notebook way (per-example map, shuffle 10000, plain fit, no tracking) | {notebook['median']:.2f} ({notebook['mean']:.2f}) |\n"
-        f"| project `dense` entry point, tracking to a real mlflow server | {project['median']:.2f} ({project['mean']:.2f}) |\n"
-        f"| speed-up | {result['speedup_median']:.1f}x ({result['speedup_mean']:.1f}x) |\n"
+        f"| batch {args.batch_size}, full MNIST | wall s per epoch: median (mean) of epochs 2-{args.epochs}, {args.repeats} run(s) each "
+        "| CPU s per epoch (median) |\n|---|---|---|\n"
+        + comparison_rows(
+            comparison,
+            "notebook way (per-example map, shuffle 10000, plain fit, no tracking)",
+            "project `dense` entry point, tracking to a real mlflow server",
+        )
     )
-    write_results("dense", result, table)
+    write_results("dense" if args.batch_size == 100 else f"dense_batch{args.batch_size}", result, table)
 
 
 if __name__ == "__main__":

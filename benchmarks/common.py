@@ -33,27 +33,31 @@ def parse_benchmark_args(parser: argparse.ArgumentParser, notebook_way) -> argpa
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: epoch 1 is excluded as warm-up")
     if args.notebook_only:
-        print(NOTEBOOK_MARKER + json.dumps(notebook_way(args.epochs)), flush=True)
+        print(NOTEBOOK_MARKER + json.dumps(notebook_way(args)), flush=True)
         return None
     return args
 
 
-def epoch_timer(times: list[float]):
-    """A Keras callback that appends each epoch's wall seconds to ``times``."""
+def epoch_timer(times: dict[str, list[float]]):
+    """A Keras callback that appends each epoch's wall and CPU seconds to ``times["wall"]`` and ``["cpu"]``."""
     import keras
+
+    times.setdefault("wall", [])
+    times.setdefault("cpu", [])
 
     class EpochTimes(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.start)
+            times["wall"].append(time.perf_counter() - self.start)
+            times["cpu"].append(time.process_time() - self.cpu_start)
 
     return EpochTimes()
 
 
 def run_entry_point(script: str, args: list[str], tracking_uri: str, experiment: str):
-    """Runs ``entrypoints/<script>`` with tracking on; returns (epoch seconds, the run)."""
+    """Runs ``entrypoints/<script>`` with tracking on; returns ({"wall": [...], "cpu": [...]} epoch seconds, the run)."""
     from mlflow.tracking import MlflowClient
 
     from mnist_mlflow.processes import python_env
@@ -68,33 +72,40 @@ def run_entry_point(script: str, args: list[str], tracking_uri: str, experiment:
     )
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     run = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
-    history = sorted(client.get_metric_history(run.info.run_id, "epoch_time_s"), key=lambda point: point.step)
-    return [point.value for point in history], run
+    times = {}
+    for kind, metric in (("wall", "epoch_time_s"), ("cpu", "epoch_cpu_time_s")):
+        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda point: point.step)
+        times[kind] = [point.value for point in history]
+    return times, run
 
 
-def notebook_in_subprocess(script: str, epochs: int) -> list[float]:
+def notebook_in_subprocess(script: str, epochs: int, extra_args: list[str]) -> dict[str, list[float]]:
     """Runs ``script --notebook-only`` in a fresh process and returns the epoch times it prints."""
-    return run_in_subprocess(script, ["--notebook-only", "--epochs", str(epochs)], NOTEBOOK_MARKER)
+    return run_in_subprocess(script, ["--notebook-only", "--epochs", str(epochs), *extra_args], NOTEBOOK_MARKER)
 
 
 def alternate_notebook_and_project(
-    benchmark_script: str, repeats: int, epochs: int, entry_point: str, entry_args: list[str], tracking_uri: str, experiment: str
+    benchmark_script: str, repeats: int, epochs: int, entry_point: str, entry_args: list[str], tracking_uri: str,
+    experiment: str, notebook_args: list[str] = (),
 ) -> tuple[list[list[float]], list[list[float]], list]:
     """Runs the notebook way and the project entry point in turn, ``repeats`` times each.
 
     Alternating spreads this noisy machine's slow spells over both. Returns the notebook's
-    epoch times, the project's epoch times and the project's runs.
+    epoch times, the project's epoch times (each ``{"wall": runs, "cpu": runs}``, one list of
+    epoch seconds per run) and the project's runs.
     """
-    notebook_runs, project_runs, runs = [], [], []
+    notebook_runs, project_runs, runs = {"wall": [], "cpu": []}, {"wall": [], "cpu": []}, []
     for repeat in range(repeats):
-        print(f"== repeat {repeat + 1}/{repeats}: notebook way", flush=True)
-        notebook_runs.append(notebook_in_subprocess(benchmark_script, epochs))
-        print(f"   epoch seconds: {[round(t, 2) for t in notebook_runs[-1]]}", flush=True)
-        print(f"== repeat {repeat + 1}/{repeats}: project {entry_point} entry point with tracking", flush=True)
-        times, run = run_entry_point(f"{entry_point}.py", ["--epochs", str(epochs), *entry_args], tracking_uri, experiment)
-        project_runs.append(times)
-        runs.append(run)
-        print(f"   epoch seconds: {[round(t, 2) for t in times]}", flush=True)
+        for label, results in (("notebook way", notebook_runs), (f"project {entry_point} entry point with tracking", project_runs)):
+            print(f"== repeat {repeat + 1}/{repeats}: {label}", flush=True)
+            if results is notebook_runs:
+                times = notebook_in_subprocess(benchmark_script, epochs, list(notebook_args))
+            else:
+                times, run = run_entry_point(f"{entry_point}.py", ["--epochs", str(epochs), *entry_args], tracking_uri, experiment)
+                runs.append(run)
+            for kind in ("wall", "cpu"):
+                results[kind].append(times[kind])
+            print(f"   epoch seconds: wall {[round(t, 2) for t in times['wall']]}, cpu {[round(t, 2) for t in times['cpu']]}", flush=True)
     return notebook_runs, project_runs, runs
 
 
@@ -117,6 +128,30 @@ def summarise(runs: list[list[float]]) -> dict[str, float]:
     """Median and mean seconds per steady epoch; the median resists this noisy machine's spikes."""
     epochs = steady_epochs(runs)
     return {"median": statistics.median(epochs), "mean": statistics.mean(epochs)}
+
+
+def compare(notebook_runs: dict[str, list[list[float]]], project_runs: dict[str, list[list[float]]]) -> dict:
+    """Medians and means of steady epochs, wall and CPU, with the speed-ups they give."""
+    comparison = {}
+    for kind in ("wall", "cpu"):
+        notebook, project = summarise(notebook_runs[kind]), summarise(project_runs[kind])
+        comparison[kind] = {
+            "notebook": notebook,
+            "project": project,
+            "speedup_median": notebook["median"] / project["median"],
+            "speedup_mean": notebook["mean"] / project["mean"],
+        }
+    return comparison
+
+
+def comparison_rows(comparison: dict, notebook_label: str, project_label: str) -> str:
+    """Markdown rows: each variant's wall and CPU seconds per epoch, then the speed-ups."""
+    wall, cpu = comparison["wall"], comparison["cpu"]
+    return (
+        f"| {notebook_label} | {wall['notebook']['median']:.2f} ({wall['notebook']['mean']:.2f}) | {cpu['notebook']['median']:.2f} |\n"
+        f"| {project_label} | {wall['project']['median']:.2f} ({wall['project']['mean']:.2f}) | {cpu['project']['median']:.2f} |\n"
+        f"| speed-up | {wall['speedup_median']:.2f}x ({wall['speedup_mean']:.2f}x) | {cpu['speedup_median']:.2f}x |\n"
+    )
 
 
 def write_results(name: str, result: dict, table: str) -> None:

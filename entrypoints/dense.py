@@ -19,7 +19,8 @@ HELP = {
     "hidden_units": "comma list of hidden-layer widths",
     "activation": "one activation for every hidden layer, or a comma list with one per layer",
     "dropout": "dropout rate after every hidden layer, in [0, 1)",
-    "l2": "L2 weight-decay factor on every hidden kernel",
+    "l2": "L2 weight-decay factor on the hidden kernels",
+    "regularized_layers": "which hidden kernels get the L2 penalty: all, or only the first",
     **TRAINING_HELP,
 }
 

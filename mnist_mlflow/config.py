@@ -27,6 +27,7 @@ DATASETS = ("mnist", "fashion_mnist")
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "softplus", "swish", "leaky_relu", "linear")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine")
+REGULARIZED_LAYERS = ("all", "first")
 
 
 def parse_int(name: str, text: Any, minimum: int | None = None) -> int:
@@ -119,8 +120,11 @@ class DenseModelConfig:
     activations: tuple[str, ...] = ("relu", "relu")
     dropout_rate: float = 0.0
     l2_factor: float = 0.0
+    # Which hidden kernels the L2 penalty applies to: "all" or only the "first".
+    regularized_layers: str = "all"
 
     def __post_init__(self) -> None:
+        _require_choice("regularized_layers", self.regularized_layers, REGULARIZED_LAYERS)
         if not self.hidden_units or any(width <= 0 for width in self.hidden_units):
             raise ConfigError(f"hidden_units={self.hidden_units!r} must be positive widths")
         if len(self.activations) != len(self.hidden_units):
@@ -220,6 +224,7 @@ class DenseRunConfig:
             "activation": ",".join(self.model.activations),
             "dropout": self.model.dropout_rate,
             "l2": self.model.l2_factor,
+            "regularized_layers": self.model.regularized_layers,
             **training_and_data_params(self.training, self.data),
         }
 
@@ -235,6 +240,7 @@ class DenseRunConfig:
                 activations=parse_activations(raw["activation"], len(hidden_units)),
                 dropout_rate=parse_float("dropout", raw["dropout"]),
                 l2_factor=parse_float("l2", raw["l2"]),
+                regularized_layers=str(raw["regularized_layers"]).strip().lower(),
             ),
             training=parse_training(raw, seed),
             data=parse_data(raw, seed),
@@ -346,4 +352,150 @@ class CnnRunConfig:
             training=parse_training(raw, seed),
             data=parse_data(raw, seed),
             register_as=str(raw["register_as"]).strip(),
+        )
+
+
+def parse_study_id(text: Any) -> str:
+    """A sweep id: empty (a new study) or letters, digits, '-', '_' and '.' (it is used in searches)."""
+    study_id = str(text).strip()
+    if len(study_id) > 64 or not all(char.isalnum() or char in "-_." for char in study_id):
+        raise ConfigError(f"sweep_id={text!r} may hold at most 64 letters, digits, '-', '_' and '.'")
+    return study_id
+
+
+EXERCISE_SUITES = ("dense", "conv")
+
+
+@dataclass(frozen=True)
+class ExercisesConfig:
+    """One ``exercises`` study; mirrors :func:`mnist_mlflow.exercises.run_exercises`.
+
+    ``only`` holds the exercise ids to run (empty: the whole suite); the ids of each suite are
+    listed in :mod:`mnist_mlflow.exercises`.
+    """
+
+    suite: str = "dense"
+    only: tuple[str, ...] = ()
+    epochs: int = 5
+    max_train_examples: int = 0
+    seed: int = 0
+    sweep_id: str = ""
+
+    def __post_init__(self) -> None:
+        _require_choice("suite", self.suite, EXERCISE_SUITES)
+        from mnist_mlflow.exercises import exercise_ids
+
+        known = exercise_ids(self.suite)
+        unknown = [item for item in self.only if item not in known]
+        if unknown:
+            raise ConfigError(
+                f"only={','.join(self.only)!r}: {', '.join(map(repr, unknown))} is not an exercise of the "
+                f"{self.suite} suite; its exercises are: {', '.join(known)}"
+            )
+        if len(set(self.only)) != len(self.only):
+            raise ConfigError(f"only={','.join(self.only)!r} names an exercise twice")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
+        _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
+        _require_non_negative("seed", self.seed)
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite,
+            "only": ",".join(self.only),
+            "epochs": self.epochs,
+            "max_train_examples": self.max_train_examples,
+            "seed": self.seed,
+            "sweep_id": self.sweep_id,
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "ExercisesConfig":
+        raw = merge_params(cls().as_params(), params)
+        only_text = str(raw["only"]).strip()
+        return cls(
+            suite=str(raw["suite"]).strip().lower(),
+            only=tuple(item.lower() for item in parse_list("only", only_text)) if only_text else (),
+            epochs=parse_int("epochs", raw["epochs"], minimum=1),
+            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
+            seed=parse_int("seed", raw["seed"], minimum=0),
+            sweep_id=parse_study_id(raw["sweep_id"]),
+        )
+
+
+def linspace(start: float, stop: float, count: int) -> tuple[float, ...]:
+    """``count`` evenly spaced values from ``start`` to ``stop``, like numpy.linspace."""
+    if count == 1:
+        return (start,)
+    return tuple(start + (stop - start) * index / (count - 1) for index in range(count))
+
+
+# numpy.linspace(1e-6, 1e-3, 5), the factors of EXPERIMENTS.md section 2.
+WEIGHT_DECAY_FACTORS = linspace(1e-6, 1e-3, 5)
+
+
+@dataclass(frozen=True)
+class WeightDecayConfig:
+    """One weight-decay replicate sweep; mirrors :func:`mnist_mlflow.weight_decay.run_weight_decay`.
+
+    Replicate ``r`` of every factor trains with seed ``seed + r``; all share the split made
+    with ``seed``.
+    """
+
+    factors: tuple[float, ...] = WEIGHT_DECAY_FACTORS
+    replicates: int = 3
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    regularized_layers: str = "first"
+    max_train_examples: int = 0
+    seed: int = 0
+    sweep_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.factors:
+            raise ConfigError("factors='' must list at least one weight-decay factor")
+        for factor in self.factors:
+            if not factor > 0:
+                raise ConfigError(f"factors: {factor!r} is not a positive weight-decay factor")
+        if len(set(self.factors)) != len(self.factors):
+            raise ConfigError(f"factors={','.join(f'{factor:g}' for factor in self.factors)!r} lists a factor twice")
+        if self.replicates <= 0:
+            raise ConfigError(f"replicates={self.replicates!r} must be a positive whole number")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size={self.batch_size!r} must be a positive whole number")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate!r} must be positive")
+        _require_choice("regularized_layers", self.regularized_layers, REGULARIZED_LAYERS)
+        _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
+        _require_non_negative("seed", self.seed)
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "factors": ",".join(f"{factor:.10g}" for factor in self.factors),
+            "replicates": self.replicates,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "regularized_layers": self.regularized_layers,
+            "max_train_examples": self.max_train_examples,
+            "seed": self.seed,
+            "sweep_id": self.sweep_id,
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "WeightDecayConfig":
+        raw = merge_params(cls().as_params(), params)
+        return cls(
+            factors=tuple(parse_float("factors", item) for item in parse_list("factors", raw["factors"])),
+            replicates=parse_int("replicates", raw["replicates"], minimum=1),
+            epochs=parse_int("epochs", raw["epochs"], minimum=1),
+            batch_size=parse_int("batch_size", raw["batch_size"], minimum=1),
+            learning_rate=parse_float("learning_rate", raw["learning_rate"]),
+            regularized_layers=str(raw["regularized_layers"]).strip().lower(),
+            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
+            seed=parse_int("seed", raw["seed"], minimum=0),
+            sweep_id=parse_study_id(raw["sweep_id"]),
         )

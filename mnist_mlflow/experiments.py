@@ -44,24 +44,49 @@ def dense_run_name(config: DenseRunConfig) -> str:
     name = f"dense-{'x'.join(map(str, model.hidden_units))}-{activations}"
     name += _training_name(config.training, model.dropout_rate)
     if model.l2_factor:
-        name += f"-l2{model.l2_factor:g}"
+        name += f"-l2{model.l2_factor:g}" + ("-first" if model.regularized_layers == "first" else "")
     return name
 
 
-def run_dense(config: DenseRunConfig) -> RunResult:
-    """Trains the dense network ``config`` describes and records everything in MLflow."""
+@dataclass(frozen=True)
+class ChildOptions:
+    """How a run sits in a study: its parent, name, extra tags and params, and description."""
+
+    parent_run_id: str
+    run_name: str
+    tags: dict[str, str]
+    params: dict[str, Any]
+    description: str
+
+
+def _child_settings(child: ChildOptions | None, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> dict[str, Any]:
+    if child is None:
+        return {"run_name": run_name, "tags": tags, "params": params}
+    return {
+        "run_name": child.run_name,
+        "tags": {**tags, **child.tags},
+        "params": {**params, **child.params},
+        "parent_run_id": child.parent_run_id,
+        "description": child.description,
+    }
+
+
+def run_dense(config: DenseRunConfig, child: ChildOptions | None = None) -> RunResult:
+    """Trains the dense network ``config`` describes and records everything in MLflow.
+
+    With ``child``, the run is one child run of a study.
+    """
     return run_classifier(
         build_model=lambda: models.build_dense_model(
             config.model.hidden_units,
             config.model.activations,
             dropout_rate=config.model.dropout_rate,
             l2_factor=config.model.l2_factor,
+            regularized_layers=config.model.regularized_layers,
         ),
         training_config=config.training,
         data_config=config.data,
-        params=config.as_params(),
-        run_name=dense_run_name(config),
-        tags={"entry_point": "dense", "model_family": "dense"},
+        **_child_settings(child, dense_run_name(config), {"entry_point": "dense", "model_family": "dense"}, config.as_params()),
     )
 
 
@@ -73,8 +98,11 @@ def cnn_run_name(config: CnnRunConfig) -> str:
     return name + _training_name(config.training, model.dropout_rate)
 
 
-def run_cnn(config: CnnRunConfig) -> RunResult:
-    """Trains the convolutional network ``config`` describes, records it and optionally registers it."""
+def run_cnn(config: CnnRunConfig, child: ChildOptions | None = None) -> RunResult:
+    """Trains the convolutional network ``config`` describes, records it and optionally registers it.
+
+    With ``child``, the run is one child run of a study.
+    """
     return run_classifier(
         build_model=lambda: models.build_cnn_model(
             config.model.filters,
@@ -85,11 +113,16 @@ def run_cnn(config: CnnRunConfig) -> RunResult:
         ),
         training_config=config.training,
         data_config=config.data,
-        params=config.as_params(),
-        run_name=cnn_run_name(config),
-        tags={"entry_point": "cnn", "model_family": "cnn"},
         register_as=config.register_as or None,
+        **_child_settings(child, cnn_run_name(config), {"entry_point": "cnn", "model_family": "cnn"}, config.as_params()),
     )
+
+
+def run_config(config: DenseRunConfig | CnnRunConfig, child: ChildOptions | None = None) -> RunResult:
+    """Trains and records the model of a dense or a cnn config."""
+    if isinstance(config, CnnRunConfig):
+        return run_cnn(config, child)
+    return run_dense(config, child)
 
 
 def run_classifier(

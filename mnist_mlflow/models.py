@@ -28,16 +28,21 @@ def build_dense_model(
     activations: Sequence[str],
     dropout_rate: float = 0.0,
     l2_factor: float = 0.0,
+    regularized_layers: str = "all",
     num_classes: int = NUM_CLASSES,
 ) -> keras.Model:
     """Flatten -> Dense(width, activation) [-> Dropout] per hidden layer -> Dense(10, softmax).
 
-    ``l2_factor`` adds L2 weight decay to every hidden kernel; ``dropout_rate`` adds dropout
-    after every hidden layer.
+    ``l2_factor`` adds L2 weight decay to the hidden kernels: to every one with
+    ``regularized_layers="all"``, to the first only with ``"first"``. ``dropout_rate`` adds
+    dropout after every hidden layer.
     """
+    if regularized_layers not in ("all", "first"):
+        raise ValueError(f"regularized_layers={regularized_layers!r} is not one of: all, first")
     layers = _input_layers() + [keras.layers.Flatten(name="flatten")]
     for index, (width, activation) in enumerate(zip(hidden_units, activations, strict=True), start=1):
-        regularizer = keras.regularizers.L2(l2_factor) if l2_factor else None
+        regularized = l2_factor and (regularized_layers == "all" or index == 1)
+        regularizer = keras.regularizers.L2(l2_factor) if regularized else None
         layers.append(
             keras.layers.Dense(width, activation=activation, kernel_regularizer=regularizer, name=f"hidden_{index}")
         )

@@ -103,5 +103,58 @@ def predictions_figure(
     return figure
 
 
+def accuracy_vs_time_figure(
+    labels: list[str], seconds_per_epoch: list[float], accuracies: list[float], highlight: str | None = None,
+    title: str = "Validation accuracy against training time",
+):
+    """One labelled point per run: validation accuracy against mean seconds per epoch.
+
+    The run labelled ``highlight`` (the baseline) is drawn larger and in another colour. The
+    time axis is logarithmic when the times span more than a factor of 20.
+    """
+    figure, axes = plt.subplots(figsize=(9, 6))
+    for label, seconds, accuracy in zip(labels, seconds_per_epoch, accuracies, strict=True):
+        is_highlight = label == highlight
+        axes.scatter(
+            seconds, accuracy * 100, s=120 if is_highlight else 50, zorder=3,
+            color="tab:red" if is_highlight else "tab:blue", edgecolor="black" if is_highlight else None,
+            label=f"{label} (reference)" if is_highlight else None,
+        )
+        axes.annotate(label, (seconds, accuracy * 100), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    positive = [seconds for seconds in seconds_per_epoch if seconds > 0]
+    if positive and max(positive) / min(positive) > 20:
+        axes.set_xscale("log")
+    axes.set_xlabel("Mean seconds per epoch")
+    axes.set_ylabel("Best validation accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3, which="both")
+    if highlight in labels:
+        axes.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def error_bar_figure(
+    factors: list[float], means: list[float], standard_deviations: list[float], reference: float | None = None,
+    reference_label: str = "", log_x: bool = False, title: str = "Validation accuracy against weight decay",
+):
+    """Mean validation accuracy per factor with one-standard-deviation bars and a reference line."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    means_percent = np.asarray(means) * 100
+    errors_percent = np.nan_to_num(np.asarray(standard_deviations, dtype=float) * 100)
+    axes.errorbar(factors, means_percent, yerr=errors_percent, fmt="o-", capsize=5, label="mean ± 1 standard deviation")
+    if reference is not None:
+        axes.axhline(reference * 100, color="tab:red", linestyle="--", label=reference_label)
+    if log_x:
+        axes.set_xscale("log")
+    axes.set_xlabel("L2 weight-decay factor" + (" (log scale)" if log_x else ""))
+    axes.set_ylabel("Validation accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(loc="best")
+    figure.tight_layout()
+    return figure
+
+
 def close(figure) -> None:
     plt.close(figure)

@@ -238,11 +238,13 @@ def log_study_summary(
     metrics: Mapping[str, float] | None = None,
     stepped_metrics: Mapping[str, list[float]] | None = None,
     tags: Mapping[str, str] | None = None,
+    winner_run_id: str | None = None,
 ) -> None:
     """Logs a study's summary on its parent run, replacing any earlier summary.
 
     ``tables`` are pandas DataFrames, logged with ``log_table`` (shown by the MLflow UI);
-    ``stepped_metrics`` hold one value per step (say, per weight-decay factor).
+    ``stepped_metrics`` hold one value per step (say, per weight-decay factor). The child
+    ``winner_run_id`` is tagged ``study_winner=true``.
     """
     from mlflow.entities import Metric
 
@@ -267,6 +269,10 @@ def log_study_summary(
         client.log_batch(parent.run_id, metrics=batch[start : start + 1000])
     for name, value in (tags or {}).items():
         client.set_tag(parent.run_id, name, value)
+    if winner_run_id:
+        for record in study_children(parent):
+            if record.status == "FINISHED":
+                client.set_tag(record.run_id, "study_winner", str(record.run_id == winner_run_id).lower())
 
 
 def log_params(params: Mapping[str, Any]) -> None:

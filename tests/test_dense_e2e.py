@@ -74,7 +74,7 @@ def test_params_include_entry_point_keras_and_data_sizes(dense_run):
 
 def test_per_epoch_histories_and_summary_metrics(dense_run):
     client, run = dense_run
-    for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_time_s"):
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_time_s", "epoch_cpu_time_s"):
         history = client.get_metric_history(run.info.run_id, metric)
         assert sorted(point.step for point in history) == [0, 1], metric
     epoch_times = [point.value for point in client.get_metric_history(run.info.run_id, "epoch_time_s")]

@@ -1,0 +1,42 @@
+"""The `exercises` entry point: a suite of course exercises as one parent run with a child run per exercise.
+
+    python entrypoints/exercises.py --suite dense --only 1,4 --epochs 1
+    mlflow run . -e exercises -P suite=conv --env-manager local
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Started as `python entrypoints/exercises.py`, the project folder is not on sys.path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mnist_mlflow.cli import run_main, string_parser  # noqa: E402
+from mnist_mlflow.config import ExercisesConfig  # noqa: E402
+from mnist_mlflow.exercises import exercise_ids  # noqa: E402
+
+HELP = {
+    "suite": "dense (the ten dense exercises on MNIST) or conv (the Fashion-MNIST convolution exercises)",
+    "only": (
+        "comma list of exercise ids to run; empty runs the whole suite. dense: "
+        + ", ".join(exercise_ids("dense")) + "; conv: " + ", ".join(exercise_ids("conv"))
+    ),
+    "epochs": "passes over the training data, for every exercise",
+    "max_train_examples": "cap on training examples for quick runs; 0 means all",
+    "seed": "seed for the split, the initial weights and the shuffling",
+    "sweep_id": "resume the study with this id: finished exercises are reused; empty starts a new study",
+}
+
+
+def main(argv=None) -> None:
+    parser = string_parser(__doc__.splitlines()[0], ExercisesConfig().as_params(), HELP)
+    config = ExercisesConfig.from_params(vars(parser.parse_args(argv)))
+
+    from mnist_mlflow.exercises import run_exercises
+
+    run_exercises(config)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

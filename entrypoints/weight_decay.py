@@ -1,0 +1,41 @@
+"""The `weight_decay` entry point: the L2 replicate sweep of a 784-500-300-10 network as one parent run.
+
+    python entrypoints/weight_decay.py --factors 1e-5,1e-3 --replicates 2 --epochs 1
+    mlflow run . -e weight_decay --env-manager local
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Started as `python entrypoints/weight_decay.py`, the project folder is not on sys.path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mnist_mlflow.cli import run_main, string_parser  # noqa: E402
+from mnist_mlflow.config import WeightDecayConfig  # noqa: E402
+
+HELP = {
+    "factors": "comma list of positive L2 factors (default: numpy linspace(1e-6, 1e-3, 5))",
+    "replicates": "networks per factor; replicate r of every factor uses seed + r",
+    "epochs": "passes over the training data",
+    "batch_size": "examples per SGD step",
+    "learning_rate": "SGD learning rate",
+    "regularized_layers": "first (the first hidden kernel only) or all hidden kernels",
+    "max_train_examples": "cap on training examples for quick runs; 0 means all",
+    "seed": "base seed: the split, and replicate r trains with seed + r",
+    "sweep_id": "resume the sweep with this id: finished runs are reused; empty starts a new sweep",
+}
+
+
+def main(argv=None) -> None:
+    parser = string_parser(__doc__.splitlines()[0], WeightDecayConfig().as_params(), HELP)
+    config = WeightDecayConfig.from_params(vars(parser.parse_args(argv)))
+
+    from mnist_mlflow.weight_decay import run_weight_decay
+
+    run_weight_decay(config)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
