@@ -39,17 +39,33 @@ def _keep(config):
     return config
 
 
-# Exercise 10 combines what helps in exercises 1-9: width (1), relu (4, 5), Adam's default
-# rate (8, 9), small batches (6, 7), plus what the exercises do not try: dropout against
-# the over-fitting of a wide network, and a learning rate that decays to zero by the last
-# epoch. It reaches 98.5% validation accuracy in the suite's 5 epochs (see the README).
+# Exercise 10 combines what helps in exercises 1-9: width (1, 3), relu (4, 5), Adam's default
+# rate (8, 9) and small batches (6, 7), plus what the exercises do not try: dropout against
+# the over-fitting of a wide network, a learning rate that decays to zero by the last epoch,
+# and twice the suite's epochs. Probe runs on the full data (seed 0) stayed below 98.5%
+# validation accuracy in 5 epochs (512-512: 98.42%, 1024-1024: 98.45%); with 10 epochs
+# 1024-1024 reached 98.63%. The README records the suite's run.
 COMBINED = {
-    "hidden_units": (512, 512),
+    "hidden_units": (1024, 1024),
     "activations": ("relu", "relu"),
     "dropout_rate": 0.2,
-    "batch_size": 50,
+    "batch_size": 32,
     "lr_schedule": "cosine",
+    "epochs_factor": 2,
 }
+
+
+def _combined(config: DenseRunConfig) -> DenseRunConfig:
+    config = _dense_model(
+        config, hidden_units=COMBINED["hidden_units"], activations=COMBINED["activations"], dropout_rate=COMBINED["dropout_rate"]
+    )
+    return _training(
+        config,
+        batch_size=COMBINED["batch_size"],
+        lr_schedule=COMBINED["lr_schedule"],
+        epochs=config.training.epochs * COMBINED["epochs_factor"],
+    )
+
 
 DENSE_EXERCISES = (
     Exercise("baseline", "baseline: 784-50-50-10 relu, Adam 0.001, batch 100",
@@ -81,13 +97,9 @@ DENSE_EXERCISES = (
     Exercise("9", "learning rate 0.02",
              "Is a twenty times larger learning rate unstable?",
              lambda config: _training(config, learning_rate=0.02)),
-    Exercise("10", "512-512 relu, dropout 0.2, batch 50, cosine-decayed Adam 0.001",
+    Exercise("10", "1024-1024 relu, dropout 0.2, batch 32, cosine-decayed Adam 0.001, twice the epochs",
              "Which combination of the changes reaches 98.5% validation accuracy or more?",
-             lambda config: _training(
-                 _dense_model(config, hidden_units=COMBINED["hidden_units"], activations=COMBINED["activations"],
-                              dropout_rate=COMBINED["dropout_rate"]),
-                 batch_size=COMBINED["batch_size"], lr_schedule=COMBINED["lr_schedule"],
-             )),
+             _combined),
 )
 
 

@@ -52,6 +52,9 @@ def test_dense_exercises_change_one_thing_each():
     assert configs["7"].training.batch_size == 1
     assert configs["8"].training.learning_rate == 0.0001
     assert configs["9"].training.learning_rate == 0.02
+    assert configs["10"].model.hidden_units == (1024, 1024) and configs["10"].model.dropout_rate == 0.2
+    assert configs["10"].training.epochs == 2 * base.training.epochs
+    assert configs["10"].training.lr_schedule == "cosine"
     for exercise_id in ("1", "2", "3", "4", "5"):
         assert configs[exercise_id].training == base.training
     for exercise_id in ("6", "7", "8", "9"):
