@@ -12,7 +12,7 @@ from pathlib import Path
 # Started as `python entrypoints/cnn.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import TRAINING_HELP, run_main, string_parser  # noqa: E402
+from mnist_mlflow.cli import TRAINING_HELP, parse_config, run_main  # noqa: E402
 from mnist_mlflow.config import CnnRunConfig  # noqa: E402
 
 HELP = {
@@ -27,9 +27,9 @@ HELP = {
 
 
 def main(argv=None) -> None:
+    # Empty pooling means a max-pool after every convolution, whatever their number.
     defaults = {**CnnRunConfig().as_params(), "pooling": ""}
-    parser = string_parser(__doc__.splitlines()[0], defaults, HELP)
-    config = CnnRunConfig.from_params(vars(parser.parse_args(argv)))
+    config = parse_config(CnnRunConfig, __doc__.splitlines()[0], HELP, argv, defaults)
 
     from mnist_mlflow.experiments import run_cnn
 

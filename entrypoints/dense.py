@@ -12,7 +12,7 @@ from pathlib import Path
 # Started as `python entrypoints/dense.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import TRAINING_HELP, run_main, string_parser  # noqa: E402
+from mnist_mlflow.cli import TRAINING_HELP, parse_config, run_main  # noqa: E402
 from mnist_mlflow.config import DenseRunConfig  # noqa: E402
 
 HELP = {
@@ -26,8 +26,7 @@ HELP = {
 
 
 def main(argv=None) -> None:
-    parser = string_parser(__doc__.splitlines()[0], DenseRunConfig().as_params(), HELP)
-    config = DenseRunConfig.from_params(vars(parser.parse_args(argv)))
+    config = parse_config(DenseRunConfig, __doc__.splitlines()[0], HELP, argv)
 
     from mnist_mlflow.experiments import run_dense
 

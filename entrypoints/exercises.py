@@ -12,7 +12,7 @@ from pathlib import Path
 # Started as `python entrypoints/exercises.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import run_main, string_parser  # noqa: E402
+from mnist_mlflow.cli import parse_config, run_main  # noqa: E402
 from mnist_mlflow.config import ExercisesConfig  # noqa: E402
 from mnist_mlflow.exercises import exercise_ids  # noqa: E402
 
@@ -30,8 +30,7 @@ HELP = {
 
 
 def main(argv=None) -> None:
-    parser = string_parser(__doc__.splitlines()[0], ExercisesConfig().as_params(), HELP)
-    config = ExercisesConfig.from_params(vars(parser.parse_args(argv)))
+    config = parse_config(ExercisesConfig, __doc__.splitlines()[0], HELP, argv)
 
     from mnist_mlflow.exercises import run_exercises
 

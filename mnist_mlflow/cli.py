@@ -34,6 +34,15 @@ def string_parser(description: str, defaults: dict[str, object], help_texts: dic
     return parser
 
 
+def parse_config(config_class, description: str, help_texts: dict[str, str], argv: Sequence[str] | None, defaults=None):
+    """Parses ``--name value`` flags for every parameter of ``config_class`` and builds the config.
+
+    ``defaults`` overrides what the flags show as defaults (``config_class().as_params()``).
+    """
+    parser = string_parser(description, defaults or config_class().as_params(), help_texts)
+    return config_class.from_params(vars(parser.parse_args(argv)))
+
+
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Runs ``main`` and turns a user error into one line on stderr and exit status 2."""
     try:
