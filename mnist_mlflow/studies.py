@@ -51,13 +51,17 @@ class StudySpec:
 
 @dataclass
 class ChildOutcome:
-    """A FINISHED child as recorded in MLflow; ``reused`` if an earlier session trained it."""
+    """A FINISHED child as recorded in MLflow; ``reused`` if an earlier session trained it.
+
+    ``val_accuracy_history`` holds the validation accuracy of every epoch.
+    """
 
     spec: ChildSpec
     run_id: str
     metrics: dict[str, float]
     params: dict[str, str]
     reused: bool
+    val_accuracy_history: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -167,5 +171,10 @@ def _outcomes(
     outcomes = []
     for child in children:
         record = records[child.key]
-        outcomes.append(ChildOutcome(child, record.run_id, record.metrics, record.params, child.key in previously_finished))
+        outcomes.append(
+            ChildOutcome(
+                child, record.run_id, record.metrics, record.params, child.key in previously_finished,
+                tracking.metric_values(record.run_id, "val_accuracy"),
+            )
+        )
     return outcomes

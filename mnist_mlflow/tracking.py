@@ -215,6 +215,12 @@ def study_children(parent: StudyParent) -> list[ChildRecord]:
     ]
 
 
+def metric_values(run_id: str, key: str) -> list[float]:
+    """A metric's values in step order (for per-epoch metrics, one per epoch)."""
+    history = MlflowClient().get_metric_history(run_id, key)
+    return [point.value for point in sorted(history, key=lambda point: (point.step, point.timestamp))]
+
+
 def mark_run_killed(run_id: str, reason: str) -> None:
     """Ends a run some dead process left RUNNING as KILLED, with the reason as a tag."""
     client = MlflowClient()

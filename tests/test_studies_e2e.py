@@ -149,6 +149,8 @@ def test_weight_decay_summary_agrees_with_the_children(weight_decay_sweep, tmp_p
         half = stats.t.ppf(0.975, 1) * values.std(ddof=1) / np.sqrt(2)
         assert row["val_accuracy_ci95_low"] == pytest.approx(values.mean() - half)
         assert row["val_accuracy_ci95_high"] == pytest.approx(values.mean() + half)
+        first_epoch = [client.get_metric_history(child.info.run_id, "val_accuracy")[0].value for child in group]
+        assert row["val_accuracy_epoch_1_mean"] == pytest.approx(np.mean(first_epoch))
         tests = sorted(float(value) for value in row["test_accuracies"].split(","))
         assert tests == pytest.approx(sorted(child.data.metrics["test_accuracy"] for child in group), abs=1e-4)
         means[row["factor"]] = values.mean()
