@@ -50,7 +50,8 @@ def markdown_table(frame: pd.DataFrame, formats: dict[str, str]) -> str:
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "---|" * len(frame.columns)
     lines = [header, rule]
-    for _, row in frame.iterrows():
+    # Records keep each column's type; iterrows would turn the whole row into floats.
+    for row in frame.to_dict("records"):
         cells = []
         for column in frame.columns:
             value = row[column]

@@ -105,6 +105,10 @@ def test_mean_std_and_confidence_interval():
 
 
 def test_markdown_table_formats_named_columns():
-    frame = pd.DataFrame([{"exercise": "1", "val_accuracy": 0.98765, "trainable_parameters": 42310}])
+    frame = pd.DataFrame([{"exercise": "1", "val_accuracy": 0.98765, "trainable_parameters": 42310, "best_epoch": 4}])
     text = summaries.markdown_table(frame, summaries.EXERCISE_FORMATS)
-    assert text.splitlines() == ["| exercise | val_accuracy | trainable_parameters |", "|---|---|---|", "| 1 | 98.77% | 42,310 |"]
+    assert text.splitlines() == [
+        "| exercise | val_accuracy | trainable_parameters | best_epoch |",
+        "|---|---|---|---|",
+        "| 1 | 98.77% | 42,310 | 4 |",
+    ]
