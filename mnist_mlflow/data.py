@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,13 +127,18 @@ def _load_arrays(dataset: str, tfds_data_dir: str | None) -> tuple[dict[str, tup
     builder = tfds.builder(dataset, data_dir=tfds_data_dir)
     if not builder.is_prepared():
         manual_dir = _manual_dir(dataset)
+        print(f"Preparing {dataset} in {builder.data_dir} (once per tfds data directory)...", flush=True)
         if manual_dir is None:
             _require_network(dataset)
-            download_config = None
+            builder.download_and_prepare()
         else:
-            download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-        print(f"Preparing {dataset} in {builder.data_dir} (once per tfds data directory)...", flush=True)
-        builder.download_and_prepare(download_config=download_config)
+            # tfds extracts manual files to downloads/extracted/GZIP.<file name>, a path that
+            # does not depend on the data set; MNIST and Fashion-MNIST use the same file names,
+            # so the second data set prepared in a tfds directory would silently get the first
+            # one's images. A private extraction folder per preparation prevents that.
+            with tempfile.TemporaryDirectory(prefix=f"tfds-extract-{dataset}-") as extract_dir:
+                download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir), extract_dir=extract_dir)
+                builder.download_and_prepare(download_config=download_config)
 
     arrays = {}
     for split in ("train", "test"):

@@ -85,3 +85,22 @@ def test_without_network_and_without_the_variable_fails_fast_naming_it(tmp_path,
     with pytest.raises(data.DataUnavailableError, match=data.DATA_DIR_ENV):
         data.load_splits(DataConfig(tfds_data_dir=str(tmp_path / "tfds")))
     assert time.monotonic() - start < 30
+
+
+def test_mnist_and_fashion_mnist_prepared_in_one_directory_stay_distinct(tmp_path):
+    """Both data sets ship files of the same names; preparing one after the other in one tfds
+    directory once gave Fashion-MNIST the MNIST images (tfds's shared extraction folder)."""
+    import os
+
+    if not os.environ.get(data.DATA_DIR_ENV):
+        pytest.skip(f"needs {data.DATA_DIR_ENV} to prepare both data sets offline")
+    means = {}
+    for dataset in ("mnist", "fashion_mnist"):
+        arrays, _, prepared_dir = data.load_arrays(dataset, str(tmp_path))
+        assert prepared_dir.startswith(str(tmp_path))
+        train_images, train_labels = arrays["train"]
+        assert train_images.shape == (60000, 28, 28, 1) and np.bincount(train_labels).min() > 5000
+        means[dataset] = float(train_images.mean())
+    # The canonical files' mean pixel intensities: MNIST about 33.3, Fashion-MNIST about 72.9.
+    assert means["mnist"] == pytest.approx(33.32, abs=0.05)
+    assert means["fashion_mnist"] == pytest.approx(72.94, abs=0.05)
