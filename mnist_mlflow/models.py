@@ -52,10 +52,6 @@ def build_dense_model(
     return keras.Sequential(layers, name="dense")
 
 
-def uses_convolutions(model: keras.Model) -> bool:
-    return any(isinstance(layer, keras.layers.Conv2D) for layer in model.layers)
-
-
 class ReshapeMaxPooling2D(keras.layers.MaxPooling2D):
     """2x2 max pooling with stride 2 as a reshape and a maximum; same results as MaxPooling2D.
 
@@ -100,7 +96,6 @@ def build_cnn_model(
     dense_units: Sequence[int] = (64, 64),
     dropout_rate: float = 0.0,
     num_classes: int = NUM_CLASSES,
-    fast_layers: bool = True,
 ) -> keras.Model:
     """Conv2D(count, kernel, relu) [-> MaxPool 2x2] per entry -> Flatten -> Dense(relu)... -> Dense(10, softmax).
 
@@ -109,8 +104,8 @@ def build_cnn_model(
     weights, which suit relu better than Keras's default Glorot-uniform: with plain SGD at
     0.1 the network learns markedly faster in its first hundred steps.
 
-    With ``fast_layers`` (the default), pooling uses the equivalent ``ReshapeMaxPooling2D``,
-    meant to train under XLA; ``with_standard_layers`` gives the stock-Keras copy to save.
+    Pooling uses ``ReshapeMaxPooling2D``, the equivalent of MaxPooling2D that trains fast under
+    XLA; ``with_standard_layers`` gives the stock-Keras copy to save.
     """
     pooling = [True] * len(filters) if pooling is None else list(pooling)
     layers = _input_layers()
@@ -119,11 +114,7 @@ def build_cnn_model(
             keras.layers.Conv2D(count, kernel_size, activation="relu", kernel_initializer=RELU_INITIALIZER, name=f"conv_{index}")
         )
         if pooled:
-            layers.append(
-                ReshapeMaxPooling2D(name=f"pool_{index}")
-                if fast_layers
-                else keras.layers.MaxPooling2D(pool_size=2, strides=2, name=f"pool_{index}")
-            )
+            layers.append(ReshapeMaxPooling2D(name=f"pool_{index}"))
     layers.append(keras.layers.Flatten(name="flatten"))
     for index, width in enumerate(dense_units, start=1):
         layers.append(
@@ -165,8 +156,8 @@ def compile_model(
     """Compiles for integer labels; ``steps_per_execution`` batches run per call.
 
     ``optimizer`` is a name (then ``learning_rate`` is required) or an optimizer instance,
-    whose state is kept. ``jit_compile`` turns XLA on: on CPU it speeds up dense networks,
-    while TensorFlow's own oneDNN kernels are faster for convolutions.
+    whose state is kept. ``jit_compile`` turns XLA on: on CPU it speeds up the dense networks
+    and, with ``ReshapeMaxPooling2D`` for pooling, the convolutional ones.
     """
     if isinstance(optimizer, str):
         optimizer = make_optimizer(optimizer, learning_rate)
