@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 from mnist_mlflow import data, experiments, tracking
 from mnist_mlflow.config import CnnRunConfig, ConfigError, DenseRunConfig
 
-# Tags every child carries, so the MLflow UI's compare view and mlflow.search_runs can group them.
+# The study_role tag of every child (the parent's is "parent"), so the MLflow UI's compare view
+# and mlflow.search_runs can tell them apart.
 CHILD_ROLE = "child"
 
 
@@ -148,26 +149,30 @@ def run_study(
     return StudyResult(parent.run_id, spec.study_id, parent.resumed, outcomes, trained)
 
 
+def _finished_by_key(records: Sequence[tracking.ChildRecord]) -> dict[str, tracking.ChildRecord]:
+    """The FINISHED children by key; of two with one key (oldest first), the first counts."""
+    finished: dict[str, tracking.ChildRecord] = {}
+    for record in records:
+        if record.status == "FINISHED" and record.key:
+            finished.setdefault(record.key, record)
+    return finished
+
+
 def _reusable_children(parent: tracking.StudyParent) -> dict[str, tracking.ChildRecord]:
     """The study's FINISHED children by key. Children left RUNNING by a dead process are marked KILLED."""
-    finished: dict[str, tracking.ChildRecord] = {}
-    for record in tracking.study_children(parent):
+    records = tracking.study_children(parent)
+    for record in records:
         if record.status == "RUNNING":
             tracking.mark_run_killed(record.run_id, "its process ended before the run did; the study was resumed")
             print(f"Run {record.run_id} ({record.key}) was left RUNNING by an earlier session; marked KILLED", flush=True)
-        elif record.status == "FINISHED" and record.key:
-            finished.setdefault(record.key, record)
-    return finished
+    return _finished_by_key(records)
 
 
 def _outcomes(
     parent: tracking.StudyParent, children: Sequence[ChildSpec], previously_finished: set[str]
 ) -> list[ChildOutcome]:
     """Every child's outcome, read back from MLflow, in the order of ``children``."""
-    records: dict[str, tracking.ChildRecord] = {}
-    for record in tracking.study_children(parent):
-        if record.status == "FINISHED" and record.key:
-            records.setdefault(record.key, record)
+    records = _finished_by_key(tracking.study_children(parent))
     outcomes = []
     for child in children:
         record = records[child.key]
