@@ -123,10 +123,9 @@ def serving_benchmark(model_uri: str, tracking_uri: str, images: np.ndarray, sin
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__.splitlines()[0], default_epochs=3)
+    parser = benchmark_parser(__doc__.splitlines()[0], default_epochs=3, default_repeats=2)
     parser.add_argument("--single-requests", type=int, default=200)
     parser.add_argument("--batch-requests", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=2)
     args = parse_benchmark_args(parser, notebook_way)
     if args is None:
         return

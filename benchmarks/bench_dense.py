@@ -72,8 +72,7 @@ def notebook_way(args) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__.splitlines()[0], default_epochs=5)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser = benchmark_parser(__doc__.splitlines()[0], default_epochs=5, default_repeats=1)
     parser.add_argument("--batch-size", type=int, default=100)
     args = parse_benchmark_args(parser, notebook_way)
     if args is None:

@@ -18,10 +18,11 @@ WORK_DIR = PROJECT_DIR / "benchmarks" / "work"
 NOTEBOOK_MARKER = "NOTEBOOK_TIMES "
 
 
-def benchmark_parser(description: str, default_epochs: int) -> argparse.ArgumentParser:
-    """Flags every training benchmark has: ``--epochs`` and the hidden ``--notebook-only``."""
+def benchmark_parser(description: str, default_epochs: int, default_repeats: int) -> argparse.ArgumentParser:
+    """Flags every training benchmark has: ``--epochs``, ``--repeats`` and the hidden ``--notebook-only``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--epochs", type=int, default=default_epochs, help="at least 2; epoch 1 is warm-up")
+    parser.add_argument("--repeats", type=int, default=default_repeats, help="runs of each variant, alternating")
     parser.add_argument("--notebook-only", action="store_true", help=argparse.SUPPRESS)
     return parser
 
