@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mnist_mlflow import data, evaluation, models, plots, tracking, training
 from mnist_mlflow.config import CnnRunConfig, DataConfig, DenseRunConfig, TrainingConfig
@@ -71,10 +71,11 @@ def _child_settings(child: ChildOptions | None, run_name: str, tags: dict[str, s
     }
 
 
-def run_dense(config: DenseRunConfig, child: ChildOptions | None = None) -> RunResult:
+def run_dense(config: DenseRunConfig, child: ChildOptions | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
     """Trains the dense network ``config`` describes and records everything in MLflow.
 
-    With ``child``, the run is one child run of a study.
+    With ``child``, the run is one child run of a study. ``callbacks`` are extra Keras
+    callbacks for the fit (say, a search's pruning callback).
     """
     return run_classifier(
         build_model=lambda: models.build_dense_model(
@@ -86,6 +87,7 @@ def run_dense(config: DenseRunConfig, child: ChildOptions | None = None) -> RunR
         ),
         training_config=config.training,
         data_config=config.data,
+        callbacks=callbacks,
         **_child_settings(child, dense_run_name(config), {"entry_point": "dense", "model_family": "dense"}, config.as_params()),
     )
 
@@ -135,12 +137,13 @@ def run_classifier(
     register_as: str | None = None,
     parent_run_id: str | None = None,
     description: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> RunResult:
     """Loads data, builds, trains and evaluates a classifier inside one MLflow run.
 
     With ``register_as``, the selected model becomes a new version of that registered model.
     With ``parent_run_id``, the run is a child of that (study) run; ``description`` is shown
-    with the run in the MLflow UI.
+    with the run in the MLflow UI. ``callbacks`` are extra Keras callbacks for the fit.
     """
     tracking_uri = tracking.check_tracking_server()
     splits = data.load_splits(data_config)
@@ -154,8 +157,8 @@ def run_classifier(
     keras.utils.set_random_seed(training_config.seed)
     model = build_model()
     steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
-    # XLA for every model: the convolutional ones are built from matrix products for it.
-    jit_compile = True
+    # XLA for every model without dropout (see models.use_xla for the measurements).
+    jit_compile = models.use_xla(model)
     total_steps = training_config.epochs * training.steps_per_epoch(len(splits.train_labels), training_config.batch_size)
     optimizer = models.make_optimizer(
         training_config.optimizer, training_config.learning_rate, training_config.lr_schedule, total_steps
@@ -185,7 +188,7 @@ def run_classifier(
         tracking.log_text(models.summary_text(model), "model_summary.txt")
 
         result = training.train_and_evaluate(
-            model, splits, training_config.batch_size, training_config.epochs, training_config.seed
+            model, splits, training_config.batch_size, training_config.epochs, training_config.seed, callbacks=callbacks
         )
         tracking.log_metrics(result.metrics())
         log_evaluation(result, splits)

@@ -183,6 +183,17 @@ def prepare_for_inference(model: keras.Model) -> keras.Model:
     return compile_model(model, model.optimizer, steps_per_execution=1, jit_compile=False)
 
 
+def use_xla(model: keras.Model) -> bool:
+    """Whether to compile ``model`` with XLA: yes, unless it has dropout.
+
+    On this CPU, XLA makes the dense networks a little faster and the convolutional ones much
+    faster (with ReshapeMaxPooling2D), but its dropout is about seven times slower: one epoch
+    of 784-256-10 at batch 32 took 20.6 s with dropout under XLA, 2.7 s without XLA, and
+    2.7 s with XLA but no dropout (measured side by side, full MNIST).
+    """
+    return not any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
+
+
 def count_trainable_parameters(model: keras.Model) -> int:
     return int(sum(int(keras.ops.size(weight)) for weight in model.trainable_weights))
 

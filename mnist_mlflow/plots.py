@@ -156,5 +156,92 @@ def error_bar_figure(
     return figure
 
 
+def heatmap_figure(
+    row_name: str, row_values: list, column_name: str, column_values: list, matrix: np.ndarray,
+    title: str = "Validation accuracy over the grid",
+):
+    """Validation accuracy (%) per grid cell, annotated; empty cells (not finished) are left blank."""
+    figure, axes = plt.subplots(figsize=(1.2 * len(column_values) + 3, 0.8 * len(row_values) + 2.5))
+    percent = np.asarray(matrix, dtype=float) * 100
+    image = axes.imshow(np.ma.masked_invalid(percent), cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=axes, label="Validation accuracy (%)")
+    axes.set_xticks(np.arange(len(column_values)), labels=[str(value) for value in column_values])
+    axes.set_yticks(np.arange(len(row_values)), labels=[str(value) for value in row_values])
+    axes.set_xlabel(column_name)
+    axes.set_ylabel(row_name)
+    finite = percent[np.isfinite(percent)]
+    threshold = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for row in range(percent.shape[0]):
+        for column in range(percent.shape[1]):
+            value = percent[row, column]
+            if np.isfinite(value):
+                axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=9,
+                          color="black" if value > threshold else "white")
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def best_so_far_figure(
+    trial_numbers: list[int], values: list[float], pruned: list[bool], title: str = "Best validation accuracy so far",
+):
+    """Every trial's validation accuracy (pruned ones hollow) and the best so far, by trial number."""
+    figure, axes = plt.subplots(figsize=(9, 5))
+    order = np.argsort(trial_numbers)
+    numbers = np.asarray(trial_numbers)[order]
+    percent = np.asarray(values, dtype=float)[order] * 100
+    pruned_mask = np.asarray(pruned, dtype=bool)[order]
+    complete = ~pruned_mask
+    axes.scatter(numbers[complete], percent[complete], color="tab:blue", s=25, label="finished trial")
+    if pruned_mask.any():
+        axes.scatter(numbers[pruned_mask], percent[pruned_mask], facecolors="none", edgecolors="tab:gray", s=25,
+                     label="pruned trial (accuracy when stopped)")
+    best = np.maximum.accumulate(np.where(complete, percent, -np.inf)) if complete.any() else np.array([])
+    if best.size:
+        shown = np.isfinite(best)
+        axes.step(numbers[shown], best[shown], where="post", color="tab:orange", linewidth=2, label="best finished so far")
+    if percent.size:
+        axes.set_ylim(max(percent.min() - 1, np.percentile(percent, 10) - 5), 100.5 if percent.max() > 99.5 else percent.max() + 0.5)
+    axes.set_xlabel("Trial number")
+    axes.set_ylabel("Validation accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def best_of_n_figure(ns: list[int], expected: list[float], low: list[float], high: list[float], pool_size: int,
+                     reference: dict[int, float] | None = None, title: str = "Expected best of N random trials"):
+    """The exact expected best validation accuracy of N trials, with its 10-90% band and any reference points."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    axes.fill_between(ns, np.asarray(low) * 100, np.asarray(high) * 100, color="tab:blue", alpha=0.2,
+                      label="10th-90th percentile of the best")
+    axes.plot(ns, np.asarray(expected) * 100, "o-", color="tab:blue", label=f"expected best (exact, pool of {pool_size})")
+    if reference:
+        axes.plot(list(reference), [value * 100 for value in reference.values()], "s--", color="tab:red",
+                  label="reference (3 re-runs per N)")
+    axes.set_xscale("log")
+    axes.set_xticks(ns, labels=[str(n) for n in ns])
+    axes.set_xlabel("N, trials drawn without replacement (log scale)")
+    axes.set_ylabel("Validation accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def parameter_importance_figure(study):
+    """Optuna's own parameter-importance plot (fANOVA) of a study with at least two finished trials."""
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    axes = plot_param_importances(study)
+    figure = axes.figure
+    figure.set_size_inches(8, 5)
+    figure.tight_layout()
+    return figure
+
+
 def close(figure) -> None:
     plt.close(figure)

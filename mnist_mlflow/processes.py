@@ -98,3 +98,80 @@ def tracking_server(root: Path, port: int | None = None, workers: int = 2) -> Se
         "--workers", str(workers),
     ]
     return ServerProcess(command, port, root, "/health")
+
+
+def postgres_bin_dir() -> Path:
+    """The folder of PostgreSQL's server programs (initdb, postgres, pg_ctl)."""
+    import glob
+    import shutil
+
+    # Debian and Ubuntu keep them out of PATH, in /usr/lib/postgresql/<version>/bin.
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda path: int(Path(path).parts[4]))
+    found = shutil.which("pg_ctl")
+    if candidates:
+        return Path(candidates[-1]).parent
+    if found and (Path(found).parent / "initdb").exists():
+        return Path(found).parent
+    raise RuntimeError("PostgreSQL's initdb and pg_ctl were not found; install the distribution's postgresql package")
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL server on 127.0.0.1 in a temporary folder, with trust authentication.
+
+    PostgreSQL refuses to run as root; as root, the server runs as the ``postgres`` user the
+    distribution's package creates, in a folder that user owns.
+    """
+
+    def __init__(self, port: int | None = None, user: str = "search", database: str = "optuna"):
+        import tempfile
+
+        self.port = port or free_port()
+        self.user = user
+        self.database = database
+        self.root = Path(tempfile.mkdtemp(prefix="mnist-mlflow-postgres-"))
+        self.data_dir = self.root / "data"
+        self.bin_dir = postgres_bin_dir()
+        self.run_as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+            import shutil
+
+            owner = pwd.getpwnam("postgres")
+            shutil.chown(self.root, owner.pw_uid, owner.pw_gid)
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        self.url = f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *command: str) -> None:
+        result = subprocess.run([*self.run_as, *command], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed:\n{result.stdout}\n{result.stderr}")
+
+    def start(self, timeout_s: float = 60.0) -> "PostgresServer":
+        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, "-A", "trust", "-E", "UTF8", "--no-locale")
+        self._run(
+            str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.root / "server.log"), "-w", "-t", str(int(timeout_s)),
+            "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200",
+            "start",
+        )
+        self._run(str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database)
+        return self
+
+    def stop(self) -> None:
+        import shutil
+
+        if (self.data_dir / "postmaster.pid").exists():
+            subprocess.run(
+                [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+                capture_output=True, timeout=60,
+            )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "PostgresServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

@@ -9,6 +9,7 @@ tables and models.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -139,45 +140,34 @@ def _find_study_parent(client: MlflowClient, experiment_id: str, study_id: str):
     return runs[0] if runs else None
 
 
-def open_study_parent(
-    kind: str,
-    study_id: str,
-    run_name: str,
-    params: Mapping[str, Any],
-    fingerprint: str,
-    description: str,
-) -> StudyParent:
-    """Creates the parent run of study ``study_id``, or reopens it if it exists.
-
-    Under ``mlflow run`` the launcher's run becomes the parent. If a parent with this study
-    id exists already, the study is resumed there and the launcher's run (if any) only
-    records which run it resumed. A study id started with other settings is refused, before
-    anything is trained, because its finished children would not be comparable.
-    """
-    client = MlflowClient()
+def _launcher_run() -> tuple[str | None, str]:
+    """The run ``mlflow run`` started for this process (if any) and the experiment to use."""
     # The launcher's run id must not be picked up again by the children's start_run.
     launcher_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     experiment_id = (
-        client.get_run(launcher_run_id).info.experiment_id if launcher_run_id else _current_experiment_id()
+        MlflowClient().get_run(launcher_run_id).info.experiment_id if launcher_run_id else _current_experiment_id()
     )
-    existing = _find_study_parent(client, experiment_id, study_id)
-    if existing is not None and existing.info.run_id != launcher_run_id:
-        found = existing.data.tags.get(STUDY_FINGERPRINT_TAG)
-        if found != fingerprint or existing.data.tags.get(STUDY_KIND_TAG) != kind:
-            raise UserInputError(
-                f"sweep_id={study_id!r} belongs to run {existing.info.run_id}, a {existing.data.tags.get(STUDY_KIND_TAG)} "
-                "study started with other settings; rerun with exactly its parameters to resume it, or pick a new sweep_id"
-            )
-        if launcher_run_id:
-            client.set_tag(launcher_run_id, "resumed_study_run_id", existing.info.run_id)
-            client.set_tag(
-                launcher_run_id,
-                "mlflow.note.content",
-                f"This launch resumed {kind} study {study_id}; its runs and summary are in run {existing.info.run_id}.",
-            )
-        client.update_run(existing.info.run_id, status="RUNNING")
-        return StudyParent(existing.info.run_id, experiment_id, True, launcher_run_id)
+    return launcher_run_id, experiment_id
 
+
+def _attach_to_parent(client: MlflowClient, parent_run_id: str, experiment_id: str, launcher_run_id: str | None, kind: str, study_id: str) -> StudyParent:
+    """Reopens an existing parent; the launcher's run (if any) records which run it worked for."""
+    if launcher_run_id and launcher_run_id != parent_run_id:
+        client.set_tag(launcher_run_id, "resumed_study_run_id", parent_run_id)
+        client.set_tag(
+            launcher_run_id,
+            "mlflow.note.content",
+            f"This launch worked on {kind} study {study_id}; its runs and summary are in run {parent_run_id}.",
+        )
+    client.update_run(parent_run_id, status="RUNNING")
+    return StudyParent(parent_run_id, experiment_id, True, launcher_run_id)
+
+
+def _create_parent(
+    client: MlflowClient, experiment_id: str, launcher_run_id: str | None, kind: str, study_id: str, run_name: str,
+    params: Mapping[str, Any], fingerprint: str, description: str,
+) -> StudyParent:
+    """Makes the launcher's run (or a new run) the parent of a study: tags, note and parameters."""
     if launcher_run_id:
         run_id = launcher_run_id
         client.set_tag(run_id, "mlflow.runName", run_name)
@@ -197,16 +187,109 @@ def open_study_parent(
     if missing:
         from mlflow.entities import Param
 
-        client.log_batch(run_id, params=[Param(name, str(value)) for name, value in missing.items()])
+        client.log_batch(run_id, params=[Param(name, str(value)[:6000]) for name, value in missing.items()])
     return StudyParent(run_id, experiment_id, False, launcher_run_id)
+
+
+def open_study_parent(
+    kind: str,
+    study_id: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    fingerprint: str,
+    description: str,
+) -> StudyParent:
+    """Creates the parent run of study ``study_id``, or reopens it if it exists.
+
+    Under ``mlflow run`` the launcher's run becomes the parent. If a parent with this study
+    id exists already, the study is resumed there and the launcher's run (if any) only
+    records which run it resumed. A study id started with other settings is refused, before
+    anything is trained, because its finished children would not be comparable.
+    """
+    client = MlflowClient()
+    launcher_run_id, experiment_id = _launcher_run()
+    existing = _find_study_parent(client, experiment_id, study_id)
+    if existing is not None and existing.info.run_id != launcher_run_id:
+        found = existing.data.tags.get(STUDY_FINGERPRINT_TAG)
+        if found != fingerprint or existing.data.tags.get(STUDY_KIND_TAG) != kind:
+            raise UserInputError(
+                f"sweep_id={study_id!r} belongs to run {existing.info.run_id}, a {existing.data.tags.get(STUDY_KIND_TAG)} "
+                "study started with other settings; rerun with exactly its parameters to resume it, or pick a new sweep_id"
+            )
+        return _attach_to_parent(client, existing.info.run_id, experiment_id, launcher_run_id, kind, study_id)
+    return _create_parent(client, experiment_id, launcher_run_id, kind, study_id, run_name, params, fingerprint, description)
+
+
+SEARCH_KIND = "search"
+
+
+def current_tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def create_search_parent(
+    study_name: str, run_name: str, params: Mapping[str, Any], fingerprint: str, description: str, space: Mapping[str, Any]
+) -> StudyParent:
+    """The parent run of a new search (the launcher's run under ``mlflow run``), with its space as an artifact."""
+    client = MlflowClient()
+    launcher_run_id, experiment_id = _launcher_run()
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    parent = _create_parent(client, experiment_id, launcher_run_id, SEARCH_KIND, study_name, run_name, params, digest, description)
+    client.log_text(parent.run_id, json.dumps(space, indent=2), "search/space.json")
+    return parent
+
+
+def open_search_parent(study_name: str, parent_run_id: str) -> StudyParent:
+    """Reopens the parent run a search study recorded; the launcher's run (if any) points to it."""
+    client = MlflowClient()
+    try:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+    except mlflow.exceptions.MlflowException:
+        raise UserInputError(
+            f"study_name={study_name!r} records parent run {parent_run_id}, which {mlflow.get_tracking_uri()} does not have; "
+            "point MLFLOW_TRACKING_URI at the server the study started with, or choose another study_name"
+        ) from None
+    launcher_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    return _attach_to_parent(client, parent_run_id, experiment_id, launcher_run_id, SEARCH_KIND, study_name)
+
+
+def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    client = MlflowClient()
+    for name, value in tags.items():
+        client.set_tag(run_id, name, value)
+
+
+def close_orphan_children(parent: StudyParent, running_keys: set[str]) -> None:
+    """Marks KILLED every child left RUNNING whose key is not among those really running."""
+    for record in study_children(parent):
+        if record.status == "RUNNING" and record.key not in running_keys:
+            mark_run_killed(record.run_id, "its process ended before the run did")
+
+
+def register_once(model_uri: str, name: str, run_id: str, val_accuracy: float, test_accuracy: float) -> str:
+    """Registers ``model_uri`` under ``name`` unless a version from ``run_id`` exists; returns the version."""
+    client = MlflowClient()
+    try:
+        for version in client.search_model_versions(f"name='{name}'"):
+            if version.tags.get("run_id") == run_id:
+                return str(version.version)
+    except mlflow.exceptions.MlflowException:
+        pass
+    return register_model_version(model_uri, name, run_id, val_accuracy, test_accuracy)
 
 
 def study_children(parent: StudyParent) -> list[ChildRecord]:
     """The study's existing child runs, oldest first."""
+    return study_children_of(parent.run_id, parent.experiment_id)
+
+
+def study_children_of(parent_run_id: str, experiment_id: str | None = None) -> list[ChildRecord]:
+    """The child runs of ``parent_run_id``, oldest first."""
     client = MlflowClient()
+    experiment_id = experiment_id or client.get_run(parent_run_id).info.experiment_id
     runs = client.search_runs(
-        [parent.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
         order_by=["attributes.start_time ASC"],
     )
     return [
@@ -228,10 +311,14 @@ def mark_run_killed(run_id: str, reason: str) -> None:
     client.set_terminated(run_id, status="KILLED")
 
 
-def close_study_parent(parent: StudyParent, status: str) -> None:
-    """Ends the parent run (FINISHED, FAILED or KILLED) and the launcher's run if it is another one."""
+def close_study_parent(parent: StudyParent, status: str, parent_too: bool = True) -> None:
+    """Ends the parent run (FINISHED, FAILED or KILLED) and the launcher's run if it is another one.
+
+    ``parent_too=False`` ends only the launcher's run: another worker still uses the parent.
+    """
     client = MlflowClient()
-    client.set_terminated(parent.run_id, status=status)
+    if parent_too:
+        client.set_terminated(parent.run_id, status=status)
     if parent.launcher_run_id and parent.launcher_run_id != parent.run_id:
         client.set_terminated(parent.launcher_run_id, status=status)
 

@@ -1,0 +1,685 @@
+"""Hyperparameter search with Optuna: one parent MLflow run, one child run per trial, many workers.
+
+Optuna samples (grid, random or TPE), prunes (median rule on each epoch's validation accuracy)
+and stores the study (sqlite, or PostgreSQL for many machines). This module adds what a search
+needs on top of that to lose no work and to be read in the MLflow UI:
+
+- The study's parent run is created once, by the worker that creates the Optuna study, and
+  its id is stored in the study (``user_attrs``), so every worker and every resumed session
+  puts its trials under the same parent. Each trial is a complete ``dense`` run, started with
+  that parent passed explicitly.
+- Optuna's heartbeat finds trials whose worker died. Such a trial is failed in Optuna, its
+  child run is marked KILLED, and its parameters are queued again (RetryHeartbeatStaleTrialCallback).
+  A trial cut off by Ctrl-C is failed by Optuna and its run ends FAILED; the next session
+  queues it again. Grid points and trials already finished are never trained again.
+- ``n_trials`` caps the total over all workers. Trial numbers are handed out by the storage
+  in one order for all workers, so a trial that finds the cap reached (or, for a grid or a
+  retried trial, its parameters already finished or running in a lower-numbered trial) is
+  recorded as surplus without training.
+- Each worker waits until no trial of the study is running anywhere before it returns, then
+  logs the summary on the parent: a table of all trials, the best trial (by validation
+  accuracy; its test accuracy reported), a heat map (grid) or best-so-far and
+  parameter-importance plots (random, TPE), and the exact best-of-N analysis. The best
+  trial's model is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from mnist_mlflow import best_of_n, data, experiments, plots, summaries, tracking
+from mnist_mlflow.config import (
+    DataConfig,
+    DenseModelConfig,
+    DenseRunConfig,
+    SearchConfig,
+    TrainingConfig,
+    UserInputError,
+)
+from mnist_mlflow.search_spaces import SearchSpace
+
+# Optuna's heartbeat: a running trial writes one every HEARTBEAT_INTERVAL_S seconds, and one
+# silent for GRACE_PERIOD_S seconds is taken for dead.
+HEARTBEAT_INTERVAL_S = 5
+GRACE_PERIOD_S = 20
+# A trial whose worker died is queued again at most this many times.
+MAX_RETRIES = 2
+# Median pruning: judge no trial before 5 have finished, and none before its third epoch.
+PRUNER_STARTUP_TRIALS = 5
+PRUNER_WARMUP_EPOCHS = 2
+BEST_OF_N = (1, 5, 10, 20, 50, 100)
+# EXPERIMENTS.md section 4: the reference's expected best accuracy, from re-running the search.
+REFERENCE_BEST_OF_N = {10: 0.975, 20: 0.980, 50: 0.982, 100: 0.981}
+
+# Heartbeats, stale-trial detection and retries are "experimental" in Optuna; say so once, here.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+PARENT_ATTR = "mlflow_parent_run_id"
+SETTINGS_ATTR = "settings"
+TRACKING_ATTR = "mlflow_tracking_uri"
+SURPLUS_ATTR = "surplus"
+# How long a worker that found the study waits for its creator to record the parent run.
+PARENT_WAIT_S = 60
+
+
+class StorageUnavailableError(UserInputError):
+    """The Optuna storage cannot be opened."""
+
+
+class SurplusTrial(Exception):
+    """A trial that must not train: the cap is reached, or its parameters are taken already."""
+
+
+@dataclass
+class SearchResult:
+    """What a worker returns: the study, its parent run, the best trial, and this worker's share."""
+
+    study_name: str
+    parent_run_id: str
+    table: pd.DataFrame
+    best_trial: int | None
+    best_val_accuracy: float | None
+    best_test_accuracy: float | None
+    best_params: dict[str, Any]
+    trained_here: int
+    registered_version: str | None
+
+
+def masked_url(url: str) -> str:
+    """The storage URL with any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def open_storage(url: str):
+    """Opens the Optuna storage with heartbeats on; fails within seconds, naming the URL, if it cannot."""
+    import sqlalchemy.exc
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith(("postgresql", "mysql")):
+        engine_kwargs = {"connect_args": {"connect_timeout": 5}}
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=GRACE_PERIOD_S,
+            heartbeat_stale_trial_callback=_on_stale_trial,
+        )
+    except ModuleNotFoundError as error:
+        raise StorageUnavailableError(
+            f"storage={masked_url(url)!r} needs the Python module {error.name!r}; install it "
+            "(the project declares psycopg2-binary for PostgreSQL)"
+        ) from None
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise StorageUnavailableError(f"storage={masked_url(url)!r} cannot be opened: {reason}") from None
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int):
+    """Optuna's grid, random or TPE sampler. Random and TPE draw trial k from a generator seeded
+    with (seed, k), so a trial's parameters do not depend on which worker runs it or when."""
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    if name == "random":
+        return TrialSeededRandomSampler(seed)
+    return TrialSeededTPESampler(seed)
+
+
+def _trial_seed(seed: int, trial_number: int) -> int:
+    return int(np.random.SeedSequence([seed, trial_number]).generate_state(1)[0])
+
+
+class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
+    """Optuna's random sampler, reseeded before each trial from (seed, trial number)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed=seed)
+        self.base_seed = seed
+
+    def before_trial(self, study, trial) -> None:
+        super().before_trial(study, trial)
+        self._rng.rng.seed(_trial_seed(self.base_seed, trial.number))
+
+
+class TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """Optuna's TPE sampler, reseeded before each trial from (seed, trial number)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed=seed, n_startup_trials=10)
+        self.base_seed = seed
+
+    def before_trial(self, study, trial) -> None:
+        super().before_trial(study, trial)
+        self._rng.rng.seed(_trial_seed(self.base_seed, trial.number))
+        self._random_sampler._rng.rng.seed(_trial_seed(self.base_seed, trial.number))
+
+
+def make_pruner(name: str):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
+    return optuna.pruners.NopPruner()
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """Reports each epoch's validation accuracy to the Optuna trial and stops training when the pruner says so.
+
+    A pruned trial is not an error: its run still evaluates and logs the best epoch it reached.
+    """
+
+    def __init__(self, trial, prune: bool) -> None:
+        super().__init__()
+        self.trial = trial
+        self.prune = prune
+        self.pruned_at_epoch: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_accuracy")
+        if value is None:
+            return
+        self.trial.report(float(value), epoch)
+        if self.prune and self.trial.should_prune():
+            self.pruned_at_epoch = epoch
+            self.model.stop_training = True
+
+
+def trial_config(values: dict[str, Any], config: SearchConfig) -> DenseRunConfig:
+    """The ``dense`` run of one trial: Dense(units, activation) -> Dropout -> Dense(10), Adam."""
+    return DenseRunConfig(
+        model=DenseModelConfig(
+            hidden_units=(int(values["units"]),),
+            activations=(str(values["activation"]),),
+            dropout_rate=float(values["dropout"]),
+        ),
+        training=TrainingConfig(
+            optimizer="adam",
+            learning_rate=float(values["learning_rate"]),
+            batch_size=int(values["batch_size"]),
+            epochs=config.epochs,
+            seed=config.seed,
+        ),
+        data=DataConfig(seed=config.seed, max_train_examples=config.max_train_examples),
+    )
+
+
+def _settings(config: SearchConfig, space: SearchSpace) -> dict[str, Any]:
+    """What must be equal for two workers (or sessions) to share a study."""
+    return {
+        "space": space.describe(),
+        "sampler": config.resolved_sampler(),
+        "epochs": config.epochs,
+        "pruner": config.pruner,
+        "max_train_examples": config.max_train_examples,
+        "seed": config.seed,
+    }
+
+
+def _study_description(config: SearchConfig, space: SearchSpace) -> str:
+    varied = "; ".join(
+        f"{name} in {list(choices)}" if isinstance(choices, tuple) else f"{name} in [{choices.low:g}, {choices.high:g}]"
+        + (" (log)" if not isinstance(choices, tuple) and choices.log else "")
+        for name, choices in space.parameters.items()
+    )
+    fixed = ", ".join(f"{name}={value}" for name, value in space.all_fixed().items())
+    return (
+        f"Hyperparameter search {config.resolved_study_name()} ({config.resolved_sampler()} sampler, "
+        f"{config.pruner} pruner, at most {config.resolved_n_trials()} trials over all workers). "
+        f"Model: Dense(units, activation) -> Dropout -> Dense(10, softmax), Adam, {config.epochs} epochs, "
+        f"best epoch by validation accuracy. Varies: {varied}. Repeats: nothing (one run per trial). "
+        f"Holds fixed: {fixed}, seed={config.seed} (split and initial weights), "
+        f"max_train_examples={config.max_train_examples or 'all'}. Each child run is one trial."
+    )
+
+
+def _open_study(config: SearchConfig, space: SearchSpace, storage):
+    """Creates the study and its parent run, or joins them; refuses a study started with other settings."""
+
+    study_name = config.resolved_study_name()
+    sampler = make_sampler(config.resolved_sampler(), space, config.seed)
+    pruner = make_pruner(config.pruner)
+    settings = _settings(config, space)
+    tracking_uri = tracking.current_tracking_uri()
+    run_params = {
+        **config.as_params(),
+        "sampler": config.resolved_sampler(),
+        "n_trials": config.resolved_n_trials(),
+        "study_name": study_name,
+        "storage": masked_url(config.resolved_storage()),
+        "space": space.name,
+        "space_source": space.source,
+    }
+    fingerprint = json.dumps(settings, sort_keys=True)
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, direction="maximize", sampler=sampler, pruner=pruner
+        )
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+        created = False
+
+    if not created:
+        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            raise UserInputError(f"study_name={study_name!r} is an Optuna study that minimises; it is not one of this project's searches")
+        attrs = _wait_for_attrs(study)
+        existing = attrs.get(SETTINGS_ATTR)
+        if existing is not None and existing != settings:
+            differing = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
+            raise UserInputError(
+                f"study_name={study_name!r} was started with other settings ({', '.join(differing)} differ: "
+                f"{ {key: existing.get(key) for key in differing} }); rerun with its settings or choose another study_name"
+            )
+        if attrs.get(TRACKING_ATTR) and attrs[TRACKING_ATTR] != tracking_uri:
+            raise UserInputError(
+                f"study_name={study_name!r} records its runs at {attrs[TRACKING_ATTR]}, but this worker's "
+                f"tracking URI is {tracking_uri}; point MLFLOW_TRACKING_URI at the study's server"
+            )
+        if PARENT_ATTR in attrs:
+            parent = tracking.open_search_parent(study_name, attrs[PARENT_ATTR])
+            return study, parent
+        print(f"Study {study_name} has no parent run recorded after {PARENT_WAIT_S} s; creating one", flush=True)
+
+    study.set_user_attr(SETTINGS_ATTR, settings)
+    study.set_user_attr(TRACKING_ATTR, tracking_uri)
+    parent = tracking.create_search_parent(
+        study_name, study_name, run_params, fingerprint, _study_description(config, space), space.describe()
+    )
+    study.set_user_attr(PARENT_ATTR, parent.run_id)
+    return study, parent
+
+
+def _wait_for_attrs(study) -> dict[str, Any]:
+    """The study's user attributes once its creator has recorded the parent run (or after a timeout)."""
+    deadline = time.monotonic() + PARENT_WAIT_S
+    while True:
+        attrs = dict(study.user_attrs)
+        if PARENT_ATTR in attrs or time.monotonic() > deadline:
+            return attrs
+        time.sleep(1)
+
+
+def _parent_run_id(study) -> str:
+    return study.user_attrs[PARENT_ATTR]
+
+
+def _on_stale_trial(study, trial) -> None:
+    """Called by Optuna when a trial's heartbeat stopped: close its run and queue it again."""
+
+    parent_run_id = study.user_attrs.get(PARENT_ATTR)
+    if parent_run_id:
+        for record in tracking.study_children_of(parent_run_id):
+            if record.key == _trial_key(trial.number) and record.status == "RUNNING":
+                tracking.mark_run_killed(record.run_id, f"Optuna trial {trial.number} stopped sending heartbeats (its worker died)")
+                print(f"Trial {trial.number}: its worker stopped sending heartbeats; run {record.run_id} marked KILLED", flush=True)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
+
+
+def _system_attrs(trial) -> dict[str, Any]:
+    """A live trial's system attributes (grid point, retry of which trial), read from the storage."""
+    return trial.study._storage.get_trial_system_attrs(trial._trial_id)
+
+
+def _trial_key(number: int) -> str:
+    return f"trial={number}"
+
+
+def _is_surplus(trial) -> bool:
+    return bool(trial.user_attrs.get(SURPLUS_ATTR))
+
+
+def _budget_states():
+    return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def _check_not_surplus(study, trial, values: dict[str, Any], n_trials: int, space: SearchSpace, sampler: str) -> None:
+    """Raises SurplusTrial when the cap is reached by lower-numbered trials, or when a grid point or
+    a retried trial's parameters already finished or run in a lower-numbered trial."""
+    others = [
+        other for other in study.get_trials(deepcopy=False)
+        if other.number != trial.number and not _is_surplus(other)
+    ]
+    earlier_in_budget = [other for other in others if other.number < trial.number and other.state in _budget_states()]
+    if len(earlier_in_budget) >= n_trials:
+        raise SurplusTrial(f"the cap of n_trials={n_trials} is reached by lower-numbered trials")
+    retried = "failed_trial" in _system_attrs(trial)
+    if sampler == "grid" or retried:
+        varied = {name: values[name] for name in space.parameters}
+        for other in others:
+            taken = other.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+                other.state == TrialState.RUNNING and other.number < trial.number
+            )
+            if taken and other.params == varied:
+                raise SurplusTrial(f"its parameters are those of trial {other.number} ({other.state.name})")
+
+
+def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_trials: int, counter: list[int]):
+    study_name = config.resolved_study_name()
+    sampler = config.resolved_sampler()
+    worker = f"{platform.node()}:{os.getpid()}"
+
+    def objective(trial) -> float:
+        values = space.suggest(trial)
+        try:
+            _check_not_surplus(trial.study, trial, values, n_trials, space, sampler)
+        except SurplusTrial as reason:
+            trial.set_user_attr(SURPLUS_ATTR, str(reason))
+            trial.study.stop()
+            raise
+        run_config = trial_config(values, config)
+        varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
+        retry_of = _system_attrs(trial).get("failed_trial")
+        note = f" (retry of trial {retry_of})" if retry_of is not None else ""
+        print(f"Trial {trial.number}{note}: training {varied}", flush=True)
+        trial.set_user_attr("worker", worker)
+        reporter = EpochReporter(trial, prune=config.pruner != "none")
+        child = experiments.ChildOptions(
+            parent_run_id=parent_run_id,
+            run_name=f"trial-{trial.number:03d}-{experiments.dense_run_name(run_config)}",
+            tags={
+                "entry_point": "search",
+                tracking.STUDY_ID_TAG: study_name,
+                tracking.STUDY_ROLE_TAG: "child",
+                tracking.CHILD_KEY_TAG: _trial_key(trial.number),
+                "optuna_study": study_name,
+                "optuna_trial_number": str(trial.number),
+                "worker_host": platform.node(),
+                "worker": worker,
+                **({"retry_of_trial": str(retry_of)} if retry_of is not None else {}),
+            },
+            params={"trial_number": trial.number, "sampler": sampler, "pruner": config.pruner, "search_space": space.name},
+            description=f"Trial {trial.number} of search {study_name}{note}: {varied}.",
+        )
+        result = experiments.run_dense(run_config, child, callbacks=[reporter])
+        counter[0] += 1
+        metrics = result.metrics
+        epochs_trained = len(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
+        for name, value in {
+            "mlflow_run_id": result.run_id,
+            "model_uri": result.model_uri,
+            "best_val_accuracy": metrics["best_val_accuracy"],
+            "test_accuracy": metrics["test_accuracy"],
+            "best_epoch": int(metrics["best_epoch"]),
+            "epochs_trained": epochs_trained,
+            "train_time_s": metrics["train_time_s"],
+        }.items():
+            trial.set_user_attr(name, value)
+        state_tags = {"optuna_trial_state": "PRUNED" if reporter.pruned_at_epoch is not None else "COMPLETE"}
+        if reporter.pruned_at_epoch is not None:
+            state_tags["pruned_after_epoch"] = str(reporter.pruned_at_epoch + 1)
+        tracking.set_run_tags(result.run_id, state_tags)
+        if reporter.pruned_at_epoch is not None:
+            raise optuna.TrialPruned(f"below the median after epoch {reporter.pruned_at_epoch + 1}")
+        return metrics["best_val_accuracy"]
+
+    return objective
+
+
+def _retry_failed(study) -> None:
+    """Queues again every failed trial (cut off by Ctrl-C or a crash) that has no retry yet."""
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {trial.system_attrs.get("failed_trial") for trial in trials}
+    covered = [trial.params for trial in trials if trial.state != TrialState.FAIL]
+    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+    for trial in trials:
+        if trial.state != TrialState.FAIL or _is_surplus(trial) or trial.number in retried or not trial.params:
+            continue
+        if trial.params in covered:
+            continue
+        print(f"Trial {trial.number} ({trial.params}) did not finish in an earlier session; queued again", flush=True)
+        callback(study, trial)
+        covered.append(trial.params)
+
+
+def _work_left(study, n_trials: int, grid_size: int | None) -> bool:
+    """Whether this worker should start another trial: a queued retry, or room under the cap
+    (and, for a grid, a grid point no trial has been given yet)."""
+    trials = [trial for trial in study.get_trials(deepcopy=False) if not _is_surplus(trial)]
+    if any(trial.state == TrialState.WAITING for trial in trials):
+        return True
+    used = sum(trial.state in _budget_states() for trial in trials)
+    if used >= n_trials:
+        return False
+    if grid_size is not None:
+        # The grid sampler gives trial k < grid_size grid point k; later trials only repeat points.
+        fresh = [trial for trial in study.get_trials(deepcopy=False) if "failed_trial" not in trial.system_attrs]
+        return len(fresh) < grid_size
+    return True
+
+
+def run_search(config: SearchConfig) -> SearchResult:
+    """Runs one worker of the search ``config`` describes until the study is complete; returns its summary.
+
+    Checks the tracking server, the storage and the data before any run is created.
+    """
+
+    space = config.search_space()
+    n_trials = config.resolved_n_trials()
+    sampler = config.resolved_sampler()
+    study_name = config.resolved_study_name()
+    tracking_uri = tracking.check_tracking_server()
+    storage = open_storage(config.resolved_storage())
+    data.load_splits(DataConfig(seed=config.seed, max_train_examples=config.max_train_examples))
+
+    study, parent = _open_study(config, space, storage)
+    verb = "Joined" if parent.resumed else "Started"
+    print(
+        f"{verb} search {study_name} ({sampler} sampler, {config.pruner} pruner, at most {n_trials} trials) "
+        f"in {masked_url(config.resolved_storage())}; parent run {parent.run_id} at {tracking_uri}",
+        flush=True,
+    )
+    print(f"More workers, or a resumed session, join it with the same command (study_name={study_name}).", flush=True)
+    grid_size = space.grid_size if sampler == "grid" else None
+    counter = [0]
+    objective = _objective(config, space, parent.run_id, n_trials, counter)
+
+    def stop_when_done(study, trial) -> None:
+        if not _work_left(study, n_trials, grid_size):
+            study.stop()
+
+    status = "FAILED"
+    try:
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            _retry_failed(study)
+            if _work_left(study, n_trials, grid_size):
+                study.optimize(objective, callbacks=[stop_when_done], catch=(SurplusTrial,), gc_after_trial=False)
+                continue
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not running:
+                break
+            print(
+                f"Waiting for trial(s) {', '.join(str(trial.number) for trial in running)} running elsewhere "
+                f"(a dead worker's trial is failed and queued again after {GRACE_PERIOD_S} s without heartbeat)",
+                flush=True,
+            )
+            time.sleep(HEARTBEAT_INTERVAL_S)
+        result = summarise(study, parent, config, space, counter[0])
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        others_running = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        # Another worker still at work keeps the parent RUNNING; it closes the parent itself.
+        tracking.close_study_parent(parent, status, parent_too=status == "FINISHED" or not others_running)
+    print(f"Search {study_name}: {counter[0]} trials trained by this worker; parent run {parent.run_id}", flush=True)
+    return result
+
+
+def trials_table(study, space: SearchSpace) -> pd.DataFrame:
+    """One row per trial: number, state, the varied parameters and what the trial recorded."""
+    rows = []
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda trial: trial.number):
+        attrs = trial.user_attrs
+        state = "SURPLUS" if _is_surplus(trial) else trial.state.name
+        row = {"trial": trial.number, "state": state}
+        row.update({name: trial.params.get(name) for name in space.parameters})
+        row.update(
+            {
+                "val_accuracy": attrs.get("best_val_accuracy", np.nan),
+                "test_accuracy": attrs.get("test_accuracy", np.nan),
+                "best_epoch": attrs.get("best_epoch", np.nan),
+                "epochs_trained": attrs.get("epochs_trained", len(trial.intermediate_values)),
+                "train_time_s": attrs.get("train_time_s", np.nan),
+                "worker": attrs.get("worker", ""),
+                "retry_of": trial.system_attrs.get("failed_trial", ""),
+                "run_id": attrs.get("mlflow_run_id", ""),
+                "note": attrs.get(SURPLUS_ATTR, ""),
+            }
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def grid_heatmap(table: pd.DataFrame, space: SearchSpace) -> tuple[str, list, str, list, np.ndarray] | None:
+    """Rows, columns and the validation accuracy of each cell of a two-axis grid (NaN where unfinished)."""
+    axes = [name for name, choices in space.parameters.items() if isinstance(choices, tuple) and len(choices) > 1]
+    if not space.is_grid or len(axes) != 2:
+        return None
+    row_name, column_name = axes
+    rows, columns = list(space.parameters[row_name]), list(space.parameters[column_name])
+    matrix = np.full((len(rows), len(columns)), np.nan)
+    finished = table[table["state"] == "COMPLETE"]
+    for _, trial in finished.iterrows():
+        row, column = rows.index(trial[row_name]), columns.index(trial[column_name])
+        matrix[row, column] = np.nanmax([matrix[row, column], trial["val_accuracy"]])
+    return row_name, rows, column_name, columns, matrix
+
+
+def summarise(study, parent: tracking.StudyParent, config: SearchConfig, space: SearchSpace, trained_here: int) -> SearchResult:
+    """Logs the study's summary on the parent run and registers the best trial's model."""
+    table = trials_table(study, space)
+    complete = table[table["state"] == "COMPLETE"]
+    pruned = table[table["state"] == "PRUNED"]
+    tracking.close_orphan_children(parent, running_keys={_trial_key(trial.number) for trial in study.get_trials(deepcopy=False) if trial.state.name == "RUNNING"})
+
+    metrics: dict[str, float] = {
+        "trials_complete": len(complete),
+        "trials_pruned": len(pruned),
+        "trials_failed": int((table["state"] == "FAIL").sum()) if len(table) else 0,
+        "trials_surplus": int((table["state"] == "SURPLUS").sum()) if len(table) else 0,
+        "epochs_trained": float(table["epochs_trained"].sum()) if len(table) else 0.0,
+        "train_time_s": float(np.nansum(table["train_time_s"])) if len(table) else 0.0,
+    }
+    trained = table[table["state"].isin(["COMPLETE", "PRUNED"])]
+    metrics["epochs_saved_by_pruning"] = float(len(pruned) * config.epochs - pruned["epochs_trained"].sum())
+    tags: dict[str, str] = {}
+    figures: dict[str, Any] = {}
+    tables: dict[str, pd.DataFrame] = {"search/trials.json": table}
+    texts: dict[str, str] = {"search/space.json": json.dumps(space.describe(), indent=2)}
+    best = None
+    if len(complete):
+        # The best by validation accuracy; of equals, the earliest trial.
+        best = complete.sort_values(["val_accuracy", "trial"], ascending=[False, True]).iloc[0]
+        metrics.update(
+            best_val_accuracy=float(best["val_accuracy"]),
+            best_test_accuracy=float(best["test_accuracy"]),
+            best_trial_number=float(best["trial"]),
+        )
+        best_params = {name: _plain(best[name]) for name in space.parameters}
+        tags.update(best_params=json.dumps(best_params), best_run_id=str(best["run_id"]), best_trial=str(int(best["trial"])))
+        for name, value in best_params.items():
+            tags[f"best_{name}"] = str(value)
+
+    # Best of N: every trial that trained, a pruned one with the best accuracy it reached
+    # (a lower bound of what it would have reached: pruning keeps the figures on the safe side).
+    pool = [float(value) for value in trained["val_accuracy"] if np.isfinite(value)]
+    rows = best_of_n.best_of_n_table(pool, BEST_OF_N) if pool else []
+    if rows:
+        best_of_n_frame = pd.DataFrame(
+            {
+                "N": [row.n for row in rows],
+                "expected_best": [row.expected for row in rows],
+                "standard_deviation": [row.standard_deviation for row in rows],
+                "p10": [row.low for row in rows],
+                "p90": [row.high for row in rows],
+                "pool_size": [row.pool_size for row in rows],
+                "reference": [REFERENCE_BEST_OF_N.get(row.n, np.nan) for row in rows],
+            }
+        )
+        tables["search/best_of_n.json"] = best_of_n_frame
+        texts["search/best_of_n.md"] = summaries.markdown_table(
+            best_of_n_frame, {"expected_best": ".2%", "standard_deviation": ".2%", "p10": ".2%", "p90": ".2%", "reference": ".1%"}
+        )
+        for row in rows:
+            metrics[f"expected_best_at_{row.n}"] = row.expected
+        figures["search/best_of_n.png"] = plots.best_of_n_figure(
+            [row.n for row in rows], [row.expected for row in rows], [row.low for row in rows], [row.high for row in rows],
+            len(pool), {n: value for n, value in REFERENCE_BEST_OF_N.items() if n <= len(pool)},
+        )
+
+    heatmap = grid_heatmap(table, space)
+    if heatmap is not None:
+        figures["search/heatmap_val_accuracy.png"] = plots.heatmap_figure(*heatmap)
+    if len(trained):
+        figures["search/best_so_far.png"] = plots.best_so_far_figure(
+            list(trained["trial"]), list(trained["val_accuracy"]), list(trained["state"] == "PRUNED")
+        )
+    importance_note = ""
+    if config.resolved_sampler() != "grid" or heatmap is None:
+        try:
+
+            figures["search/parameter_importance.png"] = plots.parameter_importance_figure(study)
+        except (ValueError, RuntimeError) as error:
+            importance_note = f"no parameter-importance plot: {error}"
+            print(f"Search {study.study_name}: {importance_note}", flush=True)
+    if importance_note:
+        tags["parameter_importance_note"] = importance_note
+    texts["search/trials.md"] = summaries.markdown_table(
+        table.drop(columns=["run_id", "note"]), {"val_accuracy": ".2%", "test_accuracy": ".2%", "train_time_s": ".1f"}
+    )
+    tracking.log_study_summary(
+        parent, tables=tables, texts=texts, figures=figures, metrics=metrics, tags=tags,
+        winner_run_id=str(best["run_id"]) if best is not None else None,
+    )
+    for figure in figures.values():
+        plots.close(figure)
+
+    version = None
+    if best is not None and config.register_as:
+        model_uri = study.trials[int(best["trial"])].user_attrs.get("model_uri")
+        if model_uri:
+            version = tracking.register_once(
+                model_uri, config.register_as, str(best["run_id"]), float(best["val_accuracy"]), float(best["test_accuracy"])
+            )
+            tracking.set_run_tags(parent.run_id, {"registered_model": f"{config.register_as}/{version}", "best_model_uri": model_uri})
+            print(f"Best trial {int(best['trial'])}'s model is {config.register_as} version {version}", flush=True)
+    if best is not None:
+        print(
+            f"Best trial {int(best['trial'])}: val_accuracy {best['val_accuracy']:.4f}, test_accuracy {best['test_accuracy']:.4f}, "
+            + ", ".join(f"{name}={_plain(best[name])}" for name in space.parameters),
+            flush=True,
+        )
+    return SearchResult(
+        study_name=study.study_name,
+        parent_run_id=parent.run_id,
+        table=table,
+        best_trial=int(best["trial"]) if best is not None else None,
+        best_val_accuracy=float(best["val_accuracy"]) if best is not None else None,
+        best_test_accuracy=float(best["test_accuracy"]) if best is not None else None,
+        best_params={name: _plain(best[name]) for name in space.parameters} if best is not None else {},
+        trained_here=trained_here,
+        registered_version=version,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as a plain Python number (for JSON and tags)."""
+    return value.item() if hasattr(value, "item") else value
