@@ -122,10 +122,12 @@ def open_storage(url: str):
             grace_period=GRACE_PERIOD_S,
             heartbeat_stale_trial_callback=_on_stale_trial,
         )
-    except ModuleNotFoundError as error:
+    except ImportError as error:
+        # Optuna wraps the missing driver's ModuleNotFoundError in an ImportError.
+        missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "its database driver"
         raise StorageUnavailableError(
-            f"storage={masked_url(url)!r} needs the Python module {error.name!r}; install it "
-            "(the project declares psycopg2-binary for PostgreSQL)"
+            f"storage={masked_url(url)!r} needs the Python module {missing!r}; install it "
+            "(the project declares psycopg[binary] for PostgreSQL)"
         ) from None
     except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]

@@ -266,16 +266,29 @@ def close_orphan_children(parent: StudyParent, running_keys: set[str]) -> None:
             mark_run_killed(record.run_id, "its process ended before the run did")
 
 
-def register_once(model_uri: str, name: str, run_id: str, val_accuracy: float, test_accuracy: float) -> str:
-    """Registers ``model_uri`` under ``name`` unless a version from ``run_id`` exists; returns the version."""
-    client = MlflowClient()
+def _versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[int]:
     try:
-        for version in client.search_model_versions(f"name='{name}'"):
-            if version.tags.get("run_id") == run_id:
-                return str(version.version)
+        versions = client.search_model_versions(f"name='{name}'")
     except mlflow.exceptions.MlflowException:
-        pass
-    return register_model_version(model_uri, name, run_id, val_accuracy, test_accuracy)
+        return []
+    return sorted(int(version.version) for version in versions if version.tags.get("run_id") == run_id)
+
+
+def register_once(model_uri: str, name: str, run_id: str, val_accuracy: float, test_accuracy: float) -> str:
+    """Registers ``model_uri`` under ``name`` unless a version from ``run_id`` exists; returns the version.
+
+    Two workers that finish a search at the same moment may both register; each then keeps
+    only the lowest version made from ``run_id`` and deletes its own if it is a higher one.
+    """
+    client = MlflowClient()
+    existing = _versions_of_run(client, name, run_id)
+    if existing:
+        return str(existing[0])
+    mine = int(register_model_version(model_uri, name, run_id, val_accuracy, test_accuracy))
+    lowest = _versions_of_run(client, name, run_id)[0]
+    if lowest < mine:
+        client.delete_model_version(name, str(mine))
+    return str(lowest)
 
 
 def study_children(parent: StudyParent) -> list[ChildRecord]:

@@ -56,3 +56,12 @@ def run_script(args: list[str], env: dict[str, str], timeout: float = 600, cwd: 
     return subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on a free loopback port, in a temporary folder, for the session."""
+    from mnist_mlflow.processes import PostgresServer
+
+    with PostgresServer() as server:
+        yield server

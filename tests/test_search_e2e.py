@@ -1,0 +1,248 @@
+"""The search entry point against real servers: an `mlflow server`, PostgreSQL, and real kills.
+
+Trials train one or two epochs on a few thousand examples, so accuracies are low; what is
+checked is how trials, runs and the study fit together.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import PROJECT_DIR, run_script
+from mnist_mlflow.processes import free_port, python_env
+
+pytestmark = pytest.mark.e2e
+
+SEARCH = str(PROJECT_DIR / "entrypoints" / "search.py")
+SIX_POINT_GRID = "parameters:\n  units: [16, 32, 64]\n  dropout: [0.0, 0.5]\n"
+FOUR_POINT_GRID = "parameters:\n  units: [16, 32]\n  dropout: [0.0, 0.5]\n"
+
+
+def space_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def load_study(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def children(client: MlflowClient, parent_run_id: str):
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def running_runs(client: MlflowClient) -> list[str]:
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    return [
+        f"{run.info.run_id} ({run.data.tags.get('mlflow.runName')})"
+        for run in client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'")
+    ]
+
+
+def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_uri, postgres):
+    """Two `mlflow run` workers, one PostgreSQL study of 6 grid points, one tracking server."""
+    space = space_file(tmp_path, SIX_POINT_GRID)
+    study_name = "two-workers"
+    command = [
+        sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "search", "--env-manager", "local",
+        "--experiment-name", "search-two-workers",
+        "-P", f"space={space}", "-P", f"storage={postgres.url}", "-P", f"study_name={study_name}",
+        "-P", "epochs=1", "-P", "max_train_examples=1500", "-P", "register_as=search-two-workers",
+    ]
+    env = python_env(tracking_uri)
+    workers = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-4000:]
+
+    study = load_study(postgres.url, study_name)
+    complete = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    points = {(trial.params["units"], trial.params["dropout"]) for trial in complete}
+    assert len(complete) == 6 and len(points) == 6
+    assert points == {(units, dropout) for units in (16, 32, 64) for dropout in (0.0, 0.5)}
+    assert not [trial for trial in study.trials if trial.state == optuna.trial.TrialState.RUNNING]
+
+    client = MlflowClient(tracking_uri)
+    parent_run_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_run_id)
+    assert parent.info.status == "FINISHED"
+    runs = children(client, parent_run_id)
+    assert len(runs) == 6 and {run.info.status for run in runs} == {"FINISHED"}
+    assert {run.data.tags["optuna_trial_number"] for run in runs} == {str(trial.number) for trial in complete}
+    assert {run.data.tags["optuna_study"] for run in runs} == {study_name}
+    assert all(run.data.tags["worker_host"] for run in runs)
+    # Both workers trained trials of the one study.
+    assert len({run.data.tags["worker"] for run in runs}) == 2, [run.data.tags["worker"] for run in runs]
+    assert running_runs(client) == []
+
+    # The parent's summary agrees with the children's own metrics.
+    best = max(runs, key=lambda run: (run.data.metrics["best_val_accuracy"], -int(run.data.tags["optuna_trial_number"])))
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.data.metrics["best_val_accuracy"])
+    assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
+    assert parent.data.metrics["trials_complete"] == 6
+    values = sorted(run.data.metrics["best_val_accuracy"] for run in runs)
+    assert parent.data.metrics["expected_best_at_1"] == pytest.approx(sum(values) / 6)
+    # The best of 5 of 6 misses the top value only when the one left out is it (1 case in 6).
+    assert parent.data.metrics["expected_best_at_5"] == pytest.approx((values[5] * 5 + values[4]) / 6)
+    assert "expected_best_at_10" not in parent.data.metrics
+    artifacts = {item.path for item in client.list_artifacts(parent_run_id, "search")}
+    assert {"search/trials.json", "search/heatmap_val_accuracy.png", "search/best_of_n.png", "search/best_of_n.json"} <= artifacts
+    assert best.data.tags["study_winner"] == "true"
+
+    # The best trial's model is registered exactly once, although both workers summarised.
+    versions = client.search_model_versions("name='search-two-workers'")
+    assert [version.tags["run_id"] for version in versions] == [best.info.run_id]
+
+
+def _wait_for_running_child(client: MlflowClient, storage: str, study_name: str, finished_before: int, timeout_s: float = 300):
+    """Waits until ``finished_before`` trials are FINISHED runs and another trial's run is RUNNING."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            parent_run_id = load_study(storage, study_name).user_attrs.get("mlflow_parent_run_id")
+        except KeyError:
+            parent_run_id = None
+        if parent_run_id:
+            runs = children(client, parent_run_id)
+            finished = [run for run in runs if run.info.status == "FINISHED"]
+            running = [run for run in runs if run.info.status == "RUNNING"]
+            if len(finished) >= finished_before and running:
+                return parent_run_id, finished, running[0]
+        time.sleep(0.3)
+    raise AssertionError(f"no trial was running after {finished_before} finished within {timeout_s} s")
+
+
+@pytest.mark.parametrize("how", ["kill", "interrupt"])
+def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, tracking_uri, how):
+    """SIGKILL (the heartbeat finds the dead trial) or Ctrl-C (Optuna fails it) mid-trial, then the same command again."""
+    space = space_file(tmp_path, FOUR_POINT_GRID)
+    study_name = f"resume-{how}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [
+        sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", study_name,
+        "--epochs", "3", "--max_train_examples", "3000", "--register_as", "",
+    ]
+    env = python_env(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        parent_run_id, finished, cut = _wait_for_running_child(client, storage, study_name, finished_before=1)
+        first.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
+        output = first.communicate(timeout=120)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == (-signal.SIGKILL if how == "kill" else 130), output[-3000:]
+    finished_ids = {run.info.run_id for run in client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+    )}
+    cut_trial = int(cut.data.tags["optuna_trial_number"])
+
+    again = run_script(command, env, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    if how == "kill":
+        assert "stopped sending heartbeats" in again.stdout
+
+    study = load_study(storage, study_name)
+    states = {trial.number: trial.state for trial in study.trials}
+    assert states[cut_trial] == optuna.trial.TrialState.FAIL
+    complete = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    points = [(trial.params["units"], trial.params["dropout"]) for trial in complete]
+    assert len(points) == 4 and len(set(points)) == 4, points
+    retry = [trial for trial in complete if trial.system_attrs.get("failed_trial") == cut_trial]
+    assert len(retry) == 1 and retry[0].params == study.trials[cut_trial].params
+
+    runs = children(client, parent_run_id)
+    by_status = {}
+    for run in runs:
+        by_status.setdefault(run.info.status, []).append(run)
+    assert len(by_status["FINISHED"]) == 4
+    # Runs finished before the cut are kept, not trained again.
+    assert finished_ids <= {run.info.run_id for run in by_status["FINISHED"]}
+    cut_run = client.get_run(cut.info.run_id)
+    assert cut_run.info.status == ("KILLED" if how == "kill" else "FAILED")
+    assert running_runs(client) == []
+    assert client.get_run(parent_run_id).info.status == "FINISHED"
+
+
+def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_path, tracking_uri):
+    space = space_file(
+        tmp_path,
+        "sampler: random\nparameters:\n  units: [8, 32, 128]\n  learning_rate: [0.00001, 0.001, 0.01]\n  dropout: [0.0, 0.3]\n",
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [
+        sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "random-pruned", "--n_trials", "8",
+        "--pruner", "median", "--epochs", "4", "--max_train_examples", "1000", "--register_as", "",
+    ]
+    result = run_script(command, python_env(tracking_uri), timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = load_study(storage, "random-pruned")
+    assert len(study.trials) == 8
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    runs = children(client, parent.info.run_id)
+    pruned_trials = {trial.number for trial in study.trials if trial.state == optuna.trial.TrialState.PRUNED}
+    tagged_pruned = {int(run.data.tags["optuna_trial_number"]) for run in runs if run.data.tags["optuna_trial_state"] == "PRUNED"}
+    assert tagged_pruned == pruned_trials
+    for run in runs:
+        if int(run.data.tags["optuna_trial_number"]) in pruned_trials:
+            assert int(run.data.tags["pruned_after_epoch"]) < 4
+    assert parent.data.metrics["trials_pruned"] == len(pruned_trials)
+    epochs = sum(len(trial.intermediate_values) for trial in study.trials)
+    assert parent.data.metrics["epochs_trained"] == epochs
+    assert parent.data.metrics["epochs_saved_by_pruning"] == 8 * 4 - epochs
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/best_so_far.png", "search/parameter_importance.png", "search/best_of_n.png"} <= artifacts
+    assert "search/heatmap_val_accuracy.png" not in artifacts
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--sampler", "annealing"], "sampler='annealing' is not one of: grid, random, tpe"),
+        (["--space", "SPACE_FILE"], "is not valid YAML at line"),
+        (["--storage", "postgresql://search@127.0.0.1:UNUSED_PORT/optuna"], "cannot be opened"),
+        (["--storage", "sqlite:////nonexistent-folder/optuna.db"], "cannot be opened"),
+    ],
+)
+def test_bad_input_fails_fast_and_creates_no_run(tmp_path, tracking_uri, args, expected):
+    (tmp_path / "broken.yaml").write_text("parameters:\n  units: [16, 32\n")
+    args = [arg.replace("SPACE_FILE", str(tmp_path / "broken.yaml")).replace("UNUSED_PORT", str(free_port())) for arg in args]
+    client = MlflowClient(tracking_uri)
+    before = len(client.search_runs([experiment.experiment_id for experiment in client.search_experiments()]))
+    start = time.monotonic()
+    result = run_script([sys.executable, SEARCH, *args, "--epochs", "1"], python_env(tracking_uri), timeout=120, cwd=tmp_path)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert elapsed < 60
+    after = len(client.search_runs([experiment.experiment_id for experiment in client.search_experiments()]))
+    assert after == before
+
+
+def test_unreachable_tracking_server_is_reported_before_any_training(tmp_path):
+    env = python_env(f"http://127.0.0.1:{free_port()}")
+    result = run_script([sys.executable, SEARCH, "--epochs", "1", "--storage", f"sqlite:///{tmp_path / 'o.db'}"], env, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot be reached" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
+    assert not (tmp_path / "o.db").exists()
+    assert os.listdir(tmp_path) == []

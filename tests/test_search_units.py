@@ -1,0 +1,147 @@
+"""Search spaces, search settings and the parts of a search that need no server (fast)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from mnist_mlflow.config import ConfigError, SearchConfig
+from mnist_mlflow.search_spaces import GRID_SPACE, RANDOM_SPACE, load_space
+
+
+def write(tmp_path, text: str, name: str = "space.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_built_in_spaces_are_those_of_experiments_section_4():
+    assert GRID_SPACE.grid() == {"dropout": [0.0, 0.1, 0.3, 0.5, 0.8], "units": [16, 32, 64, 128, 256]}
+    assert GRID_SPACE.grid_size == 25
+    assert GRID_SPACE.all_fixed() == {"activation": "relu", "batch_size": 32, "learning_rate": 0.001}
+    assert RANDOM_SPACE.grid()["learning_rate"] == [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert RANDOM_SPACE.grid()["activation"] == ["relu", "elu", "sigmoid", "tanh"]
+    assert RANDOM_SPACE.grid_size == 5 * 5 * 5 * 4 * 6
+
+
+def test_defaults_follow_the_space():
+    grid = SearchConfig(space="grid")
+    assert (grid.resolved_sampler(), grid.resolved_n_trials(), grid.resolved_study_name()) == ("grid", 25, "search-grid")
+    random = SearchConfig(space="random")
+    assert (random.resolved_sampler(), random.resolved_n_trials(), random.resolved_study_name()) == ("random", 50, "search-random")
+    tpe = SearchConfig(space="random", sampler="tpe")
+    assert tpe.resolved_study_name() == "search-random-tpe"
+    assert SearchConfig(space="grid", sampler="random").resolved_n_trials() == 50
+
+
+def test_yaml_space_with_choices_and_range(tmp_path):
+    path = write(
+        tmp_path,
+        "name: mine\nfixed:\n  batch_size: 64\nparameters:\n  units: [16, 32]\n"
+        "  learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n",
+    )
+    space = load_space(path)
+    assert space.name == "mine" and not space.is_grid and space.default_sampler == "tpe"
+    assert space.all_fixed() == {"dropout": 0.0, "activation": "relu", "batch_size": 64}
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    values = space.suggest(trial)
+    assert values["units"] in (16, 32) and 1e-4 <= values["learning_rate"] <= 1e-2 and values["batch_size"] == 64
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("parameters: [units", "is not valid YAML at line"),
+        ("- 1\n- 2\n", "must be a YAML mapping"),
+        ("parameters:\n  neurons: [1, 2]\n", "unknown hyperparameter 'neurons'"),
+        ("parameters:\n  dropout: [0.1, 1.2]\n", "dropout=1.2 must lie in [0, 1)"),
+        ("parameters:\n  units: []\n", "must be a non-empty list"),
+        ("parameters:\n  units: [16, 16]\n", "lists a value twice"),
+        ("parameters:\n  activation: [relu, swishy]\n", "activation='swishy' is not one of"),
+        ("parameters:\n  units: [8]\nfixed:\n  units: 8\n", "units is both varied and fixed"),
+        ("parameters:\n  units: [8]\nsampler: annealing\n", "sampler='annealing' is not one of"),
+        ("parameters:\n  units: [8]\nsteps: 3\n", "unknown key(s) steps"),
+        ("parameters:\n  learning_rate: {low: 0.1, high: 0.01}\n", "needs low < high"),
+        ("{}\n", "'parameters' must map"),
+    ],
+)
+def test_malformed_space_files_name_the_problem(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_space(path)
+    assert expected in str(error.value)
+
+
+def test_space_argument_that_is_neither_built_in_nor_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="space='grids' is neither a built-in space"):
+        load_space("grids")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_space(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"sampler": "annealing"}, "sampler='annealing' is not one of: grid, random, tpe"),
+        ({"pruner": "hyperband"}, "pruner='hyperband' is not one of: none, median"),
+        ({"n_trials": "30"}, "n_trials=30 is more than the 25 points"),
+        ({"n_trials": "-1"}, "n_trials='-1' must be at least 0"),
+        ({"epochs": "0"}, "epochs='0' must be at least 1"),
+        ({"storage": "redis://localhost/0"}, "storage='redis://localhost/0' is not an Optuna storage URL"),
+        ({"storage": "optuna.db"}, "storage='optuna.db' is not an Optuna storage URL"),
+        ({"study_name": "my study"}, "study_name='my study' may hold"),
+        ({"register_as": "a/b"}, "register_as='a/b' may hold"),
+    ],
+)
+def test_bad_search_parameters_are_refused(params, expected):
+    with pytest.raises(ConfigError) as error:
+        SearchConfig.from_params(params)
+    assert expected in str(error.value)
+
+
+def test_grid_sampler_refuses_a_space_with_ranges(tmp_path):
+    path = write(tmp_path, "parameters:\n  learning_rate: {low: 0.001, high: 0.1}\n")
+    with pytest.raises(ConfigError, match="sampler=grid needs a list of values"):
+        SearchConfig(space=path, sampler="grid")
+
+
+def _drawn(sampler, trials: int) -> list[dict]:
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(lambda trial: RANDOM_SPACE.suggest(trial)["units"] / 1000, n_trials=trials)
+    return [trial.params for trial in study.trials]
+
+
+@pytest.mark.parametrize("name", ["random", "tpe"])
+def test_trial_k_draws_the_same_parameters_in_any_study_with_the_same_seed(name):
+    from mnist_mlflow.search import make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first = _drawn(make_sampler(name, RANDOM_SPACE, seed=3), 12)
+    # A fresh sampler (another worker, a resumed session) gives trial k the same values ...
+    assert _drawn(make_sampler(name, RANDOM_SPACE, seed=3), 12) == first
+    # ... the trials of one study are not all alike, and another seed draws other values.
+    assert len({tuple(sorted(params.items())) for params in first}) > 6
+    assert _drawn(make_sampler(name, RANDOM_SPACE, seed=4), 12) != first
+
+
+def test_grid_heatmap_places_each_finished_trial_in_its_cell():
+    from mnist_mlflow.search import grid_heatmap
+
+    table = pd.DataFrame(
+        [
+            {"trial": 0, "state": "COMPLETE", "dropout": 0.1, "units": 64, "val_accuracy": 0.97},
+            {"trial": 1, "state": "COMPLETE", "dropout": 0.8, "units": 16, "val_accuracy": 0.80},
+            {"trial": 2, "state": "FAIL", "dropout": 0.0, "units": 16, "val_accuracy": math.nan},
+        ]
+    )
+    row_name, rows, column_name, columns, matrix = grid_heatmap(table, GRID_SPACE)
+    assert (row_name, column_name) == ("dropout", "units")
+    assert matrix[rows.index(0.1), columns.index(64)] == pytest.approx(0.97)
+    assert matrix[rows.index(0.8), columns.index(16)] == pytest.approx(0.80)
+    assert np.isfinite(matrix).sum() == 2
+    assert grid_heatmap(table, RANDOM_SPACE) is None
