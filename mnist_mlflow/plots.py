@@ -212,7 +212,7 @@ def best_so_far_figure(
 
 
 def best_of_n_figure(ns: list[int], expected: list[float], low: list[float], high: list[float], pool_size: int,
-                     reference: dict[int, float] | None = None, title: str = "Expected best of N random trials"):
+                     reference: dict[int, float] | None = None, title: str = "Expected best of N trials"):
     """The exact expected best validation accuracy of N trials, with its 10-90% band and any reference points."""
     figure, axes = plt.subplots(figsize=(8, 5))
     axes.fill_between(ns, np.asarray(low) * 100, np.asarray(high) * 100, color="tab:blue", alpha=0.2,

@@ -613,18 +613,21 @@ def summarise(study, parent: tracking.StudyParent, config: SearchConfig, space: 
                 "p10": [row.low for row in rows],
                 "p90": [row.high for row in rows],
                 "pool_size": [row.pool_size for row in rows],
-                "reference": [REFERENCE_BEST_OF_N.get(row.n, np.nan) for row in rows],
             }
         )
+        if space.name == "random":
+            best_of_n_frame["reference"] = [REFERENCE_BEST_OF_N.get(row.n, np.nan) for row in rows]
         tables["search/best_of_n.json"] = best_of_n_frame
         texts["search/best_of_n.md"] = summaries.markdown_table(
             best_of_n_frame, {"expected_best": ".2%", "standard_deviation": ".2%", "p10": ".2%", "p90": ".2%", "reference": ".1%"}
         )
         for row in rows:
             metrics[f"expected_best_at_{row.n}"] = row.expected
+        # The reference re-ran the random search of section 4; its figures belong on that space's plot only.
+        reference = {n: value for n, value in REFERENCE_BEST_OF_N.items() if n <= len(pool)} if space.name == "random" else None
         figures["search/best_of_n.png"] = plots.best_of_n_figure(
             [row.n for row in rows], [row.expected for row in rows], [row.low for row in rows], [row.high for row in rows],
-            len(pool), {n: value for n, value in REFERENCE_BEST_OF_N.items() if n <= len(pool)},
+            len(pool), reference, title=f"Expected best of N trials drawn from this search ({space.name} space)",
         )
 
     heatmap = grid_heatmap(table, space)

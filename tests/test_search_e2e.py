@@ -200,7 +200,8 @@ def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_p
     runs = children(client, parent.info.run_id)
     pruned_trials = {trial.number for trial in study.trials if trial.state == optuna.trial.TrialState.PRUNED}
     tagged_pruned = {int(run.data.tags["optuna_trial_number"]) for run in runs if run.data.tags["optuna_trial_state"] == "PRUNED"}
-    assert tagged_pruned == pruned_trials
+    # Trials with a learning rate of 1e-5 fall below the median; some trial must have been pruned.
+    assert pruned_trials and tagged_pruned == pruned_trials
     for run in runs:
         if int(run.data.tags["optuna_trial_number"]) in pruned_trials:
             assert int(run.data.tags["pruned_after_epoch"]) < 4
