@@ -236,7 +236,9 @@ def parameter_importance_figure(study):
     """Optuna's own parameter-importance plot (fANOVA) of a study with at least two finished trials."""
     from optuna.visualization.matplotlib import plot_param_importances
 
-    axes = plot_param_importances(study)
+    # Optuna switches matplotlib to its own style; keep that to this figure.
+    with plt.style.context("default"):
+        axes = plot_param_importances(study)
     figure = axes.figure
     figure.set_size_inches(8, 5)
     figure.tight_layout()

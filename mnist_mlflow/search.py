@@ -85,7 +85,6 @@ class SurplusTrial(Exception):
 @dataclass
 class SearchResult:
     """What a worker returns: the study, its parent run, the best trial, and this worker's share."""
-
     study_name: str
     parent_run_id: str
     table: pd.DataFrame
@@ -150,7 +149,6 @@ def _trial_seed(seed: int, trial_number: int) -> int:
 
 class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
     """Optuna's random sampler, reseeded before each trial from (seed, trial number)."""
-
     def __init__(self, seed: int) -> None:
         super().__init__(seed=seed)
         self.base_seed = seed
@@ -162,7 +160,6 @@ class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
 
 class TrialSeededTPESampler(optuna.samplers.TPESampler):
     """Optuna's TPE sampler, reseeded before each trial from (seed, trial number)."""
-
     def __init__(self, seed: int) -> None:
         super().__init__(seed=seed, n_startup_trials=10)
         self.base_seed = seed
@@ -184,7 +181,6 @@ class EpochReporter(keras.callbacks.Callback):
 
     A pruned trial is not an error: its run still evaluates and logs the best epoch it reached.
     """
-
     def __init__(self, trial, prune: bool) -> None:
         super().__init__()
         self.trial = trial
@@ -251,7 +247,6 @@ def _study_description(config: SearchConfig, space: SearchSpace) -> str:
 
 def _open_study(config: SearchConfig, space: SearchSpace, storage):
     """Creates the study and its parent run, or joins them; refuses a study started with other settings."""
-
     study_name = config.resolved_study_name()
     sampler = make_sampler(config.resolved_sampler(), space, config.seed)
     pruner = make_pruner(config.pruner)
@@ -316,13 +311,8 @@ def _wait_for_attrs(study) -> dict[str, Any]:
         time.sleep(1)
 
 
-def _parent_run_id(study) -> str:
-    return study.user_attrs[PARENT_ATTR]
-
-
 def _on_stale_trial(study, trial) -> None:
     """Called by Optuna when a trial's heartbeat stopped: close its run and queue it again."""
-
     parent_run_id = study.user_attrs.get(PARENT_ATTR)
     if parent_run_id:
         for record in tracking.study_children_of(parent_run_id):
@@ -434,7 +424,6 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
 
 def _retry_failed(study) -> None:
     """Queues again every failed trial (cut off by Ctrl-C or a crash) that has no retry yet."""
-
     trials = study.get_trials(deepcopy=False)
     retried = {trial.system_attrs.get("failed_trial") for trial in trials}
     covered = [trial.params for trial in trials if trial.state != TrialState.FAIL]
@@ -470,7 +459,6 @@ def run_search(config: SearchConfig) -> SearchResult:
 
     Checks the tracking server, the storage and the data before any run is created.
     """
-
     space = config.search_space()
     n_trials = config.resolved_n_trials()
     sampler = config.resolved_sampler()
