@@ -355,11 +355,16 @@ class CnnRunConfig:
         )
 
 
+def _check_name(name: str, value: str) -> None:
+    """Names used in run searches and URLs: at most 64 letters, digits, '-', '_' and '.'."""
+    if len(value) > 64 or not all(char.isalnum() or char in "-_." for char in value):
+        raise ConfigError(f"{name}={value!r} may hold at most 64 letters, digits, '-', '_' and '.'")
+
+
 def parse_study_id(text: Any) -> str:
     """A sweep id: empty (a new study) or letters, digits, '-', '_' and '.' (it is used in searches)."""
     study_id = str(text).strip()
-    if len(study_id) > 64 or not all(char.isalnum() or char in "-_." for char in study_id):
-        raise ConfigError(f"sweep_id={text!r} may hold at most 64 letters, digits, '-', '_' and '.'")
+    _check_name("sweep_id", study_id)
     return study_id
 
 
@@ -506,11 +511,6 @@ SEARCH_PRUNERS = ("none", "median")
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 DEFAULT_SEARCH_STORAGE = "sqlite:///optuna-search.db"
 DEFAULT_RANDOM_TRIALS = 50
-
-
-def _check_name(name: str, value: str) -> None:
-    if len(value) > 64 or not all(char.isalnum() or char in "-_." for char in value):
-        raise ConfigError(f"{name}={value!r} may hold at most 64 letters, digits, '-', '_' and '.'")
 
 
 @dataclass(frozen=True)

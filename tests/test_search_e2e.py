@@ -247,3 +247,41 @@ def test_unreachable_tracking_server_is_reported_before_any_training(tmp_path):
     assert "cannot be reached" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
     assert not (tmp_path / "o.db").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_the_study(tmp_path, tracking_uri, postgres):
+    """Two workers share a PostgreSQL study; one is SIGKILLed mid-trial; the other fails its trial, retries it, finishes."""
+    space = space_file(tmp_path, FOUR_POINT_GRID)
+    study_name = "dead-worker"
+    command = [
+        sys.executable, SEARCH, "--space", space, "--storage", postgres.url, "--study_name", study_name,
+        "--epochs", "3", "--max_train_examples", "3000", "--register_as", "",
+    ]
+    env = python_env(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    doomed = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    survivor = None
+    try:
+        # The doomed worker's first trial is running; start the survivor, then kill the doomed one.
+        parent_run_id, _, cut = _wait_for_running_child(client, postgres.url, study_name, finished_before=0)
+        survivor = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.communicate(timeout=60)
+        output = survivor.communicate(timeout=600)[0]
+    finally:
+        for process in (doomed, survivor):
+            if process is not None and process.poll() is None:
+                process.kill()
+    assert survivor.returncode == 0, output[-4000:]
+    assert "stopped sending heartbeats" in output
+
+    cut_trial = int(cut.data.tags["optuna_trial_number"])
+    study = load_study(postgres.url, study_name)
+    assert study.trials[cut_trial].state == optuna.trial.TrialState.FAIL
+    complete = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    assert len({(trial.params["units"], trial.params["dropout"]) for trial in complete}) == len(complete) == 4
+    assert client.get_run(cut.info.run_id).info.status == "KILLED"
+    runs = children(client, parent_run_id)
+    assert sorted(run.info.status for run in runs) == ["FINISHED"] * 4 + ["KILLED"]
+    assert running_runs(client) == []
+    assert client.get_run(parent_run_id).info.status == "FINISHED"
