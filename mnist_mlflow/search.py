@@ -373,6 +373,17 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
             trial.set_user_attr(SURPLUS_ATTR, str(reason))
             trial.study.stop()
             raise
+        earlier = _finished_twin(trial, space) if sampler != "grid" else None
+        if earlier is not None:
+            # Random and TPE draw with replacement; with the same seed, training again gives
+            # the same model, so the earlier trial's result is reused, not recomputed.
+            print(f"Trial {trial.number}: same parameters as finished trial {earlier.number}; its result is reused", flush=True)
+            for name in REUSED_ATTRS:
+                if name in earlier.user_attrs:
+                    trial.set_user_attr(name, earlier.user_attrs[name])
+            trial.set_user_attr("same_as_trial", earlier.number)
+            trial.set_user_attr("worker", worker)
+            return earlier.value
         run_config = trial_config(values, config)
         varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
         retry_of = _system_attrs(trial).get("failed_trial")
@@ -420,6 +431,20 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
         return metrics["best_val_accuracy"]
 
     return objective
+
+
+# What a trial with the parameters of an earlier finished trial takes over from it (not its
+# epochs or time: it trained nothing).
+REUSED_ATTRS = ("mlflow_run_id", "model_uri", "best_val_accuracy", "test_accuracy", "best_epoch")
+
+
+def _finished_twin(trial, space: SearchSpace):
+    """The earliest COMPLETE trial with exactly this trial's varied parameters, if any."""
+    varied = {name: trial.params[name] for name in space.parameters}
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.number != trial.number and other.params == varied and "same_as_trial" not in other.user_attrs:
+            return other
+    return None
 
 
 def _retry_failed(study) -> None:
@@ -531,7 +556,7 @@ def trials_table(study, space: SearchSpace) -> pd.DataFrame:
                 "worker": attrs.get("worker", ""),
                 "retry_of": trial.system_attrs.get("failed_trial", ""),
                 "run_id": attrs.get("mlflow_run_id", ""),
-                "note": attrs.get(SURPLUS_ATTR, ""),
+                "note": attrs.get(SURPLUS_ATTR, "") or (f"same as trial {attrs['same_as_trial']}" if "same_as_trial" in attrs else ""),
             }
         )
         rows.append(row)
@@ -565,6 +590,7 @@ def summarise(study, parent: tracking.StudyParent, config: SearchConfig, space: 
         "trials_pruned": len(pruned),
         "trials_failed": int((table["state"] == "FAIL").sum()) if len(table) else 0,
         "trials_surplus": int((table["state"] == "SURPLUS").sum()) if len(table) else 0,
+        "trials_reused": int(table["note"].str.startswith("same as").sum()) if len(table) else 0,
         "epochs_trained": float(table["epochs_trained"].sum()) if len(table) else 0.0,
         "train_time_s": float(np.nansum(table["train_time_s"])) if len(table) else 0.0,
     }

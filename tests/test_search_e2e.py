@@ -285,3 +285,30 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
     assert sorted(run.info.status for run in runs) == ["FINISHED"] * 4 + ["KILLED"]
     assert running_runs(client) == []
     assert client.get_run(parent_run_id).info.status == "FINISHED"
+
+
+def test_random_trial_that_repeats_a_finished_one_reuses_its_result(tmp_path, tracking_uri):
+    """Two combinations and five draws: repeats take the earlier trial's result instead of training again."""
+    space = space_file(tmp_path, "sampler: random\nparameters:\n  units: [16, 32]\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [
+        sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "repeats", "--n_trials", "5",
+        "--epochs", "1", "--max_train_examples", "500", "--register_as", "",
+    ]
+    result = run_script(command, python_env(tracking_uri), timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = load_study(storage, "repeats")
+    trials = study.trials
+    assert len(trials) == 5 and all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    runs = children(client, parent.info.run_id)
+    trained = [trial for trial in trials if "same_as_trial" not in trial.user_attrs]
+    reused = [trial for trial in trials if "same_as_trial" in trial.user_attrs]
+    assert len(trained) == len(runs) == len({tuple(trial.params.items()) for trial in trained}) <= 2
+    for trial in reused:
+        original = trials[trial.user_attrs["same_as_trial"]]
+        assert original.params == trial.params and original.value == trial.value
+        assert trial.user_attrs["mlflow_run_id"] == original.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["trials_reused"] == len(reused) >= 3
+    assert parent.data.metrics["epochs_trained"] == len(trained)
