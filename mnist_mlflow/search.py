@@ -186,12 +186,14 @@ class EpochReporter(keras.callbacks.Callback):
         self.trial = trial
         self.prune = prune
         self.pruned_at_epoch: int | None = None
+        self.epochs_reported = 0
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get("val_accuracy")
         if value is None:
             return
         self.trial.report(float(value), epoch)
+        self.epochs_reported += 1
         if self.prune and self.trial.should_prune():
             self.pruned_at_epoch = epoch
             self.model.stop_training = True
@@ -373,6 +375,7 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
             trial.set_user_attr(SURPLUS_ATTR, str(reason))
             trial.study.stop()
             raise
+        trial.set_user_attr("worker", worker)
         earlier = _finished_twin(trial, space) if sampler != "grid" else None
         if earlier is not None:
             # Random and TPE draw with replacement; with the same seed, training again gives
@@ -382,14 +385,12 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
                 if name in earlier.user_attrs:
                     trial.set_user_attr(name, earlier.user_attrs[name])
             trial.set_user_attr("same_as_trial", earlier.number)
-            trial.set_user_attr("worker", worker)
             return earlier.value
         run_config = trial_config(values, config)
         varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
         retry_of = _system_attrs(trial).get("failed_trial")
         note = f" (retry of trial {retry_of})" if retry_of is not None else ""
         print(f"Trial {trial.number}{note}: training {varied}", flush=True)
-        trial.set_user_attr("worker", worker)
         reporter = EpochReporter(trial, prune=config.pruner != "none")
         child = experiments.ChildOptions(
             parent_run_id=parent_run_id,
@@ -411,14 +412,13 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
         result = experiments.run_dense(run_config, child, callbacks=[reporter])
         counter[0] += 1
         metrics = result.metrics
-        epochs_trained = len(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
         for name, value in {
             "mlflow_run_id": result.run_id,
             "model_uri": result.model_uri,
             "best_val_accuracy": metrics["best_val_accuracy"],
             "test_accuracy": metrics["test_accuracy"],
             "best_epoch": int(metrics["best_epoch"]),
-            "epochs_trained": epochs_trained,
+            "epochs_trained": reporter.epochs_reported,
             "train_time_s": metrics["train_time_s"],
         }.items():
             trial.set_user_attr(name, value)
@@ -466,7 +466,8 @@ def _retry_failed(study) -> None:
 def _work_left(study, n_trials: int, grid_size: int | None) -> bool:
     """Whether this worker should start another trial: a queued retry, or room under the cap
     (and, for a grid, a grid point no trial has been given yet)."""
-    trials = [trial for trial in study.get_trials(deepcopy=False) if not _is_surplus(trial)]
+    all_trials = study.get_trials(deepcopy=False)
+    trials = [trial for trial in all_trials if not _is_surplus(trial)]
     if any(trial.state == TrialState.WAITING for trial in trials):
         return True
     used = sum(trial.state in _budget_states() for trial in trials)
@@ -474,7 +475,7 @@ def _work_left(study, n_trials: int, grid_size: int | None) -> bool:
         return False
     if grid_size is not None:
         # The grid sampler gives trial k < grid_size grid point k; later trials only repeat points.
-        fresh = [trial for trial in study.get_trials(deepcopy=False) if "failed_trial" not in trial.system_attrs]
+        fresh = [trial for trial in all_trials if "failed_trial" not in trial.system_attrs]
         return len(fresh) < grid_size
     return True
 
