@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_mlflow.cli import run_main, string_parser  # noqa: E402
-from mnist_mlflow.config import ConfigError  # noqa: E402
+from mnist_mlflow.config import ConfigError, check_name  # noqa: E402
 
 HELP = {
     "model_name": "registered model name",
@@ -26,10 +26,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.model_name.strip():
         raise ConfigError("model_name='' must name a registered model")
+    check_name("model_name", args.model_name.strip())
 
     from mnist_mlflow import tracking
 
-    tracking.check_tracking_server()
+    tracking.prepare_tracking()
     promotion = tracking.promote_best_version(args.model_name.strip(), args.metric.strip())
     print(f"Versions of {promotion.model_name} by {promotion.metric} (higher is better; ties go to the newer):")
     for number, value in promotion.candidates:

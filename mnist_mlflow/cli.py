@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from mnist_mlflow.config import UserInputError
+from mnist_mlflow import lifecycle
+from mnist_mlflow.config import RunFailedError, UserInputError
 
 
 # Help for the parameters every training entry point shares.
@@ -44,13 +45,27 @@ def parse_config(config_class, description: str, help_texts: dict[str, str], arg
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Runs ``main`` and turns a user error into one line on stderr and exit status 2."""
+    """Runs ``main`` and turns how it ended into one line on stderr and an exit status.
+
+    - a user error: ``error: ...``, status 2, before any expensive work;
+    - a run that failed for a stated reason (say, a diverged loss): ``error: ...``, status 1;
+    - Ctrl-C: status 130; SIGTERM, or the end of the ``mlflow run`` launcher: status 143.
+      Either way the runs this process holds have ended KILLED, tagged ``killed_reason``.
+    """
+    lifecycle.install_signal_handlers()
+    lifecycle.watch_launcher()
     try:
         main(argv)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunFailedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except lifecycle.Terminated as stop:
+        print(f"stopped: {stop.reason}; the runs of this process ended KILLED", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (Ctrl-C); the runs of this process ended KILLED", file=sys.stderr)
         return 130
     return 0

@@ -23,6 +23,14 @@ class ConfigError(UserInputError):
     """A parameter has a value that cannot be used."""
 
 
+class RunFailedError(RuntimeError):
+    """A run failed for a reason that one line explains (not a bug): reported without a traceback."""
+
+
+class TrainingDivergedError(RunFailedError):
+    """The training loss became NaN or infinite; the same settings would diverge again."""
+
+
 DATASETS = ("mnist", "fashion_mnist")
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "softplus", "swish", "leaky_relu", "linear")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -39,6 +47,45 @@ def parse_int(name: str, text: Any, minimum: int | None = None) -> int:
     if minimum is not None and number < minimum:
         raise ConfigError(f"{name}={text!r} must be at least {minimum}")
     return number
+
+
+# Seeds go to NumPy's and TensorFlow's generators, which take 32-bit unsigned seeds.
+MAX_SEED = 2**32 - 1
+# The largest model the entry points build, in trainable parameters. Exercise 10's 1024-1024
+# network has 1.9 million; 50 million float32 weights take 200 MB, and about 800 MB with
+# Adam's moments and the gradients: enough for any exercise, and a clear refusal of a typo
+# such as hidden_units=100000000 before TensorFlow runs out of memory.
+MAX_PARAMETERS = 50_000_000
+# Images per split of MNIST and Fashion-MNIST (both: 60,000 training, 10,000 test, 28x28x1).
+TRAIN_SPLIT_EXAMPLES = 60_000
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+
+
+def parse_seed(text: Any) -> int:
+    """A seed: a whole number from 0 to 2**32 - 1."""
+    return check_seed("seed", parse_int("seed", text, minimum=0))
+
+
+def check_seed(name: str, value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name}={value!r} must lie between 0 and {MAX_SEED} (2**32 - 1)")
+    return value
+
+
+def check_model_size(description: str, parameters: int) -> None:
+    if parameters > MAX_PARAMETERS:
+        raise ConfigError(
+            f"{description} would have {parameters:,} trainable parameters, more than the cap of {MAX_PARAMETERS:,}"
+        )
+
+
+def check_name(name: str, value: str) -> str:
+    """The one rule for every name the project uses in run searches and URLs (registered models,
+    sweep ids, study names): at most 64 letters, digits, '-', '_' and '.'."""
+    if len(value) > 64 or not all(char.isalnum() or char in "-_." for char in value):
+        raise ConfigError(f"{name}={value!r} may hold at most 64 letters, digits, '-', '_' and '.'")
+    return value
 
 
 def parse_float(name: str, text: Any) -> float:
@@ -108,8 +155,20 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require_choice("dataset", self.dataset, DATASETS)
         _require_range("validation_fraction", self.validation_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-        _require_non_negative("seed", self.seed)
+        check_seed("seed", self.seed)
         _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
+        validation = round(TRAIN_SPLIT_EXAMPLES * self.validation_fraction)
+        if not 1 <= validation < TRAIN_SPLIT_EXAMPLES:
+            raise ConfigError(
+                f"validation_fraction={self.validation_fraction!r} leaves {validation} of the "
+                f"{TRAIN_SPLIT_EXAMPLES:,} training images for validation; it must leave at least one for each split"
+            )
+
+
+def dense_parameter_count(hidden_units: tuple[int, ...]) -> int:
+    """Trainable parameters of a dense classifier of 28x28 images with these hidden widths."""
+    widths = [IMAGE_SIZE * IMAGE_SIZE, *hidden_units, NUM_CLASSES]
+    return sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))
 
 
 @dataclass(frozen=True)
@@ -136,6 +195,9 @@ class DenseModelConfig:
             _require_choice("activation", activation, ACTIVATIONS)
         _require_range("dropout", self.dropout_rate, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
         _require_non_negative("l2", self.l2_factor)
+        check_model_size(
+            f"hidden_units={','.join(map(str, self.hidden_units))!r}", dense_parameter_count(self.hidden_units)
+        )
 
 
 @dataclass(frozen=True)
@@ -159,6 +221,7 @@ class TrainingConfig:
             raise ConfigError(f"batch_size={self.batch_size!r} must be a positive whole number")
         if self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
+        check_seed("seed", self.seed)
 
 
 def merge_params(defaults: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -221,7 +284,8 @@ class DenseRunConfig:
         """The entry-point parameters, under the names the MLproject file uses."""
         return {
             "hidden_units": ",".join(str(width) for width in self.model.hidden_units),
-            "activation": ",".join(self.model.activations),
+            # One name when every layer shares it, as the MLproject default ("relu") is written.
+            "activation": ",".join(sorted(set(self.model.activations)) if len(set(self.model.activations)) == 1 else self.model.activations),
             "dropout": self.model.dropout_rate,
             "l2": self.model.l2_factor,
             "regularized_layers": self.model.regularized_layers,
@@ -233,7 +297,7 @@ class DenseRunConfig:
         """Builds a config from entry-point parameters given as strings (or values)."""
         raw = merge_params(cls().as_params(), params)
         hidden_units = parse_positive_int_list("hidden_units", raw["hidden_units"])
-        seed = parse_int("seed", raw["seed"], minimum=0)
+        seed = parse_seed(raw["seed"])
         return cls(
             model=DenseModelConfig(
                 hidden_units=hidden_units,
@@ -295,6 +359,22 @@ class CnnModelConfig:
                 size //= 2
                 if size < 1:
                     raise ConfigError(f"pooling={self.pooling!r}: pooling after convolution {index} leaves no pixels")
+        check_model_size(
+            f"filters={','.join(map(str, self.filters))!r} with dense_units={','.join(map(str, self.dense_units))!r}",
+            cnn_parameter_count(self.filters, self.kernel_size, self.pooling, self.dense_units),
+        )
+
+
+def cnn_parameter_count(filters: tuple[int, ...], kernel_size: int, pooling: tuple[bool, ...], dense_units: tuple[int, ...]) -> int:
+    """Trainable parameters of the convolutional classifier (valid convolutions, 2x2 pools)."""
+    count, channels, size = 0, 1, IMAGE_SIZE
+    for count_filters, pooled in zip(filters, pooling):
+        count += (kernel_size * kernel_size * channels + 1) * count_filters
+        channels, size = count_filters, size - (kernel_size - 1)
+        if pooled:
+            size //= 2
+    widths = [size * size * channels, *dense_units, NUM_CLASSES]
+    return count + sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))
 
 
 # The smallest number of epochs with which the default CNN reaches 99.2% test accuracy on
@@ -316,8 +396,7 @@ class CnnRunConfig:
     register_as: str = "mnist-cnn"
 
     def __post_init__(self) -> None:
-        if self.register_as and not all(char.isalnum() or char in "-_." for char in self.register_as):
-            raise ConfigError(f"register_as={self.register_as!r} may hold only letters, digits, '-', '_' and '.'")
+        check_name("register_as", self.register_as)
 
     def as_params(self) -> dict[str, Any]:
         return {
@@ -340,7 +419,7 @@ class CnnRunConfig:
             # Unset or empty: a max-pool after every convolution.
             pooling_text = ",".join(["true"] * len(filters))
         dense_text = str(raw["dense_units"]).strip()
-        seed = parse_int("seed", raw["seed"], minimum=0)
+        seed = parse_seed(raw["seed"])
         return cls(
             model=CnnModelConfig(
                 filters=filters,
@@ -355,16 +434,10 @@ class CnnRunConfig:
         )
 
 
-def _check_name(name: str, value: str) -> None:
-    """Names used in run searches and URLs: at most 64 letters, digits, '-', '_' and '.'."""
-    if len(value) > 64 or not all(char.isalnum() or char in "-_." for char in value):
-        raise ConfigError(f"{name}={value!r} may hold at most 64 letters, digits, '-', '_' and '.'")
-
-
 def parse_study_id(text: Any) -> str:
     """A sweep id: empty (a new study) or letters, digits, '-', '_' and '.' (it is used in searches)."""
     study_id = str(text).strip()
-    _check_name("sweep_id", study_id)
+    check_name("sweep_id", study_id)
     return study_id
 
 
@@ -402,7 +475,7 @@ class ExercisesConfig:
         if self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
         _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        _require_non_negative("seed", self.seed)
+        check_seed("seed", self.seed)
 
     def as_params(self) -> dict[str, Any]:
         return {
@@ -423,7 +496,7 @@ class ExercisesConfig:
             only=tuple(item.lower() for item in parse_list("only", only_text)) if only_text else (),
             epochs=parse_int("epochs", raw["epochs"], minimum=1),
             max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_int("seed", raw["seed"], minimum=0),
+            seed=parse_seed(raw["seed"]),
             sweep_id=parse_study_id(raw["sweep_id"]),
         )
 
@@ -475,7 +548,12 @@ class WeightDecayConfig:
             raise ConfigError(f"learning_rate={self.learning_rate!r} must be positive")
         _require_choice("regularized_layers", self.regularized_layers, REGULARIZED_LAYERS)
         _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        _require_non_negative("seed", self.seed)
+        check_seed("seed", self.seed)
+        if self.seed + self.replicates - 1 > MAX_SEED:
+            raise ConfigError(
+                f"seed={self.seed} with replicates={self.replicates}: replicate r trains with seed + r, "
+                f"which must stay at most {MAX_SEED} (2**32 - 1)"
+            )
 
     def as_params(self) -> dict[str, Any]:
         return {
@@ -501,7 +579,7 @@ class WeightDecayConfig:
             learning_rate=parse_float("learning_rate", raw["learning_rate"]),
             regularized_layers=str(raw["regularized_layers"]).strip().lower(),
             max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_int("seed", raw["seed"], minimum=0),
+            seed=parse_seed(raw["seed"]),
             sweep_id=parse_study_id(raw["sweep_id"]),
         )
 
@@ -555,11 +633,11 @@ class SearchConfig:
                 f"storage={self.storage!r} is not an Optuna storage URL such as {DEFAULT_SEARCH_STORAGE} "
                 "or postgresql://user:password@host:5432/database"
             )
-        _check_name("study_name", self.study_name)
+        check_name("study_name", self.study_name)
         _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        _require_non_negative("seed", self.seed)
+        check_seed("seed", self.seed)
         if self.register_as:
-            _check_name("register_as", self.register_as)
+            check_name("register_as", self.register_as)
 
     def search_space(self):
         from mnist_mlflow.search_spaces import load_space
@@ -610,6 +688,6 @@ class SearchConfig:
             storage=str(raw["storage"]).strip(),
             study_name=str(raw["study_name"]).strip(),
             max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_int("seed", raw["seed"], minimum=0),
+            seed=parse_seed(raw["seed"]),
             register_as=str(raw["register_as"]).strip(),
         )

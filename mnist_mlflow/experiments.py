@@ -145,7 +145,8 @@ def run_classifier(
     With ``parent_run_id``, the run is a child of that (study) run; ``description`` is shown
     with the run in the MLflow UI. ``callbacks`` are extra Keras callbacks for the fit.
     """
-    tracking_uri = tracking.check_tracking_server()
+    # A study's child: the study has checked the server and reconciled the experiment already.
+    tracking_uri = tracking.prepare_tracking() if parent_run_id is None else tracking.tracking_uri_shown()
     splits = data.load_splits(data_config)
 
     import keras

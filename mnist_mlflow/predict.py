@@ -11,7 +11,6 @@ file is reported by name and the others are still predicted.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -50,19 +49,55 @@ def image_to_mnist(path: str | Path) -> np.ndarray:
     return canvas.reshape(28, 28, 1)
 
 
+class BadAnswerError(RuntimeError):
+    """The server's answer is not what the serving contract promises."""
+
+
 def predict_images(url: str, images: np.ndarray, timeout_s: float = 60.0) -> np.ndarray:
-    """POSTs a batch of (n, 28, 28, 1) raw-pixel images to ``url``/invocations; returns probabilities."""
+    """POSTs a batch of (n, 28, 28, 1) raw-pixel images to ``url``/invocations; returns the answer's rows.
+
+    Raises BadAnswerError when the answer is not JSON with a ``predictions`` list of rows.
+    Rows are checked one by one by :func:`check_probabilities`.
+    """
     response = requests.post(
         url.rstrip("/") + "/invocations",
         json={"inputs": images.tolist()},
         timeout=timeout_s,
     )
     if response.status_code != 200:
-        raise RuntimeError(f"{url} answered HTTP {response.status_code}: {response.text[:500]}")
-    return np.asarray(response.json()["predictions"], dtype=np.float32)
+        raise BadAnswerError(f"{url} answered HTTP {response.status_code}: {response.text[:300]}")
+    try:
+        predictions = response.json()["predictions"]
+    except (ValueError, KeyError, TypeError):
+        raise BadAnswerError(f"{url} answered something that is not JSON with a 'predictions' list: {response.text[:200]!r}") from None
+    if not isinstance(predictions, list):
+        raise BadAnswerError(f"{url} answered 'predictions' that is not a list: {str(predictions)[:200]!r}")
+    return predictions
+
+
+def check_probabilities(row) -> np.ndarray:
+    """One answer row as 10 class probabilities; raises ValueError when it is not that."""
+    try:
+        probabilities = np.asarray(row, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"the answer {str(row)[:80]!r} is not a list of numbers") from None
+    if probabilities.shape != (10,):
+        raise ValueError(f"the answer has shape {probabilities.shape}, not 10 class probabilities")
+    if not np.all(np.isfinite(probabilities)):
+        raise ValueError("the answer holds NaN or infinite probabilities")
+    if np.any(probabilities < -1e-6) or np.any(probabilities > 1 + 1e-6) or abs(probabilities.sum() - 1.0) > 1e-3:
+        raise ValueError(f"the answer does not sum to 1 over [0, 1] values (sum {probabilities.sum():.4g})")
+    return probabilities
 
 
 def main(argv=None) -> int:
+    """Predicts every readable file; each bad file or bad answer gets one line naming the file.
+
+    Exit status 0 when every file got a prediction, 1 when some file or answer was bad, 2
+    when the request failed as a whole.
+    """
+    from PIL import Image
+
     parser = argparse.ArgumentParser(description="Predict the digit in each image file with a served model.")
     parser.add_argument("--url", default="http://127.0.0.1:5001", help="the model server (default: %(default)s)")
     parser.add_argument("images", nargs="+", help="PNG or JPEG files")
@@ -75,18 +110,32 @@ def main(argv=None) -> int:
         try:
             arrays.append(image_to_mnist(path))
             readable.append(path)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            # DecompressionBombError: a picture of more pixels than Pillow agrees to open.
             print(f"{path}: cannot read image ({error})", file=sys.stderr)
             failed += 1
     if readable:
         try:
-            probabilities = predict_images(args.url, np.stack(arrays))
-        except (requests.RequestException, RuntimeError, KeyError, json.JSONDecodeError) as error:
+            rows = predict_images(args.url, np.stack(arrays))
+        except (requests.RequestException, BadAnswerError) as error:
             print(f"error: prediction request to {args.url} failed: {error}", file=sys.stderr)
             return 2
-        for path, row in zip(readable, probabilities):
-            digit = int(row.argmax())
-            print(f"{path}: {digit} (probability {row[digit]:.3f})")
+        for index, path in enumerate(readable):
+            if index >= len(rows):
+                print(f"{path}: no answer (the server returned {len(rows)} rows for {len(readable)} images)", file=sys.stderr)
+                failed += 1
+                continue
+            try:
+                probabilities = check_probabilities(rows[index])
+            except ValueError as error:
+                print(f"{path}: bad answer: {error}", file=sys.stderr)
+                failed += 1
+                continue
+            digit = int(probabilities.argmax())
+            print(f"{path}: {digit} (probability {probabilities[digit]:.3f})")
+        if len(rows) > len(readable):
+            print(f"error: the server returned {len(rows)} rows for {len(readable)} images", file=sys.stderr)
+            failed += 1
     return 1 if failed else 0
 
 

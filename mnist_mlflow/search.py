@@ -39,15 +39,17 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from mnist_mlflow import best_of_n, data, experiments, plots, summaries, tracking
+from mnist_mlflow import best_of_n, data, experiments, lifecycle, plots, summaries, tracking
 from mnist_mlflow.config import (
     DataConfig,
     DenseModelConfig,
     DenseRunConfig,
     SearchConfig,
     TrainingConfig,
+    TrainingDivergedError,
     UserInputError,
 )
+from mnist_mlflow.redaction import redact_url, server_identity
 from mnist_mlflow.search_spaces import SearchSpace
 
 # Optuna's heartbeat: a running trial writes one every HEARTBEAT_INTERVAL_S seconds, and one
@@ -70,8 +72,11 @@ PARENT_ATTR = "mlflow_parent_run_id"
 SETTINGS_ATTR = "settings"
 TRACKING_ATTR = "mlflow_tracking_uri"
 SURPLUS_ATTR = "surplus"
-# How long a worker that found the study waits for its creator to record the parent run.
-PARENT_WAIT_S = 60
+# A worker creates the parent run before the study, and records it in the study a moment
+# after creating it; a worker that finds a study without one waits this long, then takes
+# the study for orphaned (its creator stopped in between) and gives it a parent itself.
+PARENT_WAIT_S = 5
+DIVERGED_ATTR = "diverged"
 
 
 class StorageUnavailableError(UserInputError):
@@ -96,41 +101,49 @@ class SearchResult:
     registered_version: str | None
 
 
-def masked_url(url: str) -> str:
-    """The storage URL with any password replaced by ***."""
-    from sqlalchemy.engine import make_url
+# Workers started together on a fresh database race to create Optuna's tables (optuna#1092);
+# creating them twice is harmless, so a storage that fails that way is opened again.
+STORAGE_OPEN_ATTEMPTS = 8
+TABLE_RACE_MARKERS = ("already exists", "duplicate key", "uniqueviolation", "unique constraint", "circulardependency")
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
+
+def _is_table_creation_race(error: Exception) -> bool:
+    text = f"{type(error).__name__} {getattr(error, 'orig', '')} {error}".lower()
+    return any(marker in text for marker in TABLE_RACE_MARKERS)
 
 
 def open_storage(url: str):
-    """Opens the Optuna storage with heartbeats on; fails within seconds, naming the URL, if it cannot."""
+    """Opens the Optuna storage with heartbeats on; fails within seconds, naming the URL (without
+    its password), if it cannot. Workers that create a fresh database's tables together all get in."""
     import sqlalchemy.exc
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith(("postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"connect_timeout": 5}}
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=GRACE_PERIOD_S,
-            heartbeat_stale_trial_callback=_on_stale_trial,
-        )
-    except ImportError as error:
-        # Optuna wraps the missing driver's ModuleNotFoundError in an ImportError.
-        missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "its database driver"
-        raise StorageUnavailableError(
-            f"storage={masked_url(url)!r} needs the Python module {missing!r}; install it "
-            "(the project declares psycopg[binary] for PostgreSQL)"
-        ) from None
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-        raise StorageUnavailableError(f"storage={masked_url(url)!r} cannot be opened: {reason}") from None
+    shown = redact_url(url)
+    for attempt in range(STORAGE_OPEN_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+                heartbeat_stale_trial_callback=_on_stale_trial,
+            )
+        except ImportError as error:
+            # Optuna wraps the missing driver's ModuleNotFoundError in an ImportError.
+            missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "its database driver"
+            raise StorageUnavailableError(
+                f"storage={shown!r} needs the Python module {missing!r}; install it "
+                "(the project declares psycopg[binary] for PostgreSQL)"
+            ) from None
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
+            if _is_table_creation_race(error) and attempt + 1 < STORAGE_OPEN_ATTEMPTS:
+                # Another worker is creating the tables right now; they will be there in a moment.
+                time.sleep(0.2 + 0.3 * np.random.default_rng().random() * (attempt + 1))
+                continue
+            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            raise StorageUnavailableError(f"storage={shown!r} cannot be opened: {redact_url(reason)}") from None
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int):
@@ -248,69 +261,88 @@ def _study_description(config: SearchConfig, space: SearchSpace) -> str:
 
 
 def _open_study(config: SearchConfig, space: SearchSpace, storage):
-    """Creates the study and its parent run, or joins them; refuses a study started with other settings."""
+    """Creates the study and its parent run, or joins them; refuses a study started with other settings.
+
+    The parent run exists before anything is written to the study storage, so a worker that
+    fails (say, with wrong credentials) leaves no study behind without a parent.
+    """
     study_name = config.resolved_study_name()
     sampler = make_sampler(config.resolved_sampler(), space, config.seed)
     pruner = make_pruner(config.pruner)
     settings = _settings(config, space)
-    tracking_uri = tracking.current_tracking_uri()
+    tracking_uri = tracking.tracking_uri_shown()
+    launcher_run_id = tracking.take_launcher_run()
     run_params = {
         **config.as_params(),
         "sampler": config.resolved_sampler(),
         "n_trials": config.resolved_n_trials(),
         "study_name": study_name,
-        "storage": masked_url(config.resolved_storage()),
+        "storage": redact_url(config.resolved_storage()),
         "space": space.name,
         "space_source": space.source,
     }
     fingerprint = json.dumps(settings, sort_keys=True)
-    try:
-        study = optuna.create_study(
-            storage=storage, study_name=study_name, direction="maximize", sampler=sampler, pruner=pruner
+
+    def new_parent() -> tracking.StudyParent:
+        return tracking.create_search_parent(
+            study_name, study_name, run_params, fingerprint, _study_description(config, space), space.describe(), launcher_run_id
         )
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
+
+    def record_parent(study, parent: tracking.StudyParent) -> None:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+        study.set_user_attr(TRACKING_ATTR, tracking_uri)
+        # Written last: a joining worker waits for it, and then finds the other two in place.
+        study.set_user_attr(PARENT_ATTR, parent.run_id)
+
+    try:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
-        created = False
-
-    if not created:
-        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-            raise UserInputError(f"study_name={study_name!r} is an Optuna study that minimises; it is not one of this project's searches")
-        attrs = _wait_for_attrs(study)
-        existing = attrs.get(SETTINGS_ATTR)
-        if existing is not None and existing != settings:
-            differing = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
-            raise UserInputError(
-                f"study_name={study_name!r} was started with other settings ({', '.join(differing)} differ: "
-                f"{ {key: existing.get(key) for key in differing} }); rerun with its settings or choose another study_name"
+    except KeyError:
+        parent = new_parent()
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=study_name, direction="maximize", sampler=sampler, pruner=pruner
             )
-        if attrs.get(TRACKING_ATTR) and attrs[TRACKING_ATTR] != tracking_uri:
-            raise UserInputError(
-                f"study_name={study_name!r} records its runs at {attrs[TRACKING_ATTR]}, but this worker's "
-                f"tracking URI is {tracking_uri}; point MLFLOW_TRACKING_URI at the study's server"
-            )
-        if PARENT_ATTR in attrs:
-            parent = tracking.open_search_parent(study_name, attrs[PARENT_ATTR])
+        except optuna.exceptions.DuplicatedStudyError:
+            # Another worker created the study a moment ago; join it instead.
+            tracking.discard_search_parent(parent)
+            study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+        else:
+            record_parent(study, parent)
             return study, parent
-        print(f"Study {study_name} has no parent run recorded after {PARENT_WAIT_S} s; creating one", flush=True)
 
-    study.set_user_attr(SETTINGS_ATTR, settings)
-    study.set_user_attr(TRACKING_ATTR, tracking_uri)
-    parent = tracking.create_search_parent(
-        study_name, study_name, run_params, fingerprint, _study_description(config, space), space.describe()
-    )
-    study.set_user_attr(PARENT_ATTR, parent.run_id)
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise UserInputError(f"study_name={study_name!r} is an Optuna study that minimises; it is not one of this project's searches")
+    attrs = _wait_for_attrs(study)
+    existing = attrs.get(SETTINGS_ATTR)
+    if existing is not None and existing != settings:
+        differing = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
+        raise UserInputError(
+            f"study_name={study_name!r} was started with other settings ({', '.join(differing)} differ: "
+            f"{ {key: existing.get(key) for key in differing} }); rerun with its settings or choose another study_name"
+        )
+    recorded_server = attrs.get(TRACKING_ATTR)
+    # Servers are compared by scheme, host, port and path: two workers may log in differently.
+    if recorded_server and server_identity(recorded_server) != server_identity(tracking_uri):
+        raise UserInputError(
+            f"study_name={study_name!r} records its runs at {redact_url(recorded_server)}, but this worker's "
+            f"tracking URI is {tracking_uri}; point MLFLOW_TRACKING_URI at the study's server"
+        )
+    if PARENT_ATTR in attrs:
+        return study, tracking.open_search_parent(study_name, attrs[PARENT_ATTR], launcher_run_id)
+    print(f"Study {study_name} has no parent run recorded (its creator stopped before recording it); creating one", flush=True)
+    parent = new_parent()
+    record_parent(study, parent)
     return study, parent
 
 
 def _wait_for_attrs(study) -> dict[str, Any]:
-    """The study's user attributes once its creator has recorded the parent run (or after a timeout)."""
+    """The study's user attributes once its creator has recorded the parent run (or after a short wait)."""
     deadline = time.monotonic() + PARENT_WAIT_S
     while True:
         attrs = dict(study.user_attrs)
         if PARENT_ATTR in attrs or time.monotonic() > deadline:
             return attrs
-        time.sleep(1)
+        time.sleep(0.2)
 
 
 def _on_stale_trial(study, trial) -> None:
@@ -409,7 +441,14 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
             params={"trial_number": trial.number, "sampler": sampler, "pruner": config.pruner, "search_space": space.name},
             description=f"Trial {trial.number} of search {study_name}{note}: {varied}.",
         )
-        result = experiments.run_dense(run_config, child, callbacks=[reporter])
+        try:
+            result = experiments.run_dense(run_config, child, callbacks=[reporter])
+        except TrainingDivergedError as error:
+            # Recorded as a failed trial and never queued again: the same parameters and seed
+            # would diverge the same way.
+            trial.set_user_attr(DIVERGED_ATTR, str(error))
+            print(f"Trial {trial.number}: FAILED: {error}", flush=True)
+            raise
         counter[0] += 1
         metrics = result.metrics
         for name, value in {
@@ -456,6 +495,8 @@ def _retry_failed(study) -> None:
     for trial in trials:
         if trial.state != TrialState.FAIL or _is_surplus(trial) or trial.number in retried or not trial.params:
             continue
+        if DIVERGED_ATTR in trial.user_attrs:
+            continue
         if trial.params in covered:
             continue
         print(f"Trial {trial.number} ({trial.params}) did not finish in an earlier session; queued again", flush=True)
@@ -489,7 +530,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     n_trials = config.resolved_n_trials()
     sampler = config.resolved_sampler()
     study_name = config.resolved_study_name()
-    tracking_uri = tracking.check_tracking_server()
+    tracking_uri = tracking.prepare_tracking()
     storage = open_storage(config.resolved_storage())
     data.load_splits(DataConfig(seed=config.seed, max_train_examples=config.max_train_examples))
 
@@ -497,7 +538,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     verb = "Joined" if parent.resumed else "Started"
     print(
         f"{verb} search {study_name} ({sampler} sampler, {config.pruner} pruner, at most {n_trials} trials) "
-        f"in {masked_url(config.resolved_storage())}; parent run {parent.run_id} at {tracking_uri}",
+        f"in {redact_url(config.resolved_storage())}; parent run {parent.run_id} at {tracking_uri}",
         flush=True,
     )
     print(f"More workers, or a resumed session, join it with the same command (study_name={study_name}).", flush=True)
@@ -509,13 +550,15 @@ def run_search(config: SearchConfig) -> SearchResult:
         if not _work_left(study, n_trials, grid_size):
             study.stop()
 
-    status = "FAILED"
+    status, reason = "FAILED", None
     try:
         while True:
             optuna.storages.fail_stale_trials(study)
             _retry_failed(study)
             if _work_left(study, n_trials, grid_size):
-                study.optimize(objective, callbacks=[stop_when_done], catch=(SurplusTrial,), gc_after_trial=False)
+                study.optimize(
+                    objective, callbacks=[stop_when_done], catch=(SurplusTrial, TrainingDivergedError), gc_after_trial=False
+                )
                 continue
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:
@@ -528,13 +571,17 @@ def run_search(config: SearchConfig) -> SearchResult:
             time.sleep(HEARTBEAT_INTERVAL_S)
         result = summarise(study, parent, config, space, counter[0])
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except KeyboardInterrupt as interruption:
+        status, reason = "KILLED", lifecycle.interruption_reason(interruption)
+        with lifecycle.signals_deferred():
+            # Optuna has failed the trial this worker was running; queue it again at once, so
+            # that another worker (or the next session) trains it.
+            _retry_failed(study)
         raise
     finally:
         others_running = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         # Another worker still at work keeps the parent RUNNING; it closes the parent itself.
-        tracking.close_study_parent(parent, status, parent_too=status == "FINISHED" or not others_running)
+        tracking.close_study_parent(parent, status, parent_too=status == "FINISHED" or not others_running, reason=reason)
     print(f"Search {study_name}: {counter[0]} trials trained by this worker; parent run {parent.run_id}", flush=True)
     return result
 
@@ -557,7 +604,9 @@ def trials_table(study, space: SearchSpace) -> pd.DataFrame:
                 "worker": attrs.get("worker", ""),
                 "retry_of": trial.system_attrs.get("failed_trial", ""),
                 "run_id": attrs.get("mlflow_run_id", ""),
-                "note": attrs.get(SURPLUS_ATTR, "") or (f"same as trial {attrs['same_as_trial']}" if "same_as_trial" in attrs else ""),
+                "note": attrs.get(SURPLUS_ATTR, "")
+                or (f"diverged: {attrs[DIVERGED_ATTR]}" if DIVERGED_ATTR in attrs else "")
+                or (f"same as trial {attrs['same_as_trial']}" if "same_as_trial" in attrs else ""),
             }
         )
         rows.append(row)

@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from mnist_mlflow import data, experiments, tracking
-from mnist_mlflow.config import CnnRunConfig, ConfigError, DenseRunConfig
+from mnist_mlflow import data, experiments, lifecycle, tracking
+from mnist_mlflow.config import CnnRunConfig, ConfigError, DenseRunConfig, RunFailedError, TrainingDivergedError
 
 # The study_role tag of every child (the parent's is "parent"), so the MLflow UI's compare view
 # and mlflow.search_runs can tell them apart.
@@ -100,7 +100,7 @@ def run_study(
     keys = [child.key for child in children]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"study {spec.study_id!r} has duplicate child keys: {sorted(keys)}")
-    tracking_uri = tracking.check_tracking_server()
+    tracking_uri = tracking.prepare_tracking()
     for data_config in {child.config.data for child in children}:
         data.load_splits(data_config)
 
@@ -110,7 +110,8 @@ def run_study(
     verb = "Resuming" if parent.resumed else "Started"
     print(f"{verb} {spec.kind} study {spec.study_id}: parent run {parent.run_id} at {tracking_uri}", flush=True)
     print(f"To resume it after an interruption, run the same command with sweep_id={spec.study_id}", flush=True)
-    status = "FAILED"
+    status, reason = "FAILED", None
+    diverged: list[str] = []
     try:
         finished = _reusable_children(parent)
         trained = 0
@@ -120,32 +121,46 @@ def run_study(
                 print(f"{prefix}: FINISHED earlier in run {finished[child.key].run_id}; reused", flush=True)
                 continue
             print(f"{prefix}: training", flush=True)
-            experiments.run_config(
-                child.config,
-                experiments.ChildOptions(
-                    parent_run_id=parent.run_id,
-                    run_name=child.run_name,
-                    tags={
-                        **child.tags,
-                        "entry_point": spec.kind,
-                        tracking.STUDY_ID_TAG: spec.study_id,
-                        tracking.STUDY_ROLE_TAG: CHILD_ROLE,
-                        tracking.CHILD_KEY_TAG: child.key,
-                    },
-                    params=dict(child.params),
-                    description=child.description,
-                ),
-            )
+            try:
+                experiments.run_config(
+                    child.config,
+                    experiments.ChildOptions(
+                        parent_run_id=parent.run_id,
+                        run_name=child.run_name,
+                        tags={
+                            **child.tags,
+                            "entry_point": spec.kind,
+                            tracking.STUDY_ID_TAG: spec.study_id,
+                            tracking.STUDY_ROLE_TAG: CHILD_ROLE,
+                            tracking.CHILD_KEY_TAG: child.key,
+                        },
+                        params=dict(child.params),
+                        description=child.description,
+                    ),
+                )
+            except TrainingDivergedError as error:
+                # The child's run has ended FAILED with the reason; the other children go on.
+                print(f"{prefix}: FAILED: {error}", flush=True)
+                diverged.append(child.key)
+                continue
             trained += 1
         outcomes = _outcomes(parent, children, previously_finished=set(finished))
+        if not outcomes:
+            raise RunFailedError(f"{spec.kind} study {spec.study_id}: no child finished, so there is nothing to summarise")
+        if diverged:
+            tracking.set_run_tags(parent.run_id, {"failed_children": ", ".join(diverged)})
         summarise(parent, outcomes)
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except KeyboardInterrupt as interruption:
+        status, reason = "KILLED", lifecycle.interruption_reason(interruption)
         raise
     finally:
-        tracking.close_study_parent(parent, status)
-    print(f"{spec.kind} study {spec.study_id}: {trained} trained, {len(children) - trained} reused; parent run {parent.run_id}")
+        tracking.close_study_parent(parent, status, reason=reason)
+    failed_note = f", {len(diverged)} failed ({', '.join(diverged)})" if diverged else ""
+    print(
+        f"{spec.kind} study {spec.study_id}: {trained} trained, {len(children) - trained - len(diverged)} reused"
+        f"{failed_note}; parent run {parent.run_id}"
+    )
     return StudyResult(parent.run_id, spec.study_id, parent.resumed, outcomes, trained)
 
 
@@ -175,7 +190,10 @@ def _outcomes(
     records = _finished_by_key(tracking.study_children(parent))
     outcomes = []
     for child in children:
-        record = records[child.key]
+        record = records.get(child.key)
+        if record is None:
+            # A child that failed (its loss diverged) has no outcome; the summary covers the others.
+            continue
         outcomes.append(
             ChildOutcome(
                 child, record.run_id, record.metrics, record.params, child.key in previously_finished,

@@ -104,6 +104,8 @@ def mean_std_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[floa
     from scipy import stats
 
     array = np.asarray(values, dtype=float)
+    if len(array) == 0:
+        return float("nan"), float("nan"), float("nan"), float("nan")
     mean = float(array.mean())
     if len(array) < 2:
         return mean, float("nan"), float("nan"), float("nan")

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,39 +22,200 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.config import UserInputError
+from mnist_mlflow import lifecycle
+from mnist_mlflow.config import RunFailedError, UserInputError
+from mnist_mlflow.redaction import redact_url, url_has_secret
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+KILLED_REASON_TAG = "killed_reason"
+FAILED_REASON_TAG = "failed_reason"
+# A RUNNING run that carries no process information (say, the run of an `mlflow run`
+# launcher still building its environment) is closed by reconciliation only after this long.
+UNKNOWN_PROCESS_MAX_AGE_H = 24.0
+# MLflow's error codes for a refused login and a refused permission.
+AUTH_ERROR_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
 class TrackingUnavailableError(UserInputError):
     """The tracking server named by the tracking URI does not answer."""
 
 
+class TrackingAuthError(UserInputError):
+    """The tracking server refused this process's credentials or permissions."""
+
+
+def tracking_uri_shown() -> str:
+    """The tracking URI as the project prints and records it: without any password."""
+    return redact_url(mlflow.get_tracking_uri())
+
+
+def auth_error(error: Exception, server: str | None = None) -> TrackingAuthError | None:
+    """The one-line error for an MLflow error that is a refused login or permission, else None."""
+    code = getattr(error, "error_code", None)
+    if code not in AUTH_ERROR_CODES:
+        return None
+    server = server or tracking_uri_shown()
+    if code == "UNAUTHENTICATED":
+        return TrackingAuthError(
+            f"the MLflow tracking server at {server} refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server"
+        )
+    return TrackingAuthError(
+        f"the MLflow tracking server at {server} refused the request (HTTP 403): the account in "
+        "MLFLOW_TRACKING_USERNAME lacks the permission; ask the server's admin to grant it"
+    )
+
+
 def check_tracking_server(timeout_s: float = 5.0) -> str:
-    """Returns the tracking URI after checking, within ``timeout_s``, that its server answers.
+    """Checks, within seconds, that the tracking store answers and accepts this process; returns its URI
+    without credentials, for printing.
 
     MLflow's own client retries an unreachable server for minutes; this check fails at once
-    with a message that names the URI. Local URIs (sqlite, file) need no server.
+    with a message that names the URI. An authenticated call follows, so wrong or missing
+    credentials are reported in one line before any data is loaded. A local sqlite store is
+    created here, under a file lock, so that scripts started together on a fresh database do
+    not race to create its tables.
     """
     import requests
 
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return uri
-    try:
-        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
-    except requests.RequestException as error:
-        reason = type(error).__name__
-        raise TrackingUnavailableError(
-            f"the MLflow tracking server at {uri} ({TRACKING_URI_ENV}) cannot be reached ({reason}); "
-            "start it or point the variable at a running server"
-        ) from None
-    if response.status_code != 200:
-        raise TrackingUnavailableError(
-            f"the MLflow tracking server at {uri} ({TRACKING_URI_ENV}) answered /health with HTTP {response.status_code}"
+    shown = redact_url(uri)
+    if uri.startswith(("http://", "https://")):
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        except requests.RequestException as error:
+            reason = type(error).__name__
+            raise TrackingUnavailableError(
+                f"the MLflow tracking server at {shown} ({TRACKING_URI_ENV}) cannot be reached ({reason}); "
+                "start it or point the variable at a running server"
+            ) from None
+        if response.status_code != 200:
+            raise TrackingUnavailableError(
+                f"the MLflow tracking server at {shown} ({TRACKING_URI_ENV}) answered /health with HTTP {response.status_code}"
+            )
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        except mlflow.exceptions.MlflowException as error:
+            raise (auth_error(error, shown) or error) from None
+    elif uri.startswith("sqlite:///"):
+        with _file_lock(os.path.abspath(uri[len("sqlite:///"):])):
+            MlflowClient().search_experiments(max_results=1)
+    return shown
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive lock between processes of this machine, named after ``path``, kept in the temp folder."""
+    import fcntl
+
+    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"mnist-mlflow-store-{digest}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def launcher_run_id() -> str | None:
+    """The run ``mlflow run`` created for this process, if any (without taking it over)."""
+    return os.environ.get("MLFLOW_RUN_ID")
+
+
+def current_experiment_id() -> str:
+    """The experiment MLflow's own rules choose: the launcher's run, ``MLFLOW_EXPERIMENT_ID`` or
+    ``MLFLOW_EXPERIMENT_NAME`` (created if missing), else the default experiment."""
+    client = MlflowClient()
+    launcher = launcher_run_id()
+    if launcher:
+        return client.get_run(launcher).info.experiment_id
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        experiment = client.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else client.create_experiment(name)
+    return "0"
+
+
+def warn_about_secret_params() -> list[str]:
+    """Warns, in one line, when ``mlflow run`` recorded a password that came in a ``-P`` value.
+
+    MLflow logs every ``-P`` value as a parameter of the launcher's run before any project
+    code runs, so the project can only say so, and keep the value out of everything it writes.
+    Returns the names of such parameters.
+    """
+    launcher = launcher_run_id()
+    if not launcher:
+        return []
+    params = MlflowClient().get_run(launcher).data.params
+    names = sorted(name for name, value in params.items() if url_has_secret(value))
+    if names:
+        print(
+            f"warning: mlflow run recorded a password given in -P {', '.join(names)} as a parameter of run {launcher}; "
+            "pass database passwords with PGPASSWORD or ~/.pgpass instead (this project writes it nowhere else)",
+            flush=True,
         )
-    return uri
+    return names
+
+
+def prepare_tracking() -> str:
+    """What every entry point does first: check the store and credentials, warn about a password
+    given in ``-P``, and close the runs of dead processes in the current experiment.
+
+    Returns the tracking URI without credentials, for printing.
+    """
+    shown = check_tracking_server()
+    warn_about_secret_params()
+    for run_id, reason in reconcile_runs([current_experiment_id()]):
+        print(f"Run {run_id} was left RUNNING ({reason}); marked KILLED", flush=True)
+    return shown
+
+
+def reconcile_runs(
+    experiment_ids: list[str], unknown_max_age_h: float = UNKNOWN_PROCESS_MAX_AGE_H, dry_run: bool = False
+) -> list[tuple[str, str]]:
+    """Closes as KILLED the RUNNING runs whose process is gone; returns (run id, reason) for each.
+
+    A run records its host, pid and process start time (:mod:`mnist_mlflow.lifecycle`). Runs
+    started on this host by a process that no longer exists are closed. Runs of other hosts
+    are never touched (a search's heartbeat covers those). A run without process information
+    is closed only when it started more than ``unknown_max_age_h`` hours ago, unless it is a
+    search's parent, which the search's last worker closes.
+    """
+    client = MlflowClient()
+    closed = []
+    now_ms = time.time() * 1000
+    this_process = os.getpid()
+    for run in _search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        gone = lifecycle.process_is_gone(tags)
+        if gone:
+            reason = f"its process {tags[lifecycle.PID_TAG]} on {tags[lifecycle.HOST_TAG]} ended without closing it"
+        elif gone is None and lifecycle.PID_TAG not in tags:
+            age_h = (now_ms - run.info.start_time) / 3.6e6
+            if age_h <= unknown_max_age_h or tags.get(STUDY_KIND_TAG) == SEARCH_KIND or run.info.run_id == launcher_run_id():
+                continue
+            reason = f"it has no process information and started {age_h:.0f} h ago (more than {unknown_max_age_h:g} h)"
+        else:
+            continue
+        if tags.get(lifecycle.PID_TAG) == str(this_process) and not gone:
+            continue
+        if not dry_run:
+            mark_run_killed(run.info.run_id, reason)
+        closed.append((run.info.run_id, reason))
+    return closed
+
+
+def _search_all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list:
+    """Every run matching ``filter_string``, page by page."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def enable_autolog() -> None:
@@ -78,9 +240,11 @@ def start_run(
     """Starts (or, under ``mlflow run``, resumes) a run, names and tags it, and yields its id.
 
     With ``parent_run_id`` the run is a new child of that run (a study's parent), which is
-    passed explicitly rather than taken from the thread's active run. The run ends FINISHED
-    when the block completes and FAILED when it raises, including on Ctrl-C, so no run is
-    ever left RUNNING by this process.
+    passed explicitly rather than taken from the thread's active run. The run records the
+    process that holds it. It ends FINISHED when the block completes; KILLED, tagged
+    ``killed_reason``, on Ctrl-C, SIGTERM or the end of the launcher; and FAILED otherwise,
+    tagged ``failed_reason`` when the failure has a one-line reason. So no run is ever left
+    RUNNING by this process while it can still act.
     """
     if parent_run_id:
         experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
@@ -90,8 +254,22 @@ def start_run(
     else:
         run_context = mlflow.start_run(description=description)
     with run_context as run:
-        mlflow.set_tags({"mlflow.runName": run_name, **tags})
-        yield run.info.run_id
+        mlflow.set_tags({"mlflow.runName": run_name, **tags, **lifecycle.process_identity()})
+        try:
+            yield run.info.run_id
+        except KeyboardInterrupt as interruption:
+            _end_active_run("KILLED", KILLED_REASON_TAG, lifecycle.interruption_reason(interruption))
+            raise
+        except RunFailedError as failure:
+            _end_active_run("FAILED", FAILED_REASON_TAG, str(failure))
+            raise
+
+
+def _end_active_run(status: str, tag: str, reason: str) -> None:
+    # A second signal while the run is being closed must not leave it RUNNING.
+    with lifecycle.signals_deferred():
+        mlflow.set_tag(tag, reason)
+        mlflow.end_run(status)
 
 
 # Tags through which a study's runs find each other.
@@ -123,13 +301,6 @@ class ChildRecord:
     params: dict[str, str]
 
 
-def _current_experiment_id() -> str:
-    # MLflow's own resolution: MLFLOW_EXPERIMENT_ID / _NAME, set_experiment(), or the default.
-    from mlflow.tracking.fluent import _get_experiment_id
-
-    return _get_experiment_id()
-
-
 def _find_study_parent(client: MlflowClient, experiment_id: str, study_id: str):
     runs = client.search_runs(
         [experiment_id],
@@ -140,18 +311,25 @@ def _find_study_parent(client: MlflowClient, experiment_id: str, study_id: str):
     return runs[0] if runs else None
 
 
-def _launcher_run() -> tuple[str | None, str]:
-    """The run ``mlflow run`` started for this process (if any) and the experiment to use."""
-    # The launcher's run id must not be picked up again by the children's start_run.
-    launcher_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    experiment_id = (
-        MlflowClient().get_run(launcher_run_id).info.experiment_id if launcher_run_id else _current_experiment_id()
-    )
-    return launcher_run_id, experiment_id
+def take_launcher_run() -> str | None:
+    """The run ``mlflow run`` started for this process (if any), taken out of the environment.
+
+    Once a study takes it over, the children's ``mlflow.start_run`` must not resume it again.
+    """
+    return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
-def _attach_to_parent(client: MlflowClient, parent_run_id: str, experiment_id: str, launcher_run_id: str | None, kind: str, study_id: str) -> StudyParent:
-    """Reopens an existing parent; the launcher's run (if any) records which run it worked for."""
+def _experiment_of(client: MlflowClient, launcher_run_id: str | None) -> str:
+    return client.get_run(launcher_run_id).info.experiment_id if launcher_run_id else current_experiment_id()
+
+
+def _holder_tags(kind: str) -> dict[str, str]:
+    # A search's parent is shared by workers on many hosts; their heartbeats, not a process, say whether it lives.
+    return {} if kind == SEARCH_KIND else lifecycle.process_identity()
+
+
+def _point_launcher_to(client: MlflowClient, launcher_run_id: str | None, parent_run_id: str, kind: str, study_id: str) -> None:
+    """The launcher's run (if it is not the parent) records which run this launch worked for."""
     if launcher_run_id and launcher_run_id != parent_run_id:
         client.set_tag(launcher_run_id, "resumed_study_run_id", parent_run_id)
         client.set_tag(
@@ -159,20 +337,28 @@ def _attach_to_parent(client: MlflowClient, parent_run_id: str, experiment_id: s
             "mlflow.note.content",
             f"This launch worked on {kind} study {study_id}; its runs and summary are in run {parent_run_id}.",
         )
+
+
+def _attach_to_parent(client: MlflowClient, parent_run_id: str, experiment_id: str, launcher_run_id: str | None, kind: str, study_id: str) -> StudyParent:
+    """Reopens an existing parent; the launcher's run (if any) records which run it worked for."""
+    _point_launcher_to(client, launcher_run_id, parent_run_id, kind, study_id)
+    for name, value in _holder_tags(kind).items():
+        client.set_tag(parent_run_id, name, value)
     client.update_run(parent_run_id, status="RUNNING")
     return StudyParent(parent_run_id, experiment_id, True, launcher_run_id)
 
 
 def _create_parent(
     client: MlflowClient, experiment_id: str, launcher_run_id: str | None, kind: str, study_id: str, run_name: str,
-    params: Mapping[str, Any], fingerprint: str, description: str,
+    params: Mapping[str, Any], fingerprint: str, description: str, use_launcher_run: bool = True,
 ) -> StudyParent:
     """Makes the launcher's run (or a new run) the parent of a study: tags, note and parameters."""
-    if launcher_run_id:
+    if launcher_run_id and use_launcher_run:
         run_id = launcher_run_id
         client.set_tag(run_id, "mlflow.runName", run_name)
     else:
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        _point_launcher_to(client, launcher_run_id, run_id, kind, study_id)
     client.set_tag(run_id, "mlflow.note.content", description)
     for name, value in {
         STUDY_ID_TAG: study_id,
@@ -180,6 +366,7 @@ def _create_parent(
         STUDY_KIND_TAG: kind,
         STUDY_FINGERPRINT_TAG: fingerprint,
         **environment_summary(),
+        **_holder_tags(kind),
     }.items():
         client.set_tag(run_id, name, value)
     existing_params = client.get_run(run_id).data.params
@@ -207,7 +394,8 @@ def open_study_parent(
     anything is trained, because its finished children would not be comparable.
     """
     client = MlflowClient()
-    launcher_run_id, experiment_id = _launcher_run()
+    launcher_run_id = take_launcher_run()
+    experiment_id = _experiment_of(client, launcher_run_id)
     existing = _find_study_parent(client, experiment_id, study_id)
     if existing is not None and existing.info.run_id != launcher_run_id:
         found = existing.data.tags.get(STUDY_FINGERPRINT_TAG)
@@ -223,33 +411,51 @@ def open_study_parent(
 SEARCH_KIND = "search"
 
 
-def current_tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
-
-
 def create_search_parent(
-    study_name: str, run_name: str, params: Mapping[str, Any], fingerprint: str, description: str, space: Mapping[str, Any]
+    study_name: str, run_name: str, params: Mapping[str, Any], fingerprint: str, description: str, space: Mapping[str, Any],
+    launcher_run_id: str | None,
 ) -> StudyParent:
-    """The parent run of a new search (the launcher's run under ``mlflow run``), with its space as an artifact."""
+    """The parent run of a new search, with its space as an artifact.
+
+    Under ``mlflow run`` the launcher's run becomes the parent, unless ``mlflow run`` recorded
+    a password among its parameters: every worker shares the parent, so a fresh run is
+    created instead, and the launcher's run only points to it.
+    """
     client = MlflowClient()
-    launcher_run_id, experiment_id = _launcher_run()
+    experiment_id = _experiment_of(client, launcher_run_id)
+    holds_secret = bool(launcher_run_id) and any(url_has_secret(value) for value in client.get_run(launcher_run_id).data.params.values())
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-    parent = _create_parent(client, experiment_id, launcher_run_id, SEARCH_KIND, study_name, run_name, params, digest, description)
+    parent = _create_parent(
+        client, experiment_id, launcher_run_id, SEARCH_KIND, study_name, run_name, params, digest, description,
+        use_launcher_run=not holds_secret,
+    )
     client.log_text(parent.run_id, json.dumps(space, indent=2), "search/space.json")
     return parent
 
 
-def open_search_parent(study_name: str, parent_run_id: str) -> StudyParent:
+def discard_search_parent(parent: StudyParent) -> None:
+    """Undoes :func:`create_search_parent` when another worker created the study first."""
+    client = MlflowClient()
+    if parent.run_id == parent.launcher_run_id:
+        for name in (STUDY_ID_TAG, STUDY_ROLE_TAG, STUDY_KIND_TAG, STUDY_FINGERPRINT_TAG):
+            client.delete_tag(parent.run_id, name)
+    else:
+        client.delete_run(parent.run_id)
+
+
+def open_search_parent(study_name: str, parent_run_id: str, launcher_run_id: str | None) -> StudyParent:
     """Reopens the parent run a search study recorded; the launcher's run (if any) points to it."""
     client = MlflowClient()
     try:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as error:
+        failure = auth_error(error)
+        if failure:
+            raise failure from None
         raise UserInputError(
-            f"study_name={study_name!r} records parent run {parent_run_id}, which {mlflow.get_tracking_uri()} does not have; "
+            f"study_name={study_name!r} records parent run {parent_run_id}, which {tracking_uri_shown()} does not have; "
             "point MLFLOW_TRACKING_URI at the server the study started with, or choose another study_name"
         ) from None
-    launcher_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     return _attach_to_parent(client, parent_run_id, experiment_id, launcher_run_id, SEARCH_KIND, study_name)
 
 
@@ -320,20 +526,27 @@ def metric_values(run_id: str, key: str) -> list[float]:
 def mark_run_killed(run_id: str, reason: str) -> None:
     """Ends a run some dead process left RUNNING as KILLED, with the reason as a tag."""
     client = MlflowClient()
-    client.set_tag(run_id, "killed_reason", reason)
+    client.set_tag(run_id, KILLED_REASON_TAG, reason)
     client.set_terminated(run_id, status="KILLED")
 
 
-def close_study_parent(parent: StudyParent, status: str, parent_too: bool = True) -> None:
+def close_study_parent(parent: StudyParent, status: str, parent_too: bool = True, reason: str | None = None) -> None:
     """Ends the parent run (FINISHED, FAILED or KILLED) and the launcher's run if it is another one.
 
     ``parent_too=False`` ends only the launcher's run: another worker still uses the parent.
+    ``reason`` (why a study was KILLED) is recorded as the ``killed_reason`` tag.
     """
     client = MlflowClient()
+    closing = []
     if parent_too:
-        client.set_terminated(parent.run_id, status=status)
+        closing.append(parent.run_id)
     if parent.launcher_run_id and parent.launcher_run_id != parent.run_id:
-        client.set_terminated(parent.launcher_run_id, status=status)
+        closing.append(parent.launcher_run_id)
+    with lifecycle.signals_deferred():
+        for run_id in closing:
+            if reason and status == "KILLED":
+                client.set_tag(run_id, KILLED_REASON_TAG, reason)
+            client.set_terminated(run_id, status=status)
 
 
 def log_study_summary(
@@ -531,8 +744,10 @@ def promote_best_version(model_name: str, metric: str = "val_accuracy", alias: s
     client = MlflowClient()
     try:
         client.get_registered_model(model_name)
-    except mlflow.exceptions.MlflowException:
-        raise UserInputError(f"model_name={model_name!r}: no registered model of that name at {mlflow.get_tracking_uri()}") from None
+    except mlflow.exceptions.MlflowException as error:
+        if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise (auth_error(error) or error) from None
+        raise UserInputError(f"model_name={model_name!r}: no registered model of that name at {tracking_uri_shown()}") from None
     versions = client.search_model_versions(f"name='{model_name}'")
     candidates = sorted(
         ((str(version.version), _version_score(client, version, metric)) for version in versions),

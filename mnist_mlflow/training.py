@@ -14,6 +14,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from mnist_mlflow.config import TrainingDivergedError
 from mnist_mlflow.data import Splits, evaluation_dataset, training_dataset
 
 # Batches run per compiled call at most; amortises Python and dispatch overhead per step.
@@ -75,6 +76,36 @@ class RestoreBestWeights(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._best_weights is not None:
             self.model.set_weights(self._best_weights)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training at once when the loss becomes NaN or infinite, by raising TrainingDivergedError.
+
+    Keras's own TerminateOnNaN only stops the fit, and the run would then end FINISHED with a
+    useless model. The loss is looked at after every compiled call (up to
+    ``MAX_STEPS_PER_EXECUTION`` steps), so a diverged run stops within one call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def _check(self, logs, where: str) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDivergedError(
+                f"the training loss became {float(loss)} {where} of epoch {self.epoch + 1}; training diverged "
+                "(a smaller learning_rate usually helps)"
+            )
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs, f"at step {batch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs, "at the end")
 
 
 @dataclass
@@ -145,7 +176,7 @@ def train_and_evaluate(
         validation_data=validation_data,
         # The data set reshuffles itself every epoch.
         shuffle=False,
-        callbacks=[timer, best, *callbacks],
+        callbacks=[StopOnNonFiniteLoss(), timer, best, *callbacks],
         verbose=verbose,
     )
     train_time_s = time.perf_counter() - start

@@ -1,0 +1,157 @@
+"""How a process of this project ends: signals, a dying launcher, and who owns a run.
+
+- SIGTERM (sent by ``timeout``, ``docker stop``, Kubernetes and batch schedulers) is handled
+  like Ctrl-C: it raises :class:`Terminated`, a ``KeyboardInterrupt``, in the main thread, so
+  every run this process holds ends KILLED and an Optuna trial is failed.
+- Under ``mlflow run`` the signal usually reaches the launcher, which does not pass SIGTERM
+  on. :func:`watch_launcher` notices when the launcher is gone and stops this process the
+  same way.
+- :func:`process_identity` is recorded on every run (host, pid, process start time), so a
+  run whose process died without warning can later be recognised and closed
+  (:func:`process_is_gone`).
+
+This module imports neither TensorFlow nor MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import threading
+import time
+
+import psutil
+
+# Tags naming the process that holds a run.
+HOST_TAG = "process_host"
+PID_TAG = "process_id"
+START_TAG = "process_start_time"
+# Two start times of one process, read at different moments, agree to well within this.
+START_TIME_TOLERANCE_S = 1.0
+# How often the launcher watch looks at its launcher.
+WATCH_INTERVAL_S = 1.0
+
+
+class Terminated(KeyboardInterrupt):
+    """This process was told to stop: SIGTERM, or its ``mlflow run`` launcher died.
+
+    A ``KeyboardInterrupt``, so that everything that cleans up after Ctrl-C (runs end KILLED,
+    Optuna fails the running trial) does the same here.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def interruption_reason(error: BaseException) -> str:
+    """Why a ``KeyboardInterrupt`` happened, for a run's ``killed_reason`` tag."""
+    if isinstance(error, Terminated):
+        return error.reason
+    return "interrupted by Ctrl-C (SIGINT)"
+
+
+_pending_reason: list[str] = []
+
+
+def _on_sigterm(signum, frame) -> None:
+    reason = _pending_reason.pop() if _pending_reason else "terminated by SIGTERM"
+    raise Terminated(reason)
+
+
+def install_signal_handlers() -> None:
+    """Makes SIGTERM raise :class:`Terminated` in the main thread (a no-op elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ignores Ctrl-C and SIGTERM while a few closing calls run (the process is already stopping)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number in previous:
+        signal.signal(number, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if there is no such process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def process_identity() -> dict[str, str]:
+    """This process, as tags for the runs it holds: host, pid and start time."""
+    pid = os.getpid()
+    return {HOST_TAG: platform.node(), PID_TAG: str(pid), START_TAG: f"{process_start_time(pid):.2f}"}
+
+
+def process_is_gone(tags: dict[str, str]) -> bool | None:
+    """Whether the process named by a run's tags has ended.
+
+    None when the tags do not say (no process information) or name another host, whose
+    processes cannot be seen from here. A pid that now belongs to a process started at
+    another time counts as gone.
+    """
+    try:
+        host, pid, start = tags[HOST_TAG], int(tags[PID_TAG]), float(tags[START_TAG])
+    except (KeyError, ValueError):
+        return None
+    if host != platform.node():
+        return None
+    started = process_start_time(pid)
+    return started is None or abs(started - start) > START_TIME_TOLERANCE_S
+
+
+def find_launcher() -> psutil.Process | None:
+    """The ``mlflow run`` process this process was started by, if any.
+
+    With ``--env-manager local`` the launcher runs the entry point through ``bash -c``; with
+    conda or uv, through a shell that activates the environment first. So the launcher is the
+    nearest ancestor whose command line is ``mlflow run``.
+    """
+    try:
+        for ancestor in psutil.Process().parents():
+            words = [os.path.basename(word) for word in ancestor.cmdline()]
+            if "run" in words and any(word.startswith("mlflow") for word in words[: words.index("run")]):
+                return ancestor
+    except (psutil.Error, ValueError):
+        return None
+    return None
+
+
+def watch_launcher(interval_s: float = WATCH_INTERVAL_S) -> psutil.Process | None:
+    """Stops this process (like SIGTERM) when its ``mlflow run`` launcher ends, in a daemon thread.
+
+    Returns the launcher watched, or None when this process was not started by ``mlflow run``.
+    """
+    launcher = find_launcher()
+    if launcher is None:
+        return None
+
+    def alive() -> bool:
+        # A launcher killed before its own parent reaped it lingers as a zombie: that is ended too.
+        try:
+            return launcher.is_running() and launcher.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval_s)
+        _pending_reason.append(f"its mlflow run launcher (pid {launcher.pid}) ended")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    return launcher
