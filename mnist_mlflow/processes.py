@@ -85,19 +85,42 @@ class ServerProcess:
         self.stop()
 
 
-def tracking_server(root: Path, port: int | None = None, workers: int = 2) -> ServerProcess:
-    """A real `mlflow server` with a sqlite backend and a local artifact root, on 127.0.0.1."""
+def tracking_server(
+    root: Path, port: int | None = None, workers: int = 2, admin_password: str | None = None, backend_store_uri: str | None = None
+) -> ServerProcess:
+    """A real `mlflow server` with a local artifact root, on 127.0.0.1.
+
+    The backend store is sqlite in ``root`` unless ``backend_store_uri`` names another (say
+    PostgreSQL). With ``admin_password``, it is MLflow's ``basic-auth`` app: every request
+    must log in, the user ``admin`` has that password, and new users may only read.
+    """
+    import secrets
+
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"),
         "--workers", str(workers),
     ]
-    return ServerProcess(command, port, root, "/health")
+    env = python_env()
+    if admin_password:
+        config = root / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+            "admin_username = admin\n"
+            f"admin_password = {admin_password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        command += ["--app-name", "basic-auth"]
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+    return ServerProcess(command, port, root, "/health", env=env)
 
 
 def postgres_bin_dir() -> Path:
@@ -122,7 +145,9 @@ class PostgresServer:
     distribution's package creates, in a folder that user owns.
     """
 
-    def __init__(self, port: int | None = None, user: str = "search", database: str = "optuna"):
+    def __init__(self, port: int | None = None, user: str = "search", database: str = "optuna", password: str | None = None):
+        """With ``password``, every connection must log in with it (scram-sha-256 in pg_hba.conf);
+        without, the server trusts every local connection."""
         import tempfile
 
         self.port = port or free_port()
@@ -139,15 +164,32 @@ class PostgresServer:
             owner = pwd.getpwnam("postgres")
             shutil.chown(self.root, owner.pw_uid, owner.pw_gid)
             self.run_as = ["runuser", "-u", "postgres", "--"]
+        self.password = password
         self.url = f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
+    def client_env(self) -> dict[str, str]:
+        """libpq's variables for this server's password (none with trust authentication)."""
+        return {"PGPASSWORD": self.password} if self.password else {}
+
     def _run(self, *command: str) -> None:
-        result = subprocess.run([*self.run_as, *command], capture_output=True, text=True, timeout=120)
+        env = {**os.environ, **self.client_env()}
+        result = subprocess.run([*self.run_as, *command], capture_output=True, text=True, timeout=120, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"{command[0]} failed:\n{result.stdout}\n{result.stderr}")
 
     def start(self, timeout_s: float = 60.0) -> "PostgresServer":
-        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, "-A", "trust", "-E", "UTF8", "--no-locale")
+        auth = ["-A", "trust"]
+        if self.password:
+            password_file = self.root / "password"
+            password_file.write_text(self.password)
+            if self.run_as:
+                import shutil
+
+                shutil.chown(password_file, "postgres", "postgres")
+            auth = ["-A", "scram-sha-256", f"--pwfile={password_file}"]
+        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, *auth, "-E", "UTF8", "--no-locale")
+        if self.password:
+            (self.root / "password").unlink()
         self._run(
             str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.root / "server.log"), "-w", "-t", str(int(timeout_s)),
             "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200",

@@ -39,7 +39,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from mnist_mlflow import best_of_n, data, experiments, lifecycle, plots, summaries, tracking
+from mnist_mlflow import best_of_n, data, experiments, lifecycle, plots, study_storage, summaries, tracking
 from mnist_mlflow.config import (
     DataConfig,
     DenseModelConfig,
@@ -79,10 +79,6 @@ PARENT_WAIT_S = 5
 DIVERGED_ATTR = "diverged"
 
 
-class StorageUnavailableError(UserInputError):
-    """The Optuna storage cannot be opened."""
-
-
 class SurplusTrial(Exception):
     """A trial that must not train: the cap is reached, or its parameters are taken already."""
 
@@ -101,49 +97,9 @@ class SearchResult:
     registered_version: str | None
 
 
-# Workers started together on a fresh database race to create Optuna's tables (optuna#1092);
-# creating them twice is harmless, so a storage that fails that way is opened again.
-STORAGE_OPEN_ATTEMPTS = 8
-TABLE_RACE_MARKERS = ("already exists", "duplicate key", "uniqueviolation", "unique constraint", "circulardependency")
-
-
-def _is_table_creation_race(error: Exception) -> bool:
-    text = f"{type(error).__name__} {getattr(error, 'orig', '')} {error}".lower()
-    return any(marker in text for marker in TABLE_RACE_MARKERS)
-
-
 def open_storage(url: str):
-    """Opens the Optuna storage with heartbeats on; fails within seconds, naming the URL (without
-    its password), if it cannot. Workers that create a fresh database's tables together all get in."""
-    import sqlalchemy.exc
-
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith(("postgresql", "mysql")):
-        engine_kwargs = {"connect_args": {"connect_timeout": 5}}
-    shown = redact_url(url)
-    for attempt in range(STORAGE_OPEN_ATTEMPTS):
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
-                heartbeat_stale_trial_callback=_on_stale_trial,
-            )
-        except ImportError as error:
-            # Optuna wraps the missing driver's ModuleNotFoundError in an ImportError.
-            missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "its database driver"
-            raise StorageUnavailableError(
-                f"storage={shown!r} needs the Python module {missing!r}; install it "
-                "(the project declares psycopg[binary] for PostgreSQL)"
-            ) from None
-        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
-            if _is_table_creation_race(error) and attempt + 1 < STORAGE_OPEN_ATTEMPTS:
-                # Another worker is creating the tables right now; they will be there in a moment.
-                time.sleep(0.2 + 0.3 * np.random.default_rng().random() * (attempt + 1))
-                continue
-            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-            raise StorageUnavailableError(f"storage={shown!r} cannot be opened: {redact_url(reason)}") from None
+    """Opens the Optuna storage with heartbeats on and the stale-trial callback of this module."""
+    return study_storage.open_storage(url, HEARTBEAT_INTERVAL_S, GRACE_PERIOD_S, _on_stale_trial)
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int):

@@ -207,6 +207,22 @@ def reconcile_runs(
     return closed
 
 
+def experiment_ids(name_or_id: str = "") -> list[str]:
+    """The ids of the experiment named (by name or id), or of every active experiment when empty."""
+    client = MlflowClient()
+    if not name_or_id:
+        return [experiment.experiment_id for experiment in client.search_experiments()]
+    experiment = client.get_experiment_by_name(name_or_id)
+    if experiment is None and name_or_id.isdigit():
+        try:
+            experiment = client.get_experiment(name_or_id)
+        except mlflow.exceptions.MlflowException:
+            experiment = None
+    if experiment is None:
+        raise UserInputError(f"experiment={name_or_id!r}: no experiment of that name or id at {tracking_uri_shown()}")
+    return [experiment.experiment_id]
+
+
 def _search_all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list:
     """Every run matching ``filter_string``, page by page."""
     runs, token = [], None

@@ -1,0 +1,68 @@
+"""Opening an Optuna study storage (sqlite, PostgreSQL, MySQL) the way many workers need it.
+
+This module imports Optuna and SQLAlchemy but neither TensorFlow nor MLflow, so a worker
+finds out within seconds whether its storage can be opened.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+
+from mnist_mlflow.config import UserInputError
+from mnist_mlflow.redaction import redact_url
+
+
+class StorageUnavailableError(UserInputError):
+    """The Optuna storage cannot be opened."""
+
+
+# Workers started together on a fresh database race to create Optuna's tables (optuna#1092);
+# creating them twice is harmless, so a storage that fails that way is opened again.
+STORAGE_OPEN_ATTEMPTS = 8
+TABLE_RACE_MARKERS = ("already exists", "duplicate key", "uniqueviolation", "unique constraint", "circulardependency")
+
+
+def _is_table_creation_race(error: Exception) -> bool:
+    text = f"{type(error).__name__} {getattr(error, 'orig', '')} {error}".lower()
+    return any(marker in text for marker in TABLE_RACE_MARKERS)
+
+
+def open_storage(
+    url: str, heartbeat_interval_s: int | None = None, grace_period_s: int | None = None,
+    stale_trial_callback: Callable[[Any, Any], None] | None = None,
+):
+    """Opens the Optuna storage; fails within seconds, naming the URL (without its password), if it
+    cannot. Workers that create a fresh database's tables together all get in."""
+    import sqlalchemy.exc
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith(("postgresql", "mysql")):
+        engine_kwargs = {"connect_args": {"connect_timeout": 5}}
+    shown = redact_url(url)
+    for attempt in range(STORAGE_OPEN_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval_s,
+                grace_period=grace_period_s,
+                heartbeat_stale_trial_callback=stale_trial_callback,
+            )
+        except ImportError as error:
+            # Optuna wraps the missing driver's ModuleNotFoundError in an ImportError.
+            missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "its database driver"
+            raise StorageUnavailableError(
+                f"storage={shown!r} needs the Python module {missing!r}; install it "
+                "(the project declares psycopg[binary] for PostgreSQL)"
+            ) from None
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
+            if _is_table_creation_race(error) and attempt + 1 < STORAGE_OPEN_ATTEMPTS:
+                # Another worker is creating the tables right now; they will be there in a moment.
+                time.sleep(0.2 + 0.3 * np.random.default_rng().random() * (attempt + 1))
+                continue
+            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            raise StorageUnavailableError(f"storage={shown!r} cannot be opened: {reason}") from None
