@@ -303,12 +303,14 @@ def _wait_for_attrs(study) -> dict[str, Any]:
 
 def _on_stale_trial(study, trial) -> None:
     """Called by Optuna when a trial's heartbeat stopped: close its run and queue it again."""
+    print(f"Trial {trial.number}: its worker stopped sending heartbeats; the trial is failed and queued again", flush=True)
     parent_run_id = study.user_attrs.get(PARENT_ATTR)
     if parent_run_id:
         for record in tracking.study_children_of(parent_run_id):
+            # On the dead worker's own host, reconciliation may have closed the run already.
             if record.key == _trial_key(trial.number) and record.status == "RUNNING":
                 tracking.mark_run_killed(record.run_id, f"Optuna trial {trial.number} stopped sending heartbeats (its worker died)")
-                print(f"Trial {trial.number}: its worker stopped sending heartbeats; run {record.run_id} marked KILLED", flush=True)
+                print(f"Trial {trial.number}: run {record.run_id} marked KILLED", flush=True)
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
@@ -404,7 +406,8 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
             # would diverge the same way.
             trial.set_user_attr(DIVERGED_ATTR, str(error))
             print(f"Trial {trial.number}: FAILED: {error}", flush=True)
-            raise
+            # Optuna records a trial whose objective is NaN as failed, without a traceback.
+            return float("nan")
         counter[0] += 1
         metrics = result.metrics
         for name, value in {
@@ -512,9 +515,7 @@ def run_search(config: SearchConfig) -> SearchResult:
             optuna.storages.fail_stale_trials(study)
             _retry_failed(study)
             if _work_left(study, n_trials, grid_size):
-                study.optimize(
-                    objective, callbacks=[stop_when_done], catch=(SurplusTrial, TrainingDivergedError), gc_after_trial=False
-                )
+                study.optimize(objective, callbacks=[stop_when_done], catch=(SurplusTrial,), gc_after_trial=False)
                 continue
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:

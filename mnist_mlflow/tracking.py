@@ -80,6 +80,9 @@ def check_tracking_server(timeout_s: float = 5.0) -> str:
 
     uri = mlflow.get_tracking_uri()
     shown = redact_url(uri)
+    if shown != uri:
+        # MLflow prints "View run ... at: <tracking URI>" when a run ends, password and all.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if uri.startswith(("http://", "https://")):
         try:
             response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)

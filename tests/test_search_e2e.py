@@ -127,9 +127,14 @@ def _wait_for_running_child(client: MlflowClient, storage: str, study_name: str,
     raise AssertionError(f"no trial was running after {finished_before} finished within {timeout_s} s")
 
 
-@pytest.mark.parametrize("how", ["kill", "interrupt"])
+SIGNALS = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": signal.SIGTERM}
+EXIT_STATUS = {"kill": -signal.SIGKILL, "interrupt": 130, "terminate": 143}
+
+
+@pytest.mark.parametrize("how", ["kill", "interrupt", "terminate"])
 def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, tracking_uri, how):
-    """SIGKILL (the heartbeat finds the dead trial) or Ctrl-C (Optuna fails it) mid-trial, then the same command again."""
+    """SIGKILL (the heartbeat finds the dead trial), Ctrl-C or SIGTERM (Optuna fails the trial, and
+    it is queued again at once) mid-trial, then the same command again."""
     space = space_file(tmp_path, FOUR_POINT_GRID)
     study_name = f"resume-{how}"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -142,17 +147,27 @@ def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, trac
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         parent_run_id, finished, cut = _wait_for_running_child(client, storage, study_name, finished_before=1)
-        first.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
+        first.send_signal(SIGNALS[how])
         output = first.communicate(timeout=120)[0]
     finally:
         if first.poll() is None:
             first.kill()
-    assert first.returncode == (-signal.SIGKILL if how == "kill" else 130), output[-3000:]
+    assert first.returncode == EXIT_STATUS[how], output[-3000:]
+    cut_trial = int(cut.data.tags["optuna_trial_number"])
+    if how != "kill":
+        # Failed by Optuna and queued again before the process exited; the search's parent,
+        # which no other worker uses, ends KILLED with the reason; so does the trial's run.
+        trials = load_study(storage, study_name).trials
+        assert trials[cut_trial].state == optuna.trial.TrialState.FAIL
+        assert [trial.state for trial in trials if trial.system_attrs.get("failed_trial") == cut_trial] == [optuna.trial.TrialState.WAITING]
+        reason = "interrupted by Ctrl-C (SIGINT)" if how == "interrupt" else "terminated by SIGTERM"
+        for run_id in (parent_run_id, cut.info.run_id):
+            run = client.get_run(run_id)
+            assert (run.info.status, run.data.tags.get("killed_reason")) == ("KILLED", reason)
     finished_ids = {run.info.run_id for run in client.search_runs(
         [client.get_run(parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
     )}
-    cut_trial = int(cut.data.tags["optuna_trial_number"])
 
     again = run_script(command, env, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -176,7 +191,7 @@ def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, trac
     # Runs finished before the cut are kept, not trained again.
     assert finished_ids <= {run.info.run_id for run in by_status["FINISHED"]}
     cut_run = client.get_run(cut.info.run_id)
-    assert cut_run.info.status == ("KILLED" if how == "kill" else "FAILED")
+    assert cut_run.info.status == "KILLED"
     assert running_runs(client) == []
     assert client.get_run(parent_run_id).info.status == "FINISHED"
 

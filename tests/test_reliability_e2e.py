@@ -1,0 +1,412 @@
+"""Reliability against real servers and real signals: SIGTERM, SIGKILL, a dying `mlflow run`
+launcher, reconciliation, an authenticated tracking server, a password-protected PostgreSQL,
+and workers or scripts that start at the same moment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import PROJECT_DIR, run_script
+from mnist_mlflow.processes import PostgresServer, free_port, python_env, tracking_server
+
+pytestmark = pytest.mark.e2e
+
+DENSE = str(PROJECT_DIR / "entrypoints" / "dense.py")
+SEARCH = str(PROJECT_DIR / "entrypoints" / "search.py")
+PROMOTE = str(PROJECT_DIR / "entrypoints" / "promote.py")
+RECONCILE = str(PROJECT_DIR / "entrypoints" / "reconcile.py")
+WEIGHT_DECAY = str(PROJECT_DIR / "entrypoints" / "weight_decay.py")
+# Long enough to be caught mid-training: the test stops it after the first epoch.
+LONG_DENSE = [DENSE, "--epochs", "200", "--max_train_examples", "2000"]
+TWO_POINT_GRID = "parameters:\n  units: [16, 32]\n"
+ADMIN_PASSWORD = "tracking-S3cret-e2e"
+PG_PASSWORD = "pg-S3cret-e2e"
+
+
+def wait_for(condition, what: str, timeout_s: float = 300, process: subprocess.Popen | None = None):
+    """Polls ``condition`` until it returns something truthy; fails naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the process ended (status {process.returncode}) before {what}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def experiment_runs(client: MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def running_with_an_epoch(client: MlflowClient, experiment: str):
+    """The experiment's RUNNING runs that have logged at least one epoch."""
+    return [run for run in experiment_runs(client, experiment) if run.info.status == "RUNNING" and "val_accuracy" in run.data.metrics]
+
+
+def start(command: list[str], env: dict[str, str], cwd: Path = PROJECT_DIR) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_ends_a_dense_run_killed_at_once_with_one_line(mlflow_server):
+    experiment = "e2e-sigterm-dense"
+    client = MlflowClient(mlflow_server.url)
+    process = start([sys.executable, *LONG_DENSE], python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment))
+    try:
+        (run,) = wait_for(lambda: running_with_an_epoch(client, experiment), "a running run", process=process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "stopped: terminated by SIGTERM; the runs of this process ended KILLED"
+    assert "Traceback" not in stderr
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags["killed_reason"] == "terminated by SIGTERM"
+
+
+def test_a_killed_process_leaves_a_run_that_the_next_start_closes(mlflow_server):
+    """SIGKILL leaves the run RUNNING; the next entry point of the experiment closes it KILLED,
+    but never a run of another host or a young run without process information."""
+    experiment = "e2e-sigkill-reconcile"
+    client = MlflowClient(mlflow_server.url)
+    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+    process = start([sys.executable, *LONG_DENSE], env)
+    try:
+        (run,) = wait_for(lambda: running_with_an_epoch(client, experiment), "a running run", process=process)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    assert run.data.tags["process_id"] == str(process.pid)
+
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    elsewhere = client.create_run(
+        experiment_id, tags={"process_host": "another-host", "process_id": "1", "process_start_time": "1.00"}
+    ).info.run_id
+    young_unknown = client.create_run(experiment_id).info.run_id
+    old_unknown = client.create_run(experiment_id, start_time=int((time.time() - 25 * 3600) * 1000)).info.run_id
+
+    # Any entry point reconciles its experiment on start; promote is the cheapest one.
+    result = run_script([sys.executable, PROMOTE, "--model_name", "no-such-model"], env)
+    assert result.returncode == 2 and "no registered model" in result.stderr, result.stderr[-2000:]
+    assert f"Run {run.info.run_id} was left RUNNING" in result.stdout
+    closed = client.get_run(run.info.run_id)
+    assert closed.info.status == "KILLED"
+    assert f"its process {process.pid} on" in closed.data.tags["killed_reason"]
+    assert client.get_run(old_unknown).info.status == "KILLED"
+    assert "no process information" in client.get_run(old_unknown).data.tags["killed_reason"]
+    assert client.get_run(elsewhere).info.status == "RUNNING"
+    assert client.get_run(young_unknown).info.status == "RUNNING"
+
+    # The reconcile entry point does the same on demand; a dry run changes nothing.
+    dead = client.create_run(
+        experiment_id, tags={"process_host": closed.data.tags["process_host"], "process_id": str(process.pid), "process_start_time": "1.00"}
+    ).info.run_id
+    dry = run_script([sys.executable, RECONCILE, "--experiment", experiment, "--dry_run", "true"], env)
+    assert dry.returncode == 0 and f"run {dead}: would be closed" in dry.stdout, dry.stderr
+    assert client.get_run(dead).info.status == "RUNNING"
+    done = run_script([sys.executable, RECONCILE, "--experiment", experiment], env)
+    assert done.returncode == 0 and "1 run(s) closed KILLED" in done.stdout, done.stdout + done.stderr
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(elsewhere).info.status == "RUNNING"
+
+
+def test_when_the_mlflow_run_launcher_dies_the_entry_point_closes_its_run(mlflow_server, tmp_path):
+    """`docker stop` or a scheduler signals the launcher, which does not pass SIGTERM on."""
+    experiment = "e2e-launcher-dies"
+    client = MlflowClient(mlflow_server.url)
+    command = [
+        sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense", "--env-manager", "local",
+        "--experiment-name", experiment, "-P", "epochs=200", "-P", "max_train_examples=2000",
+    ]
+    launcher = start(command, python_env(mlflow_server.url), cwd=tmp_path)
+    try:
+        (run,) = wait_for(lambda: running_with_an_epoch(client, experiment), "a running run", process=launcher)
+        script = psutil.Process(int(run.data.tags["process_id"]))
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+        # The entry point notices within about a second, closes its run and exits.
+        gone, _ = psutil.wait_procs([script], timeout=60)
+        assert gone, "the entry point kept running after its launcher died"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags["killed_reason"] == f"its mlflow run launcher (pid {launcher.pid}) ended"
+
+
+def test_sigterm_to_a_study_kills_the_parent_and_the_current_child_and_keeps_the_finished_one(mlflow_server):
+    experiment = "e2e-sigterm-study"
+    client = MlflowClient(mlflow_server.url)
+    command = [
+        sys.executable, WEIGHT_DECAY, "--factors", "1e-4", "--replicates", "2", "--epochs", "8",
+        "--max_train_examples", "1000", "--sweep_id", "wd-sigterm",
+    ]
+    process = start(command, python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment))
+
+    def second_child_running():
+        runs = experiment_runs(client, experiment)
+        children = [run for run in runs if run.data.tags.get("study_role") == "child"]
+        finished = [run for run in children if run.info.status == "FINISHED"]
+        running = [run for run in children if run.info.status == "RUNNING"]
+        return (finished, running) if finished and running else None
+
+    try:
+        finished, running = wait_for(second_child_running, "the second child", process=process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    runs = {run.info.run_id: run for run in experiment_runs(client, experiment)}
+    (parent,) = [run for run in runs.values() if run.data.tags.get("study_role") == "parent"]
+    assert parent.info.status == "KILLED" and parent.data.tags["killed_reason"] == "terminated by SIGTERM"
+    assert runs[running[0].info.run_id].info.status == "KILLED"
+    assert runs[running[0].info.run_id].data.tags["killed_reason"] == "terminated by SIGTERM"
+    assert runs[finished[0].info.run_id].info.status == "FINISHED"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """MLflow's basic-auth server: every request must log in as admin."""
+    with tracking_server(tmp_path_factory.mktemp("auth_server"), admin_password=ADMIN_PASSWORD) as server:
+        yield server
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    return url.replace("http://", f"http://{user}:{password}@")
+
+
+@pytest.mark.parametrize("credentials", ["wrong", "missing"])
+def test_wrong_or_missing_credentials_are_one_line_before_any_data(auth_server, credentials, tmp_path):
+    env = python_env(auth_server.url, MLFLOW_EXPERIMENT_NAME="e2e-auth")
+    if credentials == "wrong":
+        env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="not-the-password")
+    result = run_script([sys.executable, DENSE, "--epochs", "1", "--max_train_examples", "500"], env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the MLflow tracking server at {auth_server.url} refused the credentials (HTTP 401): set "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server"
+    )
+    assert "Traceback" not in result.stderr and "MLflow run" not in result.stdout and "Preparing" not in result.stdout
+
+    # promote says the same, never "no registered model".
+    promote = run_script([sys.executable, PROMOTE, "--model_name", "mnist-cnn"], env, cwd=tmp_path)
+    assert promote.returncode == 2 and "refused the credentials (HTTP 401)" in promote.stderr
+    assert "no registered model" not in promote.stderr
+
+    # A search with wrong credentials writes nothing to its study storage.
+    storage = tmp_path / "optuna.db"
+    search = run_script(
+        [sys.executable, SEARCH, "--space", "grid", "--storage", f"sqlite:///{storage}", "--epochs", "1"], env, cwd=tmp_path
+    )
+    assert search.returncode == 2 and "refused the credentials (HTTP 401)" in search.stderr
+    assert not storage.exists()
+
+
+def test_a_search_recovers_a_study_left_without_parent_at_once(auth_server, tmp_path):
+    """A study whose creator stopped before recording its parent run gets one from the next worker."""
+    space = tmp_path / "space.yaml"
+    space.write_text(TWO_POINT_GRID)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
+    env = python_env(
+        auth_server.url, MLFLOW_EXPERIMENT_NAME="e2e-orphan", MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD
+    )
+    started = time.monotonic()
+    result = run_script(
+        [sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "orphan", "--epochs", "1",
+         "--max_train_examples", "500", "--register_as", ""],
+        env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Study orphan has no parent run recorded" in result.stdout
+    study = optuna.load_study(study_name="orphan", storage=storage)
+    parent = MlflowClient(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD)).get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 2
+    # The recovery did not wait for the old 60 s.
+    assert time.monotonic() - started < 120
+
+
+def _everything_recorded(client: MlflowClient, experiment: str, download_to: Path) -> tuple[list[str], str]:
+    """Every param, tag and metric key of the experiment's runs, and the text of all their artifacts."""
+    import mlflow
+
+    texts: list[str] = []
+    for run in experiment_runs(client, experiment):
+        texts.append(json.dumps({"params": run.data.params, "tags": run.data.tags, "name": run.info.run_name}))
+        target = download_to / run.info.run_id
+        target.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(target), tracking_uri=client.tracking_uri)
+        for path in target.rglob("*"):
+            if path.is_file():
+                texts.append(path.read_bytes().decode("utf-8", errors="replace"))
+    return texts, "\n".join(texts)
+
+
+def test_no_password_is_recorded_or_printed(auth_server, tmp_path):
+    """A search on a PostgreSQL that requires a password, tracked on a basic-auth server.
+
+    Worker 1 is a careless `mlflow run` with the database password inside -P storage and the
+    tracking password inside MLFLOW_TRACKING_URI; worker 2 passes them as documented
+    (PGPASSWORD, MLFLOW_TRACKING_USERNAME/PASSWORD). Neither secret may appear in anything
+    the project writes or prints: only the parameter MLflow itself logged from -P holds it.
+    """
+    experiment = "e2e-secrets"
+    space = tmp_path / "space.yaml"
+    space.write_text(TWO_POINT_GRID)
+    with PostgresServer(password=PG_PASSWORD) as postgres:
+        careless_storage = postgres.url.replace("search@", f"search:{PG_PASSWORD}@")
+        careless_env = python_env(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD))
+        careless = run_script(
+            [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "search", "--env-manager", "local",
+             "--experiment-name", experiment, "-P", f"space={space}", "-P", f"storage={careless_storage}",
+             "-P", "study_name=secrets", "-P", "epochs=1", "-P", "max_train_examples=500", "-P", "register_as=secrets-model"],
+            careless_env, cwd=tmp_path,
+        )
+        assert careless.returncode == 0, careless.stdout[-3000:] + careless.stderr[-3000:]
+        assert "warning: mlflow run recorded a password given in -P storage" in careless.stdout
+
+        careful_env = python_env(
+            auth_server.url, MLFLOW_EXPERIMENT_NAME=experiment, MLFLOW_TRACKING_USERNAME="admin",
+            MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD, **postgres.client_env(),
+        )
+        # Another way of logging in to the same server is not another server.
+        careful = run_script(
+            [sys.executable, SEARCH, "--space", str(space), "--storage", postgres.url, "--study_name", "secrets",
+             "--epochs", "1", "--max_train_examples", "500", "--register_as", "secrets-model"],
+            careful_env, cwd=tmp_path,
+        )
+        assert careful.returncode == 0, careful.stdout[-3000:] + careful.stderr[-3000:]
+        assert "Joined search secrets" in careful.stdout
+
+        study = optuna.load_study(study_name="secrets", storage=postgres.url.replace("search@", f"search:{PG_PASSWORD}@"))
+        parent_id = study.user_attrs["mlflow_parent_run_id"]
+        study_text = json.dumps(
+            [study.user_attrs]
+            + [[trial.user_attrs, trial.system_attrs, trial.params] for trial in study.trials],
+            default=str,
+        )
+
+    client = MlflowClient(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD))
+    runs = experiment_runs(client, experiment)
+    launcher = [run for run in runs if run.data.params.get("storage") == careless_storage]
+    assert len(launcher) == 1, "MLflow itself records the -P value on the launcher's run"
+    assert parent_id != launcher[0].info.run_id, "the shared parent must not be the run that holds the password"
+    assert launcher[0].data.tags["resumed_study_run_id"] == parent_id
+    assert client.get_run(parent_id).data.params["storage"] == postgres.url.replace("search@", "search:***@")
+
+    texts, _ = _everything_recorded(client, experiment, tmp_path / "artifacts")
+    without_mlflows_own = [text.replace(json.dumps(careless_storage)[1:-1], "<mlflow's own -P record>") for text in texts]
+    for secret in (PG_PASSWORD, ADMIN_PASSWORD):
+        assert not [text[:300] for text in without_mlflows_own if secret in text]
+        assert secret not in study_text
+        for output in (careless.stdout, careless.stderr, careful.stdout, careful.stderr):
+            # MLflow's launcher prints the command it runs (-P values and all) and, at its end, its
+            # own run's URL built from MLFLOW_TRACKING_URI: those lines are MLflow's, not the project's.
+            launcher_id = launcher[0].info.run_id
+            ours = [
+                line for line in output.splitlines()
+                if "INFO mlflow.projects" not in line and not (line.startswith(("🏃 View run", "🧪 View experiment")) and (launcher_id in line or "/runs/" not in line))
+            ]
+            assert not [line for line in ours if secret in line]
+    assert len(runs) >= 4  # launcher, parent, two trials
+
+
+def test_scripts_started_together_on_a_fresh_sqlite_store_both_finish(tmp_path):
+    """No CircularDependencyError from MLflow's schema set-up when two scripts create mlflow.db together."""
+    env = python_env(f"sqlite:///{tmp_path / 'mlflow.db'}", MLFLOW_EXPERIMENT_NAME="together")
+    command = [sys.executable, DENSE, "--epochs", "1", "--max_train_examples", "300"]
+    processes = [start(command, env, cwd=tmp_path) for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert sorted(run.info.status for run in experiment_runs(client, "together")) == ["FINISHED", "FINISHED"]
+
+
+OPEN_STORAGE_AT = """
+import sys, time
+from mnist_mlflow.study_storage import open_storage
+url, at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, at - time.time()))
+open_storage(url)
+print("opened")
+"""
+
+
+@pytest.mark.parametrize("round_number", range(5))
+def test_workers_opening_a_fresh_postgres_database_together_all_get_in(postgres, round_number):
+    """optuna#1092: workers that create the tables of a fresh database at the same moment."""
+    database = f"fresh_{round_number}_{os.getpid()}"
+    subprocess.run(
+        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, database],
+        check=True, capture_output=True,
+    )
+    url = postgres.url.rsplit("/", 1)[0] + f"/{database}"
+    at = time.time() + 6  # all four have imported Optuna by then
+    workers = [start([sys.executable, "-c", OPEN_STORAGE_AT, url, str(at)], python_env()) for _ in range(4)]
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=120)
+        assert worker.returncode == 0 and "opened" in stdout, stderr[-2000:]
+    assert optuna.get_all_study_names(storage=url) == []
+
+
+def test_a_diverging_child_fails_and_the_study_goes_on(mlflow_server):
+    experiment = "e2e-diverging-child"
+    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+    result = run_script(
+        [sys.executable, WEIGHT_DECAY, "--factors", "1e30,1e-4", "--replicates", "1", "--epochs", "1", "--max_train_examples", "500"],
+        env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FAILED: the training loss became" in result.stdout and "1 failed (factor=1e+30/replicate=0)" in result.stdout
+    runs = experiment_runs(MlflowClient(mlflow_server.url), experiment)
+    by_key = {run.data.tags.get("study_child_key"): run for run in runs if run.data.tags.get("study_role") == "child"}
+    diverged = by_key["factor=1e+30/replicate=0"]
+    assert diverged.info.status == "FAILED" and "training diverged" in diverged.data.tags["failed_reason"]
+    assert by_key["factor=0.0001/replicate=0"].info.status == "FINISHED"
+    (parent,) = [run for run in runs if run.data.tags.get("study_role") == "parent"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["failed_children"] == "factor=1e+30/replicate=0"
+
+
+def test_a_diverging_trial_is_failed_and_never_retried(mlflow_server, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("parameters:\n  units: [16]\n  learning_rate: [0.001, 1.0e+300]\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [
+        sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "diverging", "--epochs", "1",
+        "--max_train_examples", "500", "--register_as", "",
+    ]
+    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="e2e-diverging-trial")
+    first = run_script(command, env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    again = run_script(command, env, cwd=tmp_path)
+    assert again.returncode == 0 and "0 trials trained by this worker" in again.stdout, again.stdout[-3000:]
+    trials = optuna.load_study(study_name="diverging", storage=storage).trials
+    assert [(trial.params["learning_rate"], trial.state.name) for trial in trials] == [(1e300, "FAIL"), (0.001, "COMPLETE")]
+    assert "training diverged" in trials[0].user_attrs["diverged"]
+    client = MlflowClient(mlflow_server.url)
+    parent = client.get_run(optuna.load_study(study_name="diverging", storage=storage).user_attrs["mlflow_parent_run_id"])
+    assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_complete"] == 1
