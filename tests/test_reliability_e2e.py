@@ -61,17 +61,23 @@ def start(command: list[str], env: dict[str, str], cwd: Path = PROJECT_DIR) -> s
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_ends_a_dense_run_killed_at_once_with_one_line(mlflow_server):
-    experiment = "e2e-sigterm-dense"
-    client = MlflowClient(mlflow_server.url)
-    process = start([sys.executable, *LONG_DENSE], python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment))
+def signal_when(process: subprocess.Popen, condition, what: str, signal_number: int):
+    """Sends ``signal_number`` to ``process`` once ``condition`` holds; returns its value and the process's stderr."""
     try:
-        (run,) = wait_for(lambda: running_with_an_epoch(client, experiment), "a running run", process=process)
-        process.send_signal(signal.SIGTERM)
+        value = wait_for(condition, what, process=process)
+        process.send_signal(signal_number)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
+    return value, stderr
+
+
+def test_sigterm_ends_a_dense_run_killed_at_once_with_one_line(mlflow_server):
+    experiment = "e2e-sigterm-dense"
+    client = MlflowClient(mlflow_server.url)
+    process = start([sys.executable, *LONG_DENSE], python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment))
+    (run,), stderr = signal_when(process, lambda: running_with_an_epoch(client, experiment), "a running run", signal.SIGTERM)
     assert process.returncode == 143, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "stopped: terminated by SIGTERM; the runs of this process ended KILLED"
     assert "Traceback" not in stderr
@@ -87,13 +93,7 @@ def test_a_killed_process_leaves_a_run_that_the_next_start_closes(mlflow_server)
     client = MlflowClient(mlflow_server.url)
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
     process = start([sys.executable, *LONG_DENSE], env)
-    try:
-        (run,) = wait_for(lambda: running_with_an_epoch(client, experiment), "a running run", process=process)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    (run,), _ = signal_when(process, lambda: running_with_an_epoch(client, experiment), "a running run", signal.SIGKILL)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
     assert run.data.tags["process_id"] == str(process.pid)
 
@@ -127,6 +127,9 @@ def test_a_killed_process_leaves_a_run_that_the_next_start_closes(mlflow_server)
     assert done.returncode == 0 and "1 run(s) closed KILLED" in done.stdout, done.stdout + done.stderr
     assert client.get_run(dead).info.status == "KILLED"
     assert client.get_run(elsewhere).info.status == "RUNNING"
+    # The server is shared with other tests, which check that nothing is left RUNNING.
+    for run_id in (elsewhere, young_unknown):
+        client.set_terminated(run_id, status="KILLED")
 
 
 def test_when_the_mlflow_run_launcher_dies_the_entry_point_closes_its_run(mlflow_server, tmp_path):
@@ -170,13 +173,7 @@ def test_sigterm_to_a_study_kills_the_parent_and_the_current_child_and_keeps_the
         running = [run for run in children if run.info.status == "RUNNING"]
         return (finished, running) if finished and running else None
 
-    try:
-        finished, running = wait_for(second_child_running, "the second child", process=process)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    (finished, running), stderr = signal_when(process, second_child_running, "the second child", signal.SIGTERM)
     assert process.returncode == 143, stderr[-2000:]
     runs = {run.info.run_id: run for run in experiment_runs(client, experiment)}
     (parent,) = [run for run in runs.values() if run.data.tags.get("study_role") == "parent"]
@@ -410,3 +407,32 @@ def test_a_diverging_trial_is_failed_and_never_retried(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.url)
     parent = client.get_run(optuna.load_study(study_name="diverging", storage=storage).user_attrs["mlflow_parent_run_id"])
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_complete"] == 1
+
+
+def test_search_workers_started_together_on_a_fresh_database_share_one_study_and_one_parent(mlflow_server, postgres, tmp_path):
+    """Three workers at the same moment, a fresh database: one creates the study (and keeps its
+    parent run), the others discard the parent they made and join; all three finish."""
+    database = f"together_{os.getpid()}"
+    subprocess.run(
+        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, database],
+        check=True, capture_output=True,
+    )
+    storage = postgres.url.rsplit("/", 1)[0] + f"/{database}"
+    space = tmp_path / "space.yaml"
+    space.write_text("parameters:\n  units: [8, 16, 32]\n")
+    experiment = "e2e-workers-together"
+    command = [
+        sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "together", "--epochs", "1",
+        "--max_train_examples", "300", "--register_as", "",
+    ]
+    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+    workers = [start(command, env, cwd=tmp_path) for _ in range(3)]
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=900)
+        assert worker.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    study = optuna.load_study(study_name="together", storage=storage)
+    assert sorted(trial.params["units"] for trial in study.trials if trial.state.name == "COMPLETE") == [8, 16, 32]
+    client = MlflowClient(mlflow_server.url)
+    parents = [run for run in experiment_runs(client, experiment) if run.data.tags.get("study_role") == "parent"]
+    assert [run.info.run_id for run in parents] == [study.user_attrs["mlflow_parent_run_id"]]
+    assert parents[0].info.status == "FINISHED"

@@ -42,12 +42,20 @@ def children(client: MlflowClient, parent_run_id: str):
     return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-def running_runs(client: MlflowClient) -> list[str]:
-    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+def running_runs(client: MlflowClient, parent_run_id: str) -> list[str]:
+    """The RUNNING runs of the parent's experiment: each test has an experiment of its own, so one
+    test's leftovers never fail another."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
     return [
         f"{run.info.run_id} ({run.data.tags.get('mlflow.runName')})"
-        for run in client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'")
+        for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'")
     ]
+
+
+@pytest.fixture()
+def search_env(tracking_uri, request):
+    """A worker's environment, with an MLflow experiment named after the test."""
+    return python_env(tracking_uri, MLFLOW_EXPERIMENT_NAME=f"search-{request.node.name}")
 
 
 def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_uri, postgres):
@@ -87,7 +95,7 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
     assert all(run.data.tags["worker_host"] for run in runs)
     # Both workers trained trials of the one study.
     assert len({run.data.tags["worker"] for run in runs}) == 2, [run.data.tags["worker"] for run in runs]
-    assert running_runs(client) == []
+    assert running_runs(client, parent_run_id) == []
 
     # The parent's summary agrees with the children's own metrics.
     best = max(runs, key=lambda run: (run.data.metrics["best_val_accuracy"], -int(run.data.tags["optuna_trial_number"])))
@@ -120,7 +128,8 @@ def _wait_for_running_child(client: MlflowClient, storage: str, study_name: str,
         if parent_run_id:
             runs = children(client, parent_run_id)
             finished = [run for run in runs if run.info.status == "FINISHED"]
-            running = [run for run in runs if run.info.status == "RUNNING"]
+            # A run is created a moment before its tags are written: wait for the trial's tags too.
+            running = [run for run in runs if run.info.status == "RUNNING" and "optuna_trial_number" in run.data.tags]
             if len(finished) >= finished_before and running:
                 return parent_run_id, finished, running[0]
         time.sleep(0.3)
@@ -132,7 +141,7 @@ EXIT_STATUS = {"kill": -signal.SIGKILL, "interrupt": 130, "terminate": 143}
 
 
 @pytest.mark.parametrize("how", ["kill", "interrupt", "terminate"])
-def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, tracking_uri, how):
+def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, tracking_uri, how, search_env):
     """SIGKILL (the heartbeat finds the dead trial), Ctrl-C or SIGTERM (Optuna fails the trial, and
     it is queued again at once) mid-trial, then the same command again."""
     space = space_file(tmp_path, FOUR_POINT_GRID)
@@ -142,7 +151,7 @@ def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, trac
         sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", study_name,
         "--epochs", "3", "--max_train_examples", "3000", "--register_as", "",
     ]
-    env = python_env(tracking_uri)
+    env = search_env
     client = MlflowClient(tracking_uri)
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -192,11 +201,11 @@ def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, trac
     assert finished_ids <= {run.info.run_id for run in by_status["FINISHED"]}
     cut_run = client.get_run(cut.info.run_id)
     assert cut_run.info.status == "KILLED"
-    assert running_runs(client) == []
+    assert running_runs(client, parent_run_id) == []
     assert client.get_run(parent_run_id).info.status == "FINISHED"
 
 
-def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_path, tracking_uri):
+def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_path, tracking_uri, search_env):
     space = space_file(
         tmp_path,
         "sampler: random\nparameters:\n  units: [8, 32, 128]\n  learning_rate: [0.00001, 0.001, 0.01]\n  dropout: [0.0, 0.3]\n",
@@ -206,7 +215,7 @@ def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_p
         sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "random-pruned", "--n_trials", "8",
         "--pruner", "median", "--epochs", "4", "--max_train_examples", "1000", "--register_as", "",
     ]
-    result = run_script(command, python_env(tracking_uri), timeout=600, cwd=tmp_path)
+    result = run_script(command, search_env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = load_study(storage, "random-pruned")
     assert len(study.trials) == 8
@@ -264,7 +273,7 @@ def test_unreachable_tracking_server_is_reported_before_any_training(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_the_study(tmp_path, tracking_uri, postgres):
+def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_the_study(tmp_path, tracking_uri, postgres, search_env):
     """Two workers share a PostgreSQL study; one is SIGKILLed mid-trial; the other fails its trial, retries it, finishes."""
     space = space_file(tmp_path, FOUR_POINT_GRID)
     study_name = "dead-worker"
@@ -272,7 +281,7 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
         sys.executable, SEARCH, "--space", space, "--storage", postgres.url, "--study_name", study_name,
         "--epochs", "3", "--max_train_examples", "3000", "--register_as", "",
     ]
-    env = python_env(tracking_uri)
+    env = search_env
     client = MlflowClient(tracking_uri)
     doomed = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     survivor = None
@@ -298,11 +307,11 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
     assert client.get_run(cut.info.run_id).info.status == "KILLED"
     runs = children(client, parent_run_id)
     assert sorted(run.info.status for run in runs) == ["FINISHED"] * 4 + ["KILLED"]
-    assert running_runs(client) == []
+    assert running_runs(client, parent_run_id) == []
     assert client.get_run(parent_run_id).info.status == "FINISHED"
 
 
-def test_random_trial_that_repeats_a_finished_one_reuses_its_result(tmp_path, tracking_uri):
+def test_random_trial_that_repeats_a_finished_one_reuses_its_result(tmp_path, tracking_uri, search_env):
     """Two combinations and five draws: repeats take the earlier trial's result instead of training again."""
     space = space_file(tmp_path, "sampler: random\nparameters:\n  units: [16, 32]\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -310,7 +319,7 @@ def test_random_trial_that_repeats_a_finished_one_reuses_its_result(tmp_path, tr
         sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "repeats", "--n_trials", "5",
         "--epochs", "1", "--max_train_examples", "500", "--register_as", "",
     ]
-    result = run_script(command, python_env(tracking_uri), timeout=600, cwd=tmp_path)
+    result = run_script(command, search_env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = load_study(storage, "repeats")
     trials = study.trials
