@@ -42,7 +42,8 @@ def wait_for(condition, what: str, timeout_s: float = 300, process: subprocess.P
         if value:
             return value
         if process is not None and process.poll() is not None:
-            pytest.fail(f"the process ended (status {process.returncode}) before {what}")
+            stdout, stderr = process.communicate()
+            pytest.fail(f"the process ended (status {process.returncode}) before {what}:\n{stdout[-2000:]}\n{stderr[-3000:]}")
         time.sleep(0.3)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
@@ -436,3 +437,71 @@ def test_search_workers_started_together_on_a_fresh_database_share_one_study_and
     parents = [run for run in experiment_runs(client, experiment) if run.data.tags.get("study_role") == "parent"]
     assert [run.info.run_id for run in parents] == [study.user_attrs["mlflow_parent_run_id"]]
     assert parents[0].info.status == "FINISHED"
+
+
+def test_sigterm_to_one_of_two_search_workers_keeps_the_shared_parent_running(mlflow_server, postgres, tmp_path):
+    """The stopped worker's trial is failed and queued again at once; the other worker trains it,
+    and only the last worker closes the parent, FINISHED."""
+    database = f"sigterm_worker_{os.getpid()}"
+    subprocess.run(
+        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, database],
+        check=True, capture_output=True,
+    )
+    storage = postgres.url.rsplit("/", 1)[0] + f"/{database}"
+    space = tmp_path / "space.yaml"
+    space.write_text("parameters:\n  units: [8, 16, 32, 64]\n")
+    experiment = "e2e-sigterm-one-worker"
+    command = [
+        sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "shared", "--epochs", "4",
+        "--max_train_examples", "2000", "--register_as", "",
+    ]
+    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+    client = MlflowClient(mlflow_server.url)
+    stopped, other = start(command, env, cwd=tmp_path), start(command, env, cwd=tmp_path)
+
+    def both_training():
+        running = [
+            run for run in experiment_runs(client, experiment)
+            if run.info.status == "RUNNING" and run.data.tags.get("study_role") == "child"
+        ]
+        workers = {run.data.tags["worker"]: run for run in running}
+        mine = workers.get(f"{os.uname().nodename}:{stopped.pid}")
+        return mine if mine is not None and len(workers) == 2 else None
+
+    try:
+        cut, stderr = signal_when(stopped, both_training, "both workers training", signal.SIGTERM)
+        assert stopped.returncode == 143, stderr[-2000:]
+        trial_number = int(cut.data.tags["optuna_trial_number"])
+        trials = optuna.load_study(study_name="shared", storage=storage).trials
+        assert trials[trial_number].state.name == "FAIL"
+        assert any(trial.system_attrs.get("failed_trial") == trial_number for trial in trials)
+        parent_id = optuna.load_study(study_name="shared", storage=storage).user_attrs["mlflow_parent_run_id"]
+        assert client.get_run(parent_id).info.status == "RUNNING", "the other worker still uses the parent"
+        assert client.get_run(cut.info.run_id).info.status == "KILLED"
+        stdout, stderr = other.communicate(timeout=900)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert other.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert sorted(trial.params["units"] for trial in study.trials if trial.state.name == "COMPLETE") == [8, 16, 32, 64]
+    assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+RESOLVE_EXPERIMENT_AT = """
+import sys, time
+from mnist_mlflow import tracking
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+print(tracking.current_experiment_id())
+"""
+
+
+def test_entry_points_started_together_in_a_new_experiment_all_get_it(mlflow_server):
+    """Each resolves MLFLOW_EXPERIMENT_NAME, and all but one find that another just created it."""
+    for round_number in range(3):
+        env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=f"e2e-new-experiment-{round_number}")
+        at = time.time() + 5
+        processes = [start([sys.executable, "-c", RESOLVE_EXPERIMENT_AT, str(at)], env) for _ in range(4)]
+        outputs = [process.communicate(timeout=60) for process in processes]
+        assert [process.returncode for process in processes] == [0] * 4, [stderr[-1000:] for _, stderr in outputs]
+        assert len({stdout.strip() for stdout, _ in outputs}) == 1
