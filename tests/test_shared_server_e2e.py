@@ -1,0 +1,55 @@
+"""The README's team set-up: a real `mlflow server` whose backend store is PostgreSQL, with
+proxied artifacts (--artifacts-destination). A dense run, a small study and promote all work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import PROJECT_DIR, run_script
+from mnist_mlflow.processes import python_env, tracking_server
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def postgres_tracking_server(postgres, tmp_path_factory):
+    database = "mlflow_backend"
+    subprocess.run(
+        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, database],
+        check=True, capture_output=True,
+    )
+    backend = postgres.url.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{database}"
+    with tracking_server(tmp_path_factory.mktemp("pg_tracking"), backend_store_uri=backend) as server:
+        yield server
+
+
+def test_dense_study_and_promote_against_a_postgres_backed_server(postgres_tracking_server, tmp_path):
+    url = postgres_tracking_server.url
+    env = python_env(url, MLFLOW_EXPERIMENT_NAME="team")
+    dense = run_script([sys.executable, "entrypoints/dense.py", "--epochs", "1", "--max_train_examples", "500"], env)
+    assert dense.returncode == 0, dense.stderr[-3000:]
+    study = run_script(
+        [sys.executable, "entrypoints/exercises.py", "--only", "baseline,1", "--epochs", "1", "--max_train_examples", "500"], env
+    )
+    assert study.returncode == 0, study.stderr[-3000:]
+    cnn = run_script(
+        [sys.executable, "entrypoints/cnn.py", "--epochs", "1", "--max_train_examples", "500", "--register_as", "team-cnn"], env
+    )
+    assert cnn.returncode == 0, cnn.stderr[-3000:]
+    promote = run_script([sys.executable, "entrypoints/promote.py", "--model_name", "team-cnn"], env)
+    assert promote.returncode == 0 and "Alias 'champion' -> team-cnn version 1" in promote.stdout, promote.stderr[-3000:]
+
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
+    assert len(runs) == 5 and {run.info.status for run in runs} == {"FINISHED"}  # dense, parent, 2 children, cnn
+    parent = [run for run in runs if run.data.tags.get("study_role") == "parent"][0]
+    assert {item.path for item in client.list_artifacts(parent.info.run_id, "summary")} >= {"summary/exercises.json"}
+    # Artifacts went through the server (proxied), into its --artifacts-destination folder.
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
+    stored = list((postgres_tracking_server.root / "artifacts").rglob("exercises.json"))
+    assert stored, "the summary table should be stored under the server's artifacts destination"
+    assert client.get_model_version_by_alias("team-cnn", "champion").version == "1"
