@@ -117,14 +117,24 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
     assert [version.tags["run_id"] for version in versions] == [best.info.run_id]
 
 
-def _wait_for_running_child(client: MlflowClient, storage: str, study_name: str, finished_before: int, timeout_s: float = 300):
-    """Waits until ``finished_before`` trials are FINISHED runs and another trial's run is RUNNING."""
+def _wait_for_running_child(
+    client: MlflowClient, storage: str, study_name: str, finished_before: int, process: subprocess.Popen, timeout_s: float = 300
+):
+    """Waits until ``finished_before`` trials are FINISHED runs and another trial's run is RUNNING.
+
+    Each look is one cheap query: the parent's id is read from the study once, and the worker's
+    exit ends the wait at once (a busy machine must not let the trials slip past unseen).
+    """
     deadline = time.monotonic() + timeout_s
+    parent_run_id = None
     while time.monotonic() < deadline:
-        try:
-            parent_run_id = load_study(storage, study_name).user_attrs.get("mlflow_parent_run_id")
-        except KeyError:
-            parent_run_id = None
+        if process.poll() is not None:
+            raise AssertionError(f"the worker ended (status {process.returncode}) before a trial could be cut off")
+        if parent_run_id is None:
+            try:
+                parent_run_id = load_study(storage, study_name).user_attrs.get("mlflow_parent_run_id")
+            except KeyError:
+                pass
         if parent_run_id:
             runs = children(client, parent_run_id)
             finished = [run for run in runs if run.info.status == "FINISHED"]
@@ -132,8 +142,18 @@ def _wait_for_running_child(client: MlflowClient, storage: str, study_name: str,
             running = [run for run in runs if run.info.status == "RUNNING" and "optuna_trial_number" in run.data.tags]
             if len(finished) >= finished_before and running:
                 return parent_run_id, finished, running[0]
-        time.sleep(0.3)
+        time.sleep(0.1)
     raise AssertionError(f"no trial was running after {finished_before} finished within {timeout_s} s")
+
+
+def start_worker(command: list[str], env: dict[str, str], cwd) -> subprocess.Popen:
+    """A worker whose Ctrl-C works even when this test runs where SIGINT is ignored (a background
+    job of a non-interactive shell): Python turns SIGINT into KeyboardInterrupt only if the
+    signal was left at its default by the parent."""
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 SIGNALS = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": signal.SIGTERM}
@@ -153,9 +173,9 @@ def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, trac
     ]
     env = search_env
     client = MlflowClient(tracking_uri)
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = start_worker(command, env, tmp_path)
     try:
-        parent_run_id, finished, cut = _wait_for_running_child(client, storage, study_name, finished_before=1)
+        parent_run_id, finished, cut = _wait_for_running_child(client, storage, study_name, finished_before=1, process=first)
         first.send_signal(SIGNALS[how])
         output = first.communicate(timeout=120)[0]
     finally:
@@ -283,12 +303,12 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
     ]
     env = search_env
     client = MlflowClient(tracking_uri)
-    doomed = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    doomed = start_worker(command, env, tmp_path)
     survivor = None
     try:
         # The doomed worker's first trial is running; start the survivor, then kill the doomed one.
-        parent_run_id, _, cut = _wait_for_running_child(client, postgres.url, study_name, finished_before=0)
-        survivor = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        parent_run_id, _, cut = _wait_for_running_child(client, postgres.url, study_name, finished_before=0, process=doomed)
+        survivor = start_worker(command, env, tmp_path)
         doomed.send_signal(signal.SIGKILL)
         doomed.communicate(timeout=60)
         output = survivor.communicate(timeout=600)[0]
