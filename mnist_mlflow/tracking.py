@@ -197,7 +197,6 @@ def reconcile_runs(
     client = MlflowClient()
     closed = []
     now_ms = time.time() * 1000
-    this_process = os.getpid()
     for run in _search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
         tags = run.data.tags
         gone = lifecycle.process_is_gone(tags)
@@ -209,8 +208,6 @@ def reconcile_runs(
                 continue
             reason = f"it has no process information and started {age_h:.0f} h ago (more than {unknown_max_age_h:g} h)"
         else:
-            continue
-        if tags.get(lifecycle.PID_TAG) == str(this_process) and not gone:
             continue
         if not dry_run:
             mark_run_killed(run.info.run_id, reason)

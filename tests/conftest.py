@@ -65,3 +65,12 @@ def postgres():
 
     with PostgresServer() as server:
         yield server
+
+
+def fresh_database(postgres, name: str) -> str:
+    """A new, empty database on the test PostgreSQL server; returns its URL."""
+    subprocess.run(
+        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, name],
+        check=True, capture_output=True, env={**os.environ, **postgres.client_env()},
+    )
+    return postgres.url.rsplit("/", 1)[0] + f"/{name}"

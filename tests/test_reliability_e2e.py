@@ -17,7 +17,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
+from conftest import PROJECT_DIR, fresh_database, run_script
 from mnist_mlflow.processes import PostgresServer, free_port, python_env, tracking_server
 
 pytestmark = pytest.mark.e2e
@@ -357,11 +357,7 @@ print("opened")
 def test_workers_opening_a_fresh_postgres_database_together_all_get_in(postgres, round_number):
     """optuna#1092: workers that create the tables of a fresh database at the same moment."""
     database = f"fresh_{round_number}_{os.getpid()}"
-    subprocess.run(
-        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, database],
-        check=True, capture_output=True,
-    )
-    url = postgres.url.rsplit("/", 1)[0] + f"/{database}"
+    url = fresh_database(postgres, database)
     at = time.time() + 6  # all four have imported Optuna by then
     workers = [start([sys.executable, "-c", OPEN_STORAGE_AT, url, str(at)], python_env()) for _ in range(4)]
     for worker in workers:
@@ -410,23 +406,24 @@ def test_a_diverging_trial_is_failed_and_never_retried(mlflow_server, tmp_path):
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_complete"] == 1
 
 
+def postgres_search(postgres, mlflow_server, tmp_path, study_name: str, units: list[int], epochs: int, examples: int):
+    """A search over ``units`` in a fresh PostgreSQL database, tracked in the experiment e2e-<study_name>:
+    (storage URL, worker command, worker environment)."""
+    storage = fresh_database(postgres, f"{study_name}_{os.getpid()}")
+    space = tmp_path / "space.yaml"
+    space.write_text(f"parameters:\n  units: {units}\n")
+    command = [
+        sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", study_name, "--epochs", str(epochs),
+        "--max_train_examples", str(examples), "--register_as", "",
+    ]
+    return storage, command, python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=f"e2e-{study_name}")
+
+
 def test_search_workers_started_together_on_a_fresh_database_share_one_study_and_one_parent(mlflow_server, postgres, tmp_path):
     """Three workers at the same moment, a fresh database: one creates the study (and keeps its
     parent run), the others discard the parent they made and join; all three finish."""
-    database = f"together_{os.getpid()}"
-    subprocess.run(
-        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, database],
-        check=True, capture_output=True,
-    )
-    storage = postgres.url.rsplit("/", 1)[0] + f"/{database}"
-    space = tmp_path / "space.yaml"
-    space.write_text("parameters:\n  units: [8, 16, 32]\n")
-    experiment = "e2e-workers-together"
-    command = [
-        sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "together", "--epochs", "1",
-        "--max_train_examples", "300", "--register_as", "",
-    ]
-    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+    experiment = "e2e-together"
+    storage, command, env = postgres_search(postgres, mlflow_server, tmp_path, "together", [8, 16, 32], epochs=1, examples=300)
     workers = [start(command, env, cwd=tmp_path) for _ in range(3)]
     for worker in workers:
         stdout, stderr = worker.communicate(timeout=900)
@@ -442,20 +439,8 @@ def test_search_workers_started_together_on_a_fresh_database_share_one_study_and
 def test_sigterm_to_one_of_two_search_workers_keeps_the_shared_parent_running(mlflow_server, postgres, tmp_path):
     """The stopped worker's trial is failed and queued again at once; the other worker trains it,
     and only the last worker closes the parent, FINISHED."""
-    database = f"sigterm_worker_{os.getpid()}"
-    subprocess.run(
-        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, database],
-        check=True, capture_output=True,
-    )
-    storage = postgres.url.rsplit("/", 1)[0] + f"/{database}"
-    space = tmp_path / "space.yaml"
-    space.write_text("parameters:\n  units: [8, 16, 32, 64]\n")
-    experiment = "e2e-sigterm-one-worker"
-    command = [
-        sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "shared", "--epochs", "4",
-        "--max_train_examples", "2000", "--register_as", "",
-    ]
-    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+    experiment = "e2e-shared"
+    storage, command, env = postgres_search(postgres, mlflow_server, tmp_path, "shared", [8, 16, 32, 64], epochs=4, examples=2000)
     client = MlflowClient(mlflow_server.url)
     stopped, other = start(command, env, cwd=tmp_path), start(command, env, cwd=tmp_path)
 

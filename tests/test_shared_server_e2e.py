@@ -3,13 +3,12 @@ proxied artifacts (--artifacts-destination). A dense run, a small study and prom
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
+from conftest import PROJECT_DIR, fresh_database, run_script
 from mnist_mlflow.processes import python_env, tracking_server
 
 pytestmark = pytest.mark.e2e
@@ -17,12 +16,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def postgres_tracking_server(postgres, tmp_path_factory):
-    database = "mlflow_backend"
-    subprocess.run(
-        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, database],
-        check=True, capture_output=True,
-    )
-    backend = postgres.url.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{database}"
+    # MLflow's store through SQLAlchemy with psycopg 3, the driver the project installs.
+    backend = fresh_database(postgres, "mlflow_backend").replace("postgresql://", "postgresql+psycopg://")
     with tracking_server(tmp_path_factory.mktemp("pg_tracking"), backend_store_uri=backend) as server:
         yield server
 
