@@ -69,6 +69,10 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
         "-P", "epochs=1", "-P", "max_train_examples=1500", "-P", "register_as=search-two-workers",
     ]
     env = python_env(tracking_uri)
+    # MLflow's launcher creates a missing --experiment-name without handling a second launcher
+    # doing the same at that moment (RESOURCE_ALREADY_EXISTS, before any project code runs);
+    # as the README says, create the experiment once before starting launchers together.
+    MlflowClient(tracking_uri).create_experiment("search-two-workers")
     workers = [
         subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
