@@ -278,8 +278,9 @@ def start_run(
     else:
         run_context = mlflow.start_run(description=description)
     with run_context as run:
-        mlflow.set_tags({"mlflow.runName": run_name, **tags, **lifecycle.process_identity()})
         try:
+            # Inside the try: a signal while the tags are being written still ends the run KILLED.
+            mlflow.set_tags({"mlflow.runName": run_name, **tags, **lifecycle.process_identity()})
             yield run.info.run_id
         except KeyboardInterrupt as interruption:
             _end_active_run("KILLED", KILLED_REASON_TAG, lifecycle.interruption_reason(interruption))
