@@ -159,8 +159,7 @@ def warn_about_secret_params() -> list[str]:
     launcher = launcher_run_id()
     if not launcher:
         return []
-    params = MlflowClient().get_run(launcher).data.params
-    names = sorted(name for name, value in params.items() if url_has_secret(value))
+    names = secret_params(MlflowClient(), launcher)
     if names:
         print(
             f"warning: mlflow run recorded a password given in -P {', '.join(names)} as a parameter of run {launcher}; "
@@ -168,6 +167,11 @@ def warn_about_secret_params() -> list[str]:
             flush=True,
         )
     return names
+
+
+def secret_params(client: MlflowClient, run_id: str) -> list[str]:
+    """The names of the run's parameters whose values hold a password."""
+    return sorted(name for name, value in client.get_run(run_id).data.params.items() if url_has_secret(value))
 
 
 def prepare_tracking() -> str:
@@ -448,7 +452,7 @@ def create_search_parent(
     """
     client = MlflowClient()
     experiment_id = _experiment_of(client, launcher_run_id)
-    holds_secret = bool(launcher_run_id) and any(url_has_secret(value) for value in client.get_run(launcher_run_id).data.params.values())
+    holds_secret = bool(launcher_run_id) and bool(secret_params(client, launcher_run_id))
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     parent = _create_parent(
         client, experiment_id, launcher_run_id, SEARCH_KIND, study_name, run_name, params, digest, description,
