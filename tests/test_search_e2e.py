@@ -124,29 +124,35 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
 def _wait_for_running_child(
     client: MlflowClient, storage: str, study_name: str, finished_before: int, process: subprocess.Popen, timeout_s: float = 300
 ):
-    """Waits until ``finished_before`` trials are FINISHED runs and another trial's run is RUNNING.
+    """Waits until ``finished_before`` trials are finished and another trial's run is RUNNING.
 
-    Each look is one cheap query: the parent's id is read from the study once, and the worker's
-    exit ends the wait at once (a busy machine must not let the trials slip past unseen).
+    Trials last a few seconds each, and a busy machine answers HTTP queries slowly, so the wait
+    first watches the study itself (one local query a look) and asks the tracking server only
+    once a trial is running. The worker's exit ends the wait at once.
     """
     deadline = time.monotonic() + timeout_s
-    parent_run_id = None
+    study = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"the worker ended (status {process.returncode}) before a trial could be cut off")
-        if parent_run_id is None:
+        if study is None:
             try:
-                parent_run_id = load_study(storage, study_name).user_attrs.get("mlflow_parent_run_id")
+                study = load_study(storage, study_name)
             except KeyError:
-                pass
-        if parent_run_id:
+                time.sleep(0.1)
+                continue
+        trials = study.get_trials(deepcopy=False)
+        complete = sum(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+        running = [trial.number for trial in trials if trial.state == optuna.trial.TrialState.RUNNING]
+        parent_run_id = study.user_attrs.get("mlflow_parent_run_id") if running else None
+        if complete >= finished_before and running and parent_run_id:
             runs = children(client, parent_run_id)
             finished = [run for run in runs if run.info.status == "FINISHED"]
             # A run is created a moment before its tags are written: wait for the trial's tags too.
-            running = [run for run in runs if run.info.status == "RUNNING" and "optuna_trial_number" in run.data.tags]
-            if len(finished) >= finished_before and running:
-                return parent_run_id, finished, running[0]
-        time.sleep(0.1)
+            current = [run for run in runs if run.info.status == "RUNNING" and "optuna_trial_number" in run.data.tags]
+            if len(finished) >= finished_before and current:
+                return parent_run_id, finished, current[0]
+        time.sleep(0.05)
     raise AssertionError(f"no trial was running after {finished_before} finished within {timeout_s} s")
 
 
@@ -173,7 +179,7 @@ def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, trac
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [
         sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", study_name,
-        "--epochs", "3", "--max_train_examples", "3000", "--register_as", "",
+        "--epochs", "3", "--max_train_examples", "5000", "--register_as", "",
     ]
     env = search_env
     client = MlflowClient(tracking_uri)
@@ -303,7 +309,7 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
     study_name = "dead-worker"
     command = [
         sys.executable, SEARCH, "--space", space, "--storage", postgres.url, "--study_name", study_name,
-        "--epochs", "3", "--max_train_examples", "3000", "--register_as", "",
+        "--epochs", "3", "--max_train_examples", "5000", "--register_as", "",
     ]
     env = search_env
     client = MlflowClient(tracking_uri)
