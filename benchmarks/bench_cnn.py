@@ -71,7 +71,7 @@ def serving_benchmark(model_uri: str, tracking_uri: str, images: np.ndarray, sin
     import mlflow
     import requests
 
-    from mnist_mlflow.processes import ServerProcess, free_port, python_env
+    from harness.servers import ServerProcess, free_port, python_env
 
     port = free_port()
     command = [
@@ -132,7 +132,7 @@ def main() -> None:
 
     from mnist_mlflow.config import DataConfig
     from mnist_mlflow.data import load_splits
-    from mnist_mlflow.processes import tracking_server
+    from harness.servers import tracking_server
 
     with tracking_server(WORK_DIR / "mlflow-cnn") as server:
         notebook_times, project_times, runs = alternate_notebook_and_project(

@@ -78,7 +78,7 @@ def main() -> None:
     if args is None:
         return
 
-    from mnist_mlflow.processes import tracking_server
+    from harness.servers import tracking_server
 
     with tracking_server(WORK_DIR / "mlflow") as server:
         notebook_runs, project_runs, runs = alternate_notebook_and_project(

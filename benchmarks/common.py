@@ -61,7 +61,7 @@ def run_entry_point(script: str, args: list[str], tracking_uri: str, experiment:
     """Runs ``entrypoints/<script>`` with tracking on; returns ({"wall": [...], "cpu": [...]} epoch seconds, the run)."""
     from mlflow.tracking import MlflowClient
 
-    from mnist_mlflow.processes import python_env
+    from harness.servers import python_env
 
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri)
@@ -112,7 +112,7 @@ def alternate_notebook_and_project(
 
 def run_in_subprocess(script: str, args: list[str], marker: str):
     """Runs a benchmark script in a fresh process and parses the JSON it prints after ``marker``."""
-    from mnist_mlflow.processes import python_env
+    from harness.servers import python_env
 
     output = subprocess.run(
         [sys.executable, script, *args], env=python_env(), capture_output=True, text=True, check=True

@@ -146,7 +146,7 @@ def run_classifier(
     with the run in the MLflow UI. ``callbacks`` are extra Keras callbacks for the fit.
     """
     # A study's child: the study has checked the server and reconciled the experiment already.
-    tracking_uri = tracking.prepare_tracking() if parent_run_id is None else tracking.tracking_uri_shown()
+    tracking_uri = tracking.prepare_tracking(tags["entry_point"]) if parent_run_id is None else tracking.tracking_uri_shown()
     splits = data.load_splits(data_config)
 
     import keras
@@ -211,6 +211,8 @@ def run_classifier(
                 test_accuracy=result.test_accuracy,
             )
             print(f"Registered as {register_as} version {version}", flush=True)
+        if parent_run_id is None:
+            tracking.print_runs_view(tracking.current_experiment_id(), run_id)
         return RunResult(run_id=run_id, metrics=result.metrics(), model_uri=model_uri, registered_version=version)
 
 

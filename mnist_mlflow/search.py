@@ -489,7 +489,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     n_trials = config.resolved_n_trials()
     sampler = config.resolved_sampler()
     study_name = config.resolved_study_name()
-    tracking_uri = tracking.prepare_tracking()
+    tracking_uri = tracking.prepare_tracking(tracking.SEARCH_KIND)
     storage = open_storage(config.resolved_storage())
     data.load_splits(DataConfig(seed=config.seed, max_train_examples=config.max_train_examples))
 
@@ -501,6 +501,7 @@ def run_search(config: SearchConfig) -> SearchResult:
         flush=True,
     )
     print(f"More workers, or a resumed session, join it with the same command (study_name={study_name}).", flush=True)
+    tracking.print_runs_view(parent.experiment_id)
     grid_size = space.grid_size if sampler == "grid" else None
     counter = [0]
     objective = _objective(config, space, parent.run_id, n_trials, counter)
@@ -540,6 +541,7 @@ def run_search(config: SearchConfig) -> SearchResult:
         # Another worker still at work keeps the parent RUNNING; it closes the parent itself.
         tracking.close_study_parent(parent, status, parent_too=status == "FINISHED" or not others_running, reason=reason)
     print(f"Search {study_name}: {counter[0]} trials trained by this worker; parent run {parent.run_id}", flush=True)
+    tracking.print_runs_view(parent.experiment_id)
     return result
 
 

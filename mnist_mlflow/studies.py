@@ -100,7 +100,7 @@ def run_study(
     keys = [child.key for child in children]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"study {spec.study_id!r} has duplicate child keys: {sorted(keys)}")
-    tracking_uri = tracking.prepare_tracking()
+    tracking_uri = tracking.prepare_tracking(spec.kind)
     for data_config in {child.config.data for child in children}:
         data.load_splits(data_config)
 
@@ -110,6 +110,7 @@ def run_study(
     verb = "Resuming" if parent.resumed else "Started"
     print(f"{verb} {spec.kind} study {spec.study_id}: parent run {parent.run_id} at {tracking_uri}", flush=True)
     print(f"To resume it after an interruption, run the same command with sweep_id={spec.study_id}", flush=True)
+    tracking.print_runs_view(parent.experiment_id)
     status, reason = "FAILED", None
     diverged: list[str] = []
     try:
@@ -159,8 +160,10 @@ def run_study(
     failed_note = f", {len(diverged)} failed ({', '.join(diverged)})" if diverged else ""
     print(
         f"{spec.kind} study {spec.study_id}: {trained} trained, {len(children) - trained - len(diverged)} reused"
-        f"{failed_note}; parent run {parent.run_id}"
+        f"{failed_note}; parent run {parent.run_id}",
+        flush=True,
     )
+    tracking.print_runs_view(parent.experiment_id)
     return StudyResult(parent.run_id, spec.study_id, parent.resumed, outcomes, trained)
 
 

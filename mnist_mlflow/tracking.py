@@ -80,9 +80,9 @@ def check_tracking_server(timeout_s: float = 5.0) -> str:
 
     uri = mlflow.get_tracking_uri()
     shown = redact_url(uri)
-    if shown != uri:
-        # MLflow prints "View run ... at: <tracking URI>" when a run ends, password and all.
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    # MLflow prints "View run ... at: <link>" when a run ends: the password and all, and a link
+    # that opens the UI's GenAI view. The project prints its own links (runs_view_lines).
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if uri.startswith(("http://", "https://")):
         try:
             response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
@@ -149,6 +149,67 @@ def current_experiment_id() -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+DEFAULT_EXPERIMENT_ID = "0"
+EXPERIMENT_PREFIX = "mnist-"
+
+
+def experiment_name_for(kind: str) -> str:
+    """The experiment a kind of work goes to when nothing else chooses: ``mnist-cnn``,
+    ``mnist-dense``, ``mnist-search``, ``mnist-exercises``, ``mnist-weight-decay``."""
+    return EXPERIMENT_PREFIX + kind.replace("_", "-")
+
+
+def choose_experiment(default_name: str) -> str:
+    """Makes this process's runs go to ``default_name`` unless MLflow's own ways choose another.
+
+    Those win, in MLflow's order: the run of an ``mlflow run`` launcher (its
+    ``--experiment-name`` or ``--experiment-id``), ``MLFLOW_EXPERIMENT_ID``,
+    ``MLFLOW_EXPERIMENT_NAME``. Returns the experiment's id.
+    """
+    launcher = launcher_run_id()
+    explicit = launcher or os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if not explicit:
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = default_name
+    experiment_id = current_experiment_id()
+    if not explicit:
+        # From here on, every run of this process, and the checks that follow, use this experiment.
+        del os.environ["MLFLOW_EXPERIMENT_NAME"]
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    if launcher and experiment_id == DEFAULT_EXPERIMENT_ID:
+        print(
+            f"note: mlflow run put this run in MLflow's Default experiment; add --experiment-name {default_name} "
+            "to keep each kind of work apart",
+            flush=True,
+        )
+    return experiment_id
+
+
+def runs_view_lines(experiment_id: str, run_id: str | None = None) -> list[str]:
+    """How to open the UI on this experiment's runs (or on one run), in the model-training view.
+
+    MLflow 3's UI opens on its GenAI view unless the link says ``workflowType=machine_learning``.
+    With an http tracking server, the link itself; with a local store, the ``mlflow ui`` command
+    to start first, and the link it will serve.
+    """
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
+    what = "this run" if run_id else "the runs"
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return [f"View {what} in the MLflow UI: {redact_url(uri).rstrip('/')}/{page}"]
+    if uri.startswith("sqlite:///"):
+        store = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        return [
+            f"View {what} in the MLflow UI: start it with `mlflow ui --backend-store-uri {store}`, "
+            f"then open http://127.0.0.1:5000/{page}"
+        ]
+    return [f"View {what} with `mlflow ui --backend-store-uri {redact_url(uri)}`, at http://127.0.0.1:5000/{page}"]
+
+
+def print_runs_view(experiment_id: str, run_id: str | None = None) -> None:
+    for line in runs_view_lines(experiment_id, run_id):
+        print(line, flush=True)
+
+
 def warn_about_secret_params() -> list[str]:
     """Warns, in one line, when ``mlflow run`` recorded a password that came in a ``-P`` value.
 
@@ -174,13 +235,16 @@ def secret_params(client: MlflowClient, run_id: str) -> list[str]:
     return sorted(name for name, value in client.get_run(run_id).data.params.items() if url_has_secret(value))
 
 
-def prepare_tracking() -> str:
-    """What every entry point does first: check the store and credentials, warn about a password
-    given in ``-P``, and close the runs of dead processes in the current experiment.
+def prepare_tracking(kind: str | None = None) -> str:
+    """What every entry point does first: check the store and credentials, choose the
+    experiment of this kind of work (see ``choose_experiment``), warn about a password given in
+    ``-P``, and close the runs of dead processes in the current experiment.
 
     Returns the tracking URI without credentials, for printing.
     """
     shown = check_tracking_server()
+    if kind is not None:
+        choose_experiment(experiment_name_for(kind))
     warn_about_secret_params()
     for run_id, reason in reconcile_runs([current_experiment_id()]):
         print(f"Run {run_id} was left RUNNING ({reason}); marked KILLED", flush=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_mlflow.processes import tracking_server
+from harness.servers import tracking_server
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SHARED_DATA_DIR = PROJECT_DIR.parent / "shared" / "data"
@@ -61,16 +61,7 @@ def run_script(args: list[str], env: dict[str, str], timeout: float = 600, cwd: 
 @pytest.fixture(scope="session")
 def postgres():
     """A real PostgreSQL server on a free loopback port, in a temporary folder, for the session."""
-    from mnist_mlflow.processes import PostgresServer
+    from harness.servers import PostgresServer
 
     with PostgresServer() as server:
         yield server
-
-
-def fresh_database(postgres, name: str) -> str:
-    """A new, empty database on the test PostgreSQL server; returns its URL."""
-    subprocess.run(
-        [*postgres.run_as, str(postgres.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", postgres.user, name],
-        check=True, capture_output=True, env={**os.environ, **postgres.client_env()},
-    )
-    return postgres.url.rsplit("/", 1)[0] + f"/{name}"

