@@ -125,18 +125,30 @@ def launcher_run_id() -> str | None:
     return os.environ.get("MLFLOW_RUN_ID")
 
 
+DEFAULT_EXPERIMENT_ID = "0"
+EXPERIMENT_PREFIX = "mnist-"
+# The experiment choose_experiment picked when nothing else chose one (kept in this module,
+# not in the environment, so that the processes this one starts are not steered by it).
+_chosen_experiment_id: str | None = None
+
+
 def current_experiment_id() -> str:
     """The experiment MLflow's own rules choose: the launcher's run, ``MLFLOW_EXPERIMENT_ID`` or
-    ``MLFLOW_EXPERIMENT_NAME`` (created if missing), else the default experiment."""
-    client = MlflowClient()
+    ``MLFLOW_EXPERIMENT_NAME`` (created if missing); else the one ``choose_experiment`` picked,
+    else the default experiment."""
     launcher = launcher_run_id()
     if launcher:
-        return client.get_run(launcher).info.experiment_id
+        return MlflowClient().get_run(launcher).info.experiment_id
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return os.environ["MLFLOW_EXPERIMENT_ID"]
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    if not name:
-        return "0"
+    if name:
+        return _get_or_create_experiment(name)
+    return _chosen_experiment_id or DEFAULT_EXPERIMENT_ID
+
+
+def _get_or_create_experiment(name: str) -> str:
+    client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -149,14 +161,14 @@ def current_experiment_id() -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-DEFAULT_EXPERIMENT_ID = "0"
-EXPERIMENT_PREFIX = "mnist-"
-
-
 def experiment_name_for(kind: str) -> str:
     """The experiment a kind of work goes to when nothing else chooses: ``mnist-cnn``,
     ``mnist-dense``, ``mnist-search``, ``mnist-exercises``, ``mnist-weight-decay``."""
     return EXPERIMENT_PREFIX + kind.replace("_", "-")
+
+
+def _explicit_choice() -> bool:
+    return bool(launcher_run_id() or os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME"))
 
 
 def choose_experiment(default_name: str) -> str:
@@ -166,22 +178,18 @@ def choose_experiment(default_name: str) -> str:
     ``--experiment-name`` or ``--experiment-id``), ``MLFLOW_EXPERIMENT_ID``,
     ``MLFLOW_EXPERIMENT_NAME``. Returns the experiment's id.
     """
-    launcher = launcher_run_id()
-    explicit = launcher or os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    if not explicit:
-        os.environ["MLFLOW_EXPERIMENT_NAME"] = default_name
-    experiment_id = current_experiment_id()
-    if not explicit:
-        # From here on, every run of this process, and the checks that follow, use this experiment.
-        del os.environ["MLFLOW_EXPERIMENT_NAME"]
-        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
-    if launcher and experiment_id == DEFAULT_EXPERIMENT_ID:
-        print(
-            f"note: mlflow run put this run in MLflow's Default experiment; add --experiment-name {default_name} "
-            "to keep each kind of work apart",
-            flush=True,
-        )
-    return experiment_id
+    global _chosen_experiment_id
+    if _explicit_choice():
+        experiment_id = current_experiment_id()
+        if launcher_run_id() and experiment_id == DEFAULT_EXPERIMENT_ID:
+            print(
+                f"note: mlflow run put this run in MLflow's Default experiment; add --experiment-name {default_name} "
+                "to keep each kind of work apart",
+                flush=True,
+            )
+        return experiment_id
+    _chosen_experiment_id = _get_or_create_experiment(default_name)
+    return _chosen_experiment_id
 
 
 def runs_view_lines(experiment_id: str, run_id: str | None = None) -> list[str]:
@@ -344,7 +352,8 @@ def start_run(
             experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, description=description
         )
     else:
-        run_context = mlflow.start_run(description=description)
+        # The launcher's run, or a new run in the experiment chosen for this kind of work.
+        run_context = mlflow.start_run(experiment_id=current_experiment_id(), description=description)
     with run_context as run:
         try:
             # Inside the try: a signal while the tags are being written still ends the run KILLED.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -48,7 +49,22 @@ def dense_run(mlflow_server):
     experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
+    # The run ends with a link that opens it in the UI's model-training view.
+    link = f"{mlflow_server.url}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}?workflowType=machine_learning"
+    assert f"View this run in the MLflow UI: {link}" in result.stdout, result.stdout[-3000:]
     return client, runs[0]
+
+
+def test_mlflow_run_without_an_experiment_name_says_where_the_run_went(mlflow_server, tmp_path):
+    """The launcher puts the run in Default before any project code runs: the entry point says so."""
+    result = run_script(
+        [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense", "--env-manager", "local",
+         "-P", "epochs=1", "-P", "max_train_examples=500"],
+        env=python_env(mlflow_server.url), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "note: mlflow run put this run in MLflow's Default experiment; add --experiment-name mnist-dense" in result.stdout
+    assert re.search(r"View this run in the MLflow UI: \S+/#/experiments/0/runs/\w+\?workflowType=machine_learning", result.stdout)
 
 
 def test_run_is_finished_named_and_tagged(dense_run):

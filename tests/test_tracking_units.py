@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,6 +18,7 @@ def sqlite_store(tmp_path, monkeypatch):
         # Set first, so that what choose_experiment sets is undone after the test.
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+    monkeypatch.setattr(tracking, "_chosen_experiment_id", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     yield uri
@@ -25,9 +28,11 @@ def sqlite_store(tmp_path, monkeypatch):
 def test_each_kind_of_work_has_its_own_experiment_by_default(sqlite_store, monkeypatch):
     experiment_id = tracking.choose_experiment(tracking.experiment_name_for("weight_decay"))
     assert MlflowClient().get_experiment(experiment_id).name == "mnist-weight-decay"
-    # The process's runs go there too.
-    with mlflow.start_run() as run:
-        assert run.info.experiment_id == experiment_id
+    # The process's runs go there too, and nothing is left in the environment for the
+    # processes it starts (an `mlflow run --experiment-name` would refuse a second choice).
+    with tracking.start_run("a-run", {}) as run_id:
+        assert MlflowClient().get_run(run_id).info.experiment_id == experiment_id
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ and "MLFLOW_EXPERIMENT_NAME" not in os.environ
 
 
 def test_mlflow_s_own_ways_of_choosing_win(sqlite_store, monkeypatch):
