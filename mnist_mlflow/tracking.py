@@ -745,11 +745,19 @@ def log_dict(dictionary: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_text(json.dumps(dictionary, indent=2, sort_keys=False), artifact_file)
 
 
-def log_keras_model(model, example_images: np.ndarray, name: str = "model") -> str:
-    """Logs a Keras model that takes raw pixels (float32, (-1, 28, 28, 1)) and returns 10 probabilities.
+SERVED_MODEL_CODE = os.path.join(os.path.dirname(__file__), "served_model.py")
+# Where the Keras model itself lies inside a logged model (see keras_model_uri).
+KERAS_MODEL_FILE = "model.keras"
 
-    Requirements are given explicitly instead of being inferred, which would load the model
-    once more in a subprocess. Returns the model URI.
+
+def log_keras_model(model, example_images: np.ndarray, name: str = "model") -> str:
+    """Logs a model that takes raw pixels (float32, (-1, 28, 28, 1)) and returns 10 probabilities.
+
+    The logged model is MLflow's models-from-code pyfunc of ``served_model.py``: it serves
+    through `mlflow models serve` and loads with `mlflow.pyfunc.load_model`, without calling
+    ``keras.Model.predict`` on every request. The Keras model itself is one of its artifacts,
+    ``artifacts/model.keras`` (see ``load_keras_model``). Requirements are given explicitly instead of
+    being inferred, which would load the model once more in a subprocess. Returns the model URI.
     """
     import keras
     import tensorflow as tf
@@ -760,12 +768,13 @@ def log_keras_model(model, example_images: np.ndarray, name: str = "model") -> s
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
     )
-    # MLflow checks the input example by predicting on it; keep Keras's progress bar out of the log.
-    keras.utils.disable_interactive_logging()
-    try:
-        info = mlflow.tensorflow.log_model(
-            model,
+    with tempfile.TemporaryDirectory(prefix="mnist-mlflow-model-") as folder:
+        keras_file = os.path.join(folder, KERAS_MODEL_FILE)
+        model.save(keras_file)
+        info = mlflow.pyfunc.log_model(
             name=name,
+            python_model=SERVED_MODEL_CODE,
+            artifacts={"keras_model": keras_file},
             signature=signature,
             input_example=example_images.astype(np.float32),
             pip_requirements=[
@@ -775,9 +784,16 @@ def log_keras_model(model, example_images: np.ndarray, name: str = "model") -> s
                 f"numpy=={np.__version__}",
             ],
         )
-    finally:
-        keras.utils.enable_interactive_logging()
     return info.model_uri
+
+
+def load_keras_model(model_uri: str):
+    """The trained Keras model of a logged or registered model (``runs:/...``, ``models:/name@alias``),
+    compiled with its optimizer and state, ready to train further or fine-tune."""
+    import keras
+
+    folder = mlflow.artifacts.download_artifacts(model_uri)
+    return keras.saving.load_model(os.path.join(folder, "artifacts", KERAS_MODEL_FILE))
 
 
 def environment_summary() -> dict[str, str]:

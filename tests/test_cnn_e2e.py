@@ -3,6 +3,7 @@ real `mlflow models serve` of the champion answering good and bad requests."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import uuid
@@ -16,6 +17,9 @@ from conftest import PROJECT_DIR, run_script
 from harness.servers import ServerProcess, free_port, python_env
 
 pytestmark = pytest.mark.e2e
+
+
+MAX_BATCH = 300
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,9 @@ def champion_server(registered_cnn, mlflow_server, tmp_path_factory):
         "-m", f"models:/{model_name}@champion",
         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port),
     ]
-    with ServerProcess(command, port, tmp_path_factory.mktemp("serve"), "/ping", env=python_env(mlflow_server.url)) as server:
+    # A batch limit set at serve time, so that the oversized-batch check stays small.
+    env = python_env(mlflow_server.url, MNIST_MLFLOW_MAX_BATCH=str(MAX_BATCH))
+    with ServerProcess(command, port, tmp_path_factory.mktemp("serve"), "/ping", env=env) as server:
         yield server
 
 
@@ -128,6 +134,42 @@ def test_bad_payloads_get_4xx_and_the_server_keeps_serving(champion_server, smal
     good = _post(champion_server, {"inputs": small_splits.test_images[:20].astype(np.float32).tolist()})
     assert good.status_code == 200
     assert np.mean(np.asarray(good.json()["predictions"]).argmax(axis=1) == small_splits.test_labels[:20]) >= 0.8
+
+
+def _image_with(value) -> list:
+    image = np.zeros((28, 28, 1)).tolist()
+    image[14][14][0] = value
+    return [image]
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (_image_with(float("nan")), "image 0 holds a value that is not a finite number"),
+        (_image_with(float("inf")), "image 0 holds a value that is not a finite number"),
+        (_image_with(1e30), "image 0 holds a pixel outside 0..255"),
+        (_image_with(-3.0), "image 0 holds a pixel outside 0..255"),
+        (np.zeros((MAX_BATCH + 1, 28, 28, 1)).tolist(), f"a request may hold at most {MAX_BATCH} images; got {MAX_BATCH + 1}"),
+    ],
+    ids=["nan", "infinity", "1e30", "negative", "oversized-batch"],
+)
+def test_what_is_not_an_image_gets_400_with_a_message_that_does_not_echo_it(champion_server, small_splits, inputs, message):
+    # Python's json writes NaN and Infinity as the bare words that JavaScript's JSON.stringify
+    # would not, but that many clients send; MLflow's parser reads them.
+    response = _post(champion_server, data=json.dumps({"inputs": inputs}).encode())
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    answer = response.json()
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert answer["message"].startswith(message), answer["message"][:300]
+    # The message names the problem; it does not repeat the request's pixels.
+    assert len(answer["message"]) < 200 and "[[" not in answer["message"]
+    good = _post(champion_server, {"inputs": small_splits.test_images[:5].astype(np.float32).tolist()})
+    assert good.status_code == 200
+
+
+def test_null_pixels_get_4xx(champion_server):
+    response = _post(champion_server, {"inputs": _image_with(None)})
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
 
 
 def test_predict_client_reads_png_files_and_reports_unreadable_ones(champion_server, small_splits, tmp_path):
