@@ -63,7 +63,7 @@ def log_both_models(images: np.ndarray, labels: np.ndarray, tracking_uri: str) -
     return uris
 
 
-def serve(model_uri: str, tracking_uri: str, name: str):
+def serve(model_uri: str, tracking_uri: str, name: str, threads: int = 0):
     from harness.servers import ServerProcess, free_port, python_env
 
     port = free_port()
@@ -71,7 +71,8 @@ def serve(model_uri: str, tracking_uri: str, name: str):
         sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1",
     ]
-    return ServerProcess(command, port, WORK_DIR / name, "/ping", env=python_env(tracking_uri)).start(timeout_s=300)
+    env = python_env(tracking_uri, **({"MNIST_MLFLOW_SERVING_THREADS": str(threads)} if threads else {}))
+    return ServerProcess(command, port, WORK_DIR / name, "/ping", env=env).start(timeout_s=300)
 
 
 def single_latencies_ms(session, url: str, bodies: list[bytes]) -> list[float]:
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds, each measuring both sides in turn")
     parser.add_argument("--single-requests", type=int, default=100, help="single-image requests per side and round")
     parser.add_argument("--batches", type=int, default=12, help="batches of 100 per side and round")
+    parser.add_argument("--threads", type=int, default=0, help="TensorFlow threads per operation of the project's server (0: its default)")
     args = parser.parse_args()
 
     import requests
@@ -138,7 +140,7 @@ def main() -> None:
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     with tracking_server(WORK_DIR / "tracking") as tracking:
         uris = log_both_models(splits.train_images, splits.train_labels, tracking.url)
-        servers = {side: serve(uris[side], tracking.url, side) for side in SIDES}
+        servers = {side: serve(uris[side], tracking.url, side, args.threads if side == "project" else 0) for side in SIDES}
         try:
             urls = {side: servers[side].url + "/invocations" for side in SIDES}
             sessions = {side: requests.Session() for side in SIDES}
@@ -182,7 +184,8 @@ def main() -> None:
         "rounds": rounds,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = f"_threads{args.threads}" if args.threads else ""
+    (RESULTS_DIR / f"serving{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "| measure | project | stock Keras flavour | speed-up |",
         "|---|---|---|---|",
@@ -203,8 +206,9 @@ def main() -> None:
         f"| {summary['stock']['in_process_batch100_images_per_s']:.0f} images/s | |"
     )
     table = "\n".join(lines)
-    (RESULTS_DIR / "serving.md").write_text(
-        f"# Serving benchmark\n\n`python benchmarks/bench_serving.py --rounds {args.rounds}` on {platform.node()} "
+    (RESULTS_DIR / f"serving{suffix}.md").write_text(
+        f"# Serving benchmark\n\n`python benchmarks/bench_serving.py --rounds {args.rounds}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` on {platform.node()} "
         f"({result['machine']['cpu_count']} cores). Median over rounds, lowest-highest round in brackets; "
         f"both sides alternate. Largest difference between the two sides' answers: {difference:.2g}.\n\n{table}\n"
     )

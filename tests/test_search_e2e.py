@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_DIR, run_script
 from harness.servers import free_port, python_env
+from mnist_mlflow.study_storage import open_storage
 
 pytestmark = pytest.mark.e2e
 
@@ -121,39 +122,51 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
     assert [version.tags["run_id"] for version in versions] == [best.info.run_id]
 
 
-def _wait_for_running_child(
+def _stop_at_running_child(
     client: MlflowClient, storage: str, study_name: str, finished_before: int, process: subprocess.Popen, timeout_s: float = 300
 ):
-    """Waits until ``finished_before`` trials are finished and another trial's run is RUNNING.
+    """Waits until ``finished_before`` trials are finished and another trial is training, and
+    leaves the worker stopped (SIGSTOP) right there; the caller signals it, then sends SIGCONT.
 
-    Trials last a few seconds each, and a busy machine answers HTTP queries slowly, so the wait
-    first watches the study itself (one local query a look) and asks the tracking server only
-    once a trial is running. The worker's exit ends the wait at once.
+    The study is watched through one storage object (one local query a look). Once a trial
+    runs, the worker is frozen before the tracking server is asked which run that trial has,
+    so a slow answer on a busy machine cannot let the trials slip past; if the trial's run
+    has no tags yet, the worker is let go on for a moment. The worker's exit ends the wait.
     """
     deadline = time.monotonic() + timeout_s
+    # The project's own opener: the worker may be creating a fresh database's tables this moment.
+    engine = open_storage(storage)
     study = None
+    seen = "nothing yet"
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"the worker ended (status {process.returncode}) before a trial could be cut off")
+            raise AssertionError(
+                f"the worker ended (status {process.returncode}) before a trial could be cut off; last seen: {seen}\n"
+                + process.stdout.read()[-4000:]
+            )
         if study is None:
             try:
-                study = load_study(storage, study_name)
+                study = optuna.load_study(study_name=study_name, storage=engine)
             except KeyError:
-                time.sleep(0.1)
+                time.sleep(0.05)
                 continue
         trials = study.get_trials(deepcopy=False)
         complete = sum(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
         running = [trial.number for trial in trials if trial.state == optuna.trial.TrialState.RUNNING]
         parent_run_id = study.user_attrs.get("mlflow_parent_run_id") if running else None
+        seen = f"{complete} complete, running {running}, parent {parent_run_id}"
         if complete >= finished_before and running and parent_run_id:
+            process.send_signal(signal.SIGSTOP)
             runs = children(client, parent_run_id)
             finished = [run for run in runs if run.info.status == "FINISHED"]
             # A run is created a moment before its tags are written: wait for the trial's tags too.
             current = [run for run in runs if run.info.status == "RUNNING" and "optuna_trial_number" in run.data.tags]
+            seen += f"; runs {[(run.info.run_name, run.info.status) for run in runs]}"
             if len(finished) >= finished_before and current:
                 return parent_run_id, finished, current[0]
+            process.send_signal(signal.SIGCONT)
         time.sleep(0.05)
-    raise AssertionError(f"no trial was running after {finished_before} finished within {timeout_s} s")
+    raise AssertionError(f"no trial was running after {finished_before} finished within {timeout_s} s; last seen: {seen}")
 
 
 def start_worker(command: list[str], env: dict[str, str], cwd) -> subprocess.Popen:
@@ -185,8 +198,9 @@ def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, trac
     client = MlflowClient(tracking_uri)
     first = start_worker(command, env, tmp_path)
     try:
-        parent_run_id, finished, cut = _wait_for_running_child(client, storage, study_name, finished_before=1, process=first)
+        parent_run_id, finished, cut = _stop_at_running_child(client, storage, study_name, finished_before=1, process=first)
         first.send_signal(SIGNALS[how])
+        first.send_signal(signal.SIGCONT)
         output = first.communicate(timeout=120)[0]
     finally:
         if first.poll() is None:
@@ -317,7 +331,7 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
     survivor = None
     try:
         # The doomed worker's first trial is running; start the survivor, then kill the doomed one.
-        parent_run_id, _, cut = _wait_for_running_child(client, postgres.url, study_name, finished_before=0, process=doomed)
+        parent_run_id, _, cut = _stop_at_running_child(client, postgres.url, study_name, finished_before=0, process=doomed)
         survivor = start_worker(command, env, tmp_path)
         doomed.send_signal(signal.SIGKILL)
         doomed.communicate(timeout=60)
