@@ -115,6 +115,22 @@ def test_served_champion_classifies_real_test_images(champion_server, small_spli
     assert accuracy >= 0.90
 
 
+def test_the_compact_request_form_gives_the_same_answers(champion_server, small_splits):
+    """One column of flat 784-pixel rows (`dataframe_split`), which MLflow reshapes to the signature."""
+    images = small_splits.test_images[:50].astype(np.float32)
+    nested = _post(champion_server, {"inputs": images.tolist()})
+    compact = _post(
+        champion_server, {"dataframe_split": {"columns": ["image"], "data": [[row] for row in images.reshape(50, 784).tolist()]}}
+    )
+    assert compact.status_code == 200, compact.text[:300]
+    np.testing.assert_allclose(np.asarray(compact.json()["predictions"]), np.asarray(nested.json()["predictions"]), atol=1e-6)
+    # The checks apply to this form too.
+    bad = images.reshape(50, 784).tolist()
+    bad[3][100] = 999.0
+    refused = _post(champion_server, {"dataframe_split": {"columns": ["image"], "data": [[row] for row in bad]}})
+    assert refused.status_code == 400 and refused.json()["message"].startswith("image 3 holds a pixel outside 0..255")
+
+
 @pytest.mark.parametrize(
     "payload, raw",
     [
