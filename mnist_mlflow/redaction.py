@@ -72,3 +72,17 @@ def server_identity(url: str) -> tuple[str, str, int | None, str]:
         port = None
     default_ports = {"http": 80, "https": 443}
     return (parts.scheme.lower(), (parts.hostname or "").lower(), port or default_ports.get(parts.scheme.lower()), parts.path.rstrip("/"))
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with no user name or password at all: a link for a browser, which asks for them itself."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

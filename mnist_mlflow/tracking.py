@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import lifecycle
 from mnist_mlflow.config import RunFailedError, UserInputError
-from mnist_mlflow.redaction import redact_url, url_has_secret
+from mnist_mlflow.redaction import redact_url, url_has_secret, without_credentials
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 KILLED_REASON_TAG = "killed_reason"
@@ -203,7 +203,8 @@ def runs_view_lines(experiment_id: str, run_id: str | None = None) -> list[str]:
     what = "this run" if run_id else "the runs"
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return [f"View {what} in the MLflow UI: {redact_url(uri).rstrip('/')}/{page}"]
+        # No credentials in a link: the browser asks for them (and a password must not be printed).
+        return [f"View {what} in the MLflow UI: {without_credentials(uri).rstrip('/')}/{page}"]
     if uri.startswith("sqlite:///"):
         store = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
         return [

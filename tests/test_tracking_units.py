@@ -56,5 +56,5 @@ def test_a_server_link_opens_the_model_training_view_without_the_password():
         (run_line,) = tracking.runs_view_lines("7", run_id="abc")
     finally:
         mlflow.set_tracking_uri(None)
-    assert "s3cret" not in run_line
-    assert run_line.endswith("tracking.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning")
+    assert "s3cret" not in run_line and "alice" not in run_line
+    assert run_line.endswith(": http://tracking.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning")
