@@ -747,7 +747,8 @@ def log_dict(dictionary: Mapping[str, Any], artifact_file: str) -> None:
 
 
 SERVED_MODEL_CODE = os.path.join(os.path.dirname(__file__), "served_model.py")
-# Where the Keras model itself lies inside a logged model (see keras_model_uri).
+# Where the Keras model itself lies inside a logged model: MLflow copies each artifact to
+# artifacts/<file name> (see load_keras_model).
 KERAS_MODEL_FILE = "model.keras"
 
 
@@ -775,6 +776,7 @@ def log_keras_model(model, example_images: np.ndarray, name: str = "model") -> s
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=SERVED_MODEL_CODE,
+            # The key served_model.py reads (its KERAS_MODEL_ARTIFACT).
             artifacts={"keras_model": keras_file},
             signature=signature,
             input_example=example_images.astype(np.float32),
