@@ -36,6 +36,28 @@ UNKNOWN_PROCESS_MAX_AGE_H = 24.0
 AUTH_ERROR_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
+def _set_tag(client: MlflowClient, run_id: str, name: str, value: str, attempts: int = 4) -> None:
+    """Sets a tag, tolerating another worker setting the same tag at the same moment.
+
+    MLflow's SQL store writes a tag by looking for it and then inserting it. Two workers that
+    finish a shared study together both tag its runs, and the later insert fails on the unique
+    key (``UNIQUE constraint failed`` on SQLite, ``duplicate key`` on PostgreSQL). The tag
+    exists by then, so the retry updates it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_tag(run_id, name, value)
+            return
+        except MlflowException as error:
+            message = str(error)
+            racing = "UNIQUE constraint" in message or "duplicate key" in message or "IntegrityError" in message
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 class TrackingUnavailableError(UserInputError):
     """The tracking server named by the tracking URI does not answer."""
 
@@ -565,7 +587,7 @@ def open_search_parent(study_name: str, parent_run_id: str, launcher_run_id: str
 def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
     client = MlflowClient()
     for name, value in tags.items():
-        client.set_tag(run_id, name, value)
+        _set_tag(client, run_id, name, value)
 
 
 def close_orphan_children(parent: StudyParent, running_keys: set[str]) -> None:
@@ -689,12 +711,13 @@ def log_study_summary(
     # The tracking server takes at most 1,000 metrics per call.
     for start in range(0, len(batch), 1000):
         client.log_batch(parent.run_id, metrics=batch[start : start + 1000])
+    # Workers sharing a study may write this summary at the same moment; see _set_tag.
     for name, value in (tags or {}).items():
-        client.set_tag(parent.run_id, name, value)
+        _set_tag(client, parent.run_id, name, value)
     if winner_run_id:
         for record in study_children(parent):
             if record.status == "FINISHED":
-                client.set_tag(record.run_id, "study_winner", str(record.run_id == winner_run_id).lower())
+                _set_tag(client, record.run_id, "study_winner", str(record.run_id == winner_run_id).lower())
 
 
 def log_params(params: Mapping[str, Any]) -> None:
