@@ -15,6 +15,7 @@ TRAINING_HELP = {
     "optimizer": "adam, sgd or rmsprop",
     "learning_rate": "optimizer learning rate (the initial one with a schedule)",
     "lr_schedule": "constant, or cosine: decay the learning rate to zero over all epochs",
+    "max_shift": "augmentation: move each training image by up to this many pixels each way; 0 means none",
     "batch_size": "examples per training step",
     "epochs": "passes over the training data",
     "dataset": "mnist or fashion_mnist",

@@ -34,6 +34,8 @@ class TrainingDivergedError(RunFailedError):
 DATASETS = ("mnist", "fashion_mnist")
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "softplus", "swish", "leaky_relu", "linear")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+# A shift of more than a quarter of the 28-pixel image would move most digits out of it.
+MAX_SHIFT_LIMIT = 7
 LR_SCHEDULES = ("constant", "cosine")
 REGULARIZED_LAYERS = ("all", "first")
 
@@ -211,6 +213,9 @@ class TrainingConfig:
     seed: int = 0
     # "cosine" decays the learning rate from its initial value to zero over all epochs.
     lr_schedule: str = "constant"
+    # Augmentation: each training image is moved by up to this many pixels in each direction,
+    # afresh every time it is drawn; 0 trains on the images as they are.
+    max_shift: int = 0
 
     def __post_init__(self) -> None:
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -221,6 +226,8 @@ class TrainingConfig:
             raise ConfigError(f"batch_size={self.batch_size!r} must be a positive whole number")
         if self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
+        if not 0 <= self.max_shift <= MAX_SHIFT_LIMIT:
+            raise ConfigError(f"max_shift={self.max_shift!r} must be a whole number of pixels from 0 to {MAX_SHIFT_LIMIT}")
         check_seed("seed", self.seed)
 
 
@@ -246,6 +253,7 @@ def parse_training(raw: Mapping[str, Any], seed: int) -> TrainingConfig:
         epochs=parse_int("epochs", raw["epochs"], minimum=1),
         seed=seed,
         lr_schedule=str(raw["lr_schedule"]).strip().lower(),
+        max_shift=parse_int("max_shift", raw["max_shift"], minimum=0),
     )
 
 
@@ -263,6 +271,7 @@ def training_and_data_params(training: TrainingConfig, data: DataConfig) -> dict
         "optimizer": training.optimizer,
         "learning_rate": training.learning_rate,
         "lr_schedule": training.lr_schedule,
+        "max_shift": training.max_shift,
         "batch_size": training.batch_size,
         "epochs": training.epochs,
         "dataset": data.dataset,
@@ -377,9 +386,11 @@ def cnn_parameter_count(filters: tuple[int, ...], kernel_size: int, pooling: tup
     return count + sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))
 
 
-# The smallest number of epochs with which the default CNN reaches 99.2% test accuracy on
-# full MNIST (measured; see the README).
+# The default CNN trains 12 epochs on images moved by up to 2 pixels: three seeds all cleared
+# 99.2% test accuracy on full MNIST this way, and without the shifts one of them did not
+# (measured; see the README's CNN section).
 CNN_DEFAULT_EPOCHS = 12
+CNN_DEFAULT_MAX_SHIFT = 2
 
 
 @dataclass(frozen=True)
@@ -389,7 +400,12 @@ class CnnRunConfig:
     model: CnnModelConfig = field(default_factory=CnnModelConfig)
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(
-            optimizer="sgd", learning_rate=0.1, batch_size=32, epochs=CNN_DEFAULT_EPOCHS, lr_schedule="cosine"
+            optimizer="sgd",
+            learning_rate=0.1,
+            batch_size=32,
+            epochs=CNN_DEFAULT_EPOCHS,
+            lr_schedule="cosine",
+            max_shift=CNN_DEFAULT_MAX_SHIFT,
         )
     )
     data: DataConfig = field(default_factory=DataConfig)

@@ -14,7 +14,10 @@ pixel intensities.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -104,6 +107,13 @@ def _require_network(dataset: str) -> None:
 # Decoded data sets by (dataset, tfds data directory), so a study decodes each only once.
 _LOADED: dict[tuple[str, str | None, str | None], tuple] = {}
 
+# Beside tfds's prepared files (<tfds data dir>/<dataset>/<version>/) the decoded arrays are
+# kept as .npy files with their SHA-256 digests, so later runs on the machine load them in a
+# fraction of a second without importing tensorflow_datasets at all.
+ARRAY_CACHE_FOLDER = "mnist_mlflow_arrays"
+ARRAY_CACHE_MANIFEST = "manifest.json"
+ARRAY_CACHE_FILES = ("train_images", "train_labels", "test_images", "test_labels")
+
 
 def load_arrays(
     dataset: str, tfds_data_dir: str | None = None
@@ -111,17 +121,90 @@ def load_arrays(
     """Prepares ``dataset`` with tfds if needed and decodes both splits into memory.
 
     Returns ``({"train": (images, labels), "test": (images, labels)}, version, prepared_dir)``.
-    Results are kept for the life of the process; the arrays must not be modified.
+    Results are kept for the life of the process; the arrays must not be modified. The first
+    decoding on a machine also writes the array cache (see ``ARRAY_CACHE_FOLDER``).
     """
     key = (dataset, tfds_data_dir, os.environ.get("TFDS_DATA_DIR"))
     if key not in _LOADED:
-        _LOADED[key] = _load_arrays(dataset, tfds_data_dir)
+        if dataset not in CLASS_NAMES:
+            raise DataUnavailableError(f"dataset={dataset!r} is not one of: {', '.join(CLASS_NAMES)}")
+        cached = _read_array_cache(dataset, tfds_data_dir)
+        if cached is None:
+            cached = _load_arrays(dataset, tfds_data_dir)
+            _write_array_cache(*cached)
+        _LOADED[key] = cached
     return _LOADED[key]
 
 
+def tfds_data_dir_of(tfds_data_dir: str | None) -> Path:
+    """The folder tfds prepares data sets in: the one given, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    return Path(tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets").expanduser()
+
+
+def _version_key(folder: Path) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in folder.name.split("."))
+    except ValueError:
+        return (-1,)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_array_cache(dataset: str, tfds_data_dir: str | None):
+    """The cached arrays of the newest prepared version, or None when absent or not intact."""
+    manifests = sorted(
+        tfds_data_dir_of(tfds_data_dir).glob(f"{dataset}/*/{ARRAY_CACHE_FOLDER}/{ARRAY_CACHE_MANIFEST}"),
+        key=lambda path: _version_key(path.parent.parent),
+    )
+    if not manifests:
+        return None
+    folder = manifests[-1].parent
+    try:
+        manifest = json.loads(manifests[-1].read_text())
+        arrays = {}
+        for name in ARRAY_CACHE_FILES:
+            path = folder / f"{name}.npy"
+            if _sha256(path) != manifest["sha256"][name]:
+                raise ValueError(f"{path} does not match its SHA-256 digest")
+            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"Ignoring the decoded-array cache in {folder} ({error}); decoding {dataset} again", flush=True)
+        return None
+    splits = {split: (arrays[f"{split}_images"], arrays[f"{split}_labels"]) for split in ("train", "test")}
+    return splits, manifest["version"], str(folder.parent)
+
+
+def _write_array_cache(arrays: dict[str, tuple[np.ndarray, np.ndarray]], version: str, prepared_dir: str) -> None:
+    """Writes the cache next to tfds's files, atomically; a folder that cannot be written is skipped."""
+    folder = Path(prepared_dir) / ARRAY_CACHE_FOLDER
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{ARRAY_CACHE_FOLDER}-", dir=prepared_dir))
+    except OSError:
+        return  # A read-only tfds folder: decode again next time.
+    try:
+        digests = {}
+        for split, (images, labels) in arrays.items():
+            for name, array in ((f"{split}_images", images), (f"{split}_labels", labels)):
+                np.save(staging / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+                digests[name] = _sha256(staging / f"{name}.npy")
+        (staging / ARRAY_CACHE_MANIFEST).write_text(json.dumps({"version": version, "sha256": digests}, indent=2))
+        # A cache that failed its check is replaced; if another process has just written one,
+        # the rename fails and that one is kept.
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(staging, folder)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _load_arrays(dataset: str, tfds_data_dir: str | None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str, str]:
-    if dataset not in CLASS_NAMES:
-        raise DataUnavailableError(f"dataset={dataset!r} is not one of: {', '.join(CLASS_NAMES)}")
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(dataset, data_dir=tfds_data_dir)
@@ -192,24 +275,52 @@ def load_splits(config: DataConfig) -> Splits:
     )
 
 
-def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+def shift_images(images, max_shift: int, seed):
+    """Moves each image by its own whole number of pixels, up to ``max_shift`` in each direction.
+
+    ``images`` is a batch of shape (n, height, width, channels); the border that moves in is
+    black (zero), like MNIST's own background. ``seed`` is a stateless seed of shape (2,), so
+    the same seed gives the same shifts.
+    """
+    import tensorflow as tf
+
+    size = tf.shape(images)[0]
+    height, width = images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]])
+    offsets = tf.random.stateless_uniform((2, size), seed=seed, minval=0, maxval=2 * max_shift + 1, dtype=tf.int32)
+    rows = offsets[0][:, None] + tf.range(height)[None, :]
+    columns = offsets[1][:, None] + tf.range(width)[None, :]
+    images = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(images, columns, axis=2, batch_dims=1)
+
+
+def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, max_shift: int = 0):
     """Batches of ``(float32 images, labels)``, reshuffled every epoch with a seeded order.
 
     The arrays are placed in memory as tensors once; each epoch shuffles only the indices and
-    gathers one whole batch per step.
+    gathers one whole batch per step. With ``max_shift``, every image is moved by up to that
+    many pixels in each direction, a fresh random shift each time it is drawn (augmentation).
     """
     import tensorflow as tf
 
     image_tensor = tf.constant(images)
     label_tensor = tf.constant(labels)
 
-    def gather(indices):
-        return tf.cast(tf.gather(image_tensor, indices), tf.float32), tf.gather(label_tensor, indices)
+    def gather(indices, batch_seed):
+        batch = tf.cast(tf.gather(image_tensor, indices), tf.float32)
+        if max_shift:
+            batch = shift_images(batch, max_shift, tf.stack([batch_seed, tf.constant(seed, tf.int64)]))
+        return batch, tf.gather(label_tensor, indices)
 
-    dataset = (
+    batches = (
         tf.data.Dataset.range(len(labels))
         .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size)
+    )
+    # One seed per batch, drawn afresh every epoch, for the shifts of that batch.
+    batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    dataset = (
+        tf.data.Dataset.zip(batches, batch_seeds)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )

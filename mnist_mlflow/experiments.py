@@ -33,6 +33,8 @@ def _training_name(training: TrainingConfig, dropout_rate: float) -> str:
     if training.lr_schedule != "constant":
         name += f"-{training.lr_schedule}"
     name += f"-bs{training.batch_size}"
+    if training.max_shift:
+        name += f"-shift{training.max_shift}"
     if dropout_rate:
         name += f"-drop{dropout_rate:g}"
     return name
@@ -189,7 +191,13 @@ def run_classifier(
         tracking.log_text(models.summary_text(model), "model_summary.txt")
 
         result = training.train_and_evaluate(
-            model, splits, training_config.batch_size, training_config.epochs, training_config.seed, callbacks=callbacks
+            model,
+            splits,
+            training_config.batch_size,
+            training_config.epochs,
+            training_config.seed,
+            callbacks=callbacks,
+            max_shift=training_config.max_shift,
         )
         tracking.log_metrics(result.metrics())
         log_evaluation(result, splits)

@@ -159,14 +159,16 @@ def train_and_evaluate(
     seed: int,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
+    max_shift: int = 0,
 ) -> TrainingResult:
     """Fits a compiled model, restores its best-``val_accuracy`` weights and evaluates on test.
 
-    The test split is used exactly once, on the selected model.
+    The test split is used exactly once, on the selected model. ``max_shift`` moves every
+    training image by up to that many pixels each time it is drawn (augmentation).
     """
     timer = EpochTimer()
     best = RestoreBestWeights("val_accuracy")
-    train_data = training_dataset(splits.train_images, splits.train_labels, batch_size, seed)
+    train_data = training_dataset(splits.train_images, splits.train_labels, batch_size, seed, max_shift=max_shift)
     validation_data = evaluation_dataset(splits.validation_images, splits.validation_labels)
 
     start = time.perf_counter()

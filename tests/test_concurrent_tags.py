@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import tracking
 
 WORKERS = 6
 TAGS_PER_WORKER = 40
+
+pytestmark = pytest.mark.e2e
 
 
 def _write_tags_together(run_id: str, set_tag) -> list[BaseException]:

@@ -104,3 +104,60 @@ def test_mnist_and_fashion_mnist_prepared_in_one_directory_stay_distinct(tmp_pat
     # The canonical files' mean pixel intensities: MNIST about 33.3, Fashion-MNIST about 72.9.
     assert means["mnist"] == pytest.approx(33.32, abs=0.05)
     assert means["fashion_mnist"] == pytest.approx(72.94, abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def prepared_mnist(tmp_path_factory):
+    """MNIST prepared by tfds in a private folder, with its decoded-array cache written."""
+    import os
+
+    if not os.environ.get(data.DATA_DIR_ENV):
+        pytest.skip(f"needs {data.DATA_DIR_ENV} to prepare MNIST offline")
+    folder = tmp_path_factory.mktemp("tfds")
+    arrays, version, prepared_dir = data.load_arrays("mnist", str(folder))
+    return folder, arrays, version, prepared_dir
+
+
+def _load_in_fresh_process(folder) -> str:
+    """Loads MNIST from ``folder`` in a new interpreter; prints whether tfds was imported and a digest."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, sys; from mnist_mlflow import data\n"
+        f"arrays, version, _ = data.load_arrays('mnist', {str(folder)!r})\n"
+        "print('tfds imported:', 'tensorflow_datasets' in sys.modules, version)\n"
+        "print(hashlib.sha256(arrays['train'][0].tobytes() + arrays['test'][1].tobytes()).hexdigest())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=data.Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_mnist):
+    import hashlib
+
+    folder, arrays, version, prepared_dir = prepared_mnist
+    cache = data.Path(prepared_dir) / data.ARRAY_CACHE_FOLDER
+    assert (cache / data.ARRAY_CACHE_MANIFEST).is_file()
+    expected = hashlib.sha256(arrays["train"][0].tobytes() + arrays["test"][1].tobytes()).hexdigest()
+    output = _load_in_fresh_process(folder)
+    # The second load reads the cache: the same arrays, and tensorflow_datasets is never imported.
+    assert f"tfds imported: False {version}" in output
+    assert expected in output
+
+
+def test_a_damaged_cache_is_noticed_and_decoded_again(prepared_mnist):
+    import hashlib
+
+    folder, arrays, version, prepared_dir = prepared_mnist
+    labels_file = data.Path(prepared_dir) / data.ARRAY_CACHE_FOLDER / "test_labels.npy"
+    damaged = bytearray(labels_file.read_bytes())
+    damaged[-1] = (damaged[-1] + 1) % 10
+    labels_file.write_bytes(bytes(damaged))
+    output = _load_in_fresh_process(folder)
+    assert "Ignoring the decoded-array cache" in output and "does not match its SHA-256 digest" in output
+    assert "tfds imported: True" in output
+    assert hashlib.sha256(arrays["train"][0].tobytes() + arrays["test"][1].tobytes()).hexdigest() in output
+    # The cache was written again, whole: the next load reads it.
+    assert "tfds imported: False" in _load_in_fresh_process(folder)
