@@ -294,12 +294,16 @@ def shift_images(images, max_shift: int, seed):
     return tf.gather(images, columns, axis=2, batch_dims=1)
 
 
-def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, max_shift: int = 0):
+def training_dataset(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, max_shift: int = 0, batches_per_step: int = 1
+):
     """Batches of ``(float32 images, labels)``, reshuffled every epoch with a seeded order.
 
     The arrays are placed in memory as tensors once; each epoch shuffles only the indices and
     gathers one whole batch per step. With ``max_shift``, every image is moved by up to that
     many pixels in each direction, a fresh random shift each time it is drawn (augmentation).
+    With ``batches_per_step``, each element holds that many consecutive batches, for a model
+    that steps through them itself (models.MultiStepSequential); the order is the same.
     """
     import tensorflow as tf
 
@@ -315,7 +319,7 @@ def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, se
     batches = (
         tf.data.Dataset.range(len(labels))
         .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
+        .batch(batch_size * batches_per_step)
     )
     # One seed per batch, drawn afresh every epoch, for the shifts of that batch.
     batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
@@ -326,7 +330,8 @@ def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, se
     )
     # Keras autologging reads the batch size from this attribute, which only a dataset whose
     # last step is .batch() has. Without it, autolog would record batch_size=None, clash with
-    # the entry point's batch_size parameter and silently log nothing at all.
+    # the entry point's batch_size parameter and silently log nothing at all. It is the size
+    # of one real training batch, also when an element holds several.
     dataset._batch_size = tf.constant(batch_size, dtype=tf.int64)
     return dataset
 

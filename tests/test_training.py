@@ -1,6 +1,7 @@
 """Training without MLflow: the library returns its metrics and restores the best epoch."""
 
 import numpy as np
+import pytest
 
 from mnist_mlflow import data, models, training
 
@@ -72,3 +73,53 @@ def test_same_seed_same_history(small_splits):
     _, other = _fit(small_splits, seed=6)
     assert first.history["val_accuracy"] == second.history["val_accuracy"]
     assert first.history["val_accuracy"] != other.history["val_accuracy"]
+
+
+def _fit_dense(splits, batch_size, jit_compile, several_batches_per_step, max_shift=0):
+    """Two epochs of a small dense net; optionally forced to one batch per step."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = models.build_dense_model((32,), ("relu",))
+    optimizer = models.make_optimizer("adam", 0.001, "cosine", 2 * len(splits.train_labels) // batch_size)
+    models.compile_model(model, optimizer, steps_per_execution=1, jit_compile=jit_compile)
+    if not several_batches_per_step:
+        # A plain Sequential trains one batch per step, the ordinary Keras way.
+        model = keras.Sequential(model.layers, name="plain")
+        models.compile_model(model, optimizer, steps_per_execution=1, jit_compile=jit_compile)
+    result = training.train_and_evaluate(model, splits, batch_size, epochs=2, seed=0, verbose=0, max_shift=max_shift)
+    return model, result
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_several_batches_per_step_train_exactly_like_one_batch_per_step(small_splits, jit_compile):
+    batch_size = 50
+    assert training.batches_per_step_for(models.build_dense_model((32,), ("relu",)), 2000, batch_size) == 40
+    chunked, chunked_result = _fit_dense(small_splits, batch_size, jit_compile, several_batches_per_step=True)
+    plain, plain_result = _fit_dense(small_splits, batch_size, jit_compile, several_batches_per_step=False)
+    # The optimizer took every real step: 2 epochs of 40 batches, and the schedule with it.
+    assert int(chunked.optimizer.iterations) == int(plain.optimizer.iterations) == 80
+    for mine, theirs in zip(chunked.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+    for name in ("loss", "accuracy", "val_accuracy"):
+        np.testing.assert_allclose(chunked_result.history[name], plain_result.history[name], rtol=1e-4, atol=1e-5)
+
+
+def test_when_several_batches_per_step_are_used():
+    import keras
+
+    dense = models.build_dense_model((32,), ("relu",))
+    models.compile_model(dense, "adam", 0.001, jit_compile=True)
+    # The largest count within the limits that divides the batches of an epoch.
+    assert training.batches_per_step_for(dense, 54000, 100) == 90
+    assert training.batches_per_step_for(dense, 54000, 1) == 200
+    # A last batch smaller than the others: one batch per step.
+    assert training.batches_per_step_for(dense, 54000, 64) == 1
+    # A plain Sequential has no multi-batch step.
+    assert training.batches_per_step_for(keras.Sequential(dense.layers), 54000, 100) == 1
+    # A CNN under XLA: one batch per step (XLA runs convolutions in a loop slowly on CPU).
+    cnn = models.build_cnn_model((8, 8))
+    models.compile_model(cnn, "sgd", 0.1, jit_compile=True)
+    assert training.batches_per_step_for(cnn, 54000, 100) == 1
+    models.compile_model(cnn, "sgd", 0.1, jit_compile=False)
+    assert training.batches_per_step_for(cnn, 54000, 100) == 90
