@@ -12,7 +12,7 @@ from pathlib import Path
 # Started as `python entrypoints/dense.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import TRAINING_HELP, parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import TRAINING_HELP, exit_process, parse_config, run_main  # noqa: E402
 from mnist_mlflow.config import DenseRunConfig  # noqa: E402
 
 HELP = {
@@ -34,4 +34,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

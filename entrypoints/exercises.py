@@ -12,7 +12,7 @@ from pathlib import Path
 # Started as `python entrypoints/exercises.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import exit_process, parse_config, run_main  # noqa: E402
 from mnist_mlflow.config import ExercisesConfig  # noqa: E402
 from mnist_mlflow.exercises import exercise_ids  # noqa: E402
 
@@ -38,4 +38,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

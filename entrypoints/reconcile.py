@@ -17,7 +17,7 @@ from pathlib import Path
 # Started as `python entrypoints/reconcile.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import run_main, string_parser  # noqa: E402
+from mnist_mlflow.cli import exit_process, run_main, string_parser  # noqa: E402
 from mnist_mlflow.config import ConfigError, parse_bool_list, parse_float  # noqa: E402
 
 DEFAULTS = {"experiment": "", "max_age_hours": 24.0, "dry_run": "false"}
@@ -47,4 +47,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -123,3 +123,12 @@ def test_when_several_batches_per_step_are_used():
     assert training.batches_per_step_for(cnn, 54000, 100) == 1
     models.compile_model(cnn, "sgd", 0.1, jit_compile=False)
     assert training.batches_per_step_for(cnn, 54000, 100) == 90
+
+
+def test_test_loss_and_accuracy_agree_with_keras_evaluate(small_splits):
+    model, result = _fit(small_splits, epochs=1)
+    keras_loss, keras_accuracy = model.evaluate(
+        data.evaluation_dataset(small_splits.test_images, small_splits.test_labels), verbose=0
+    )
+    assert abs(result.test_loss - keras_loss) < 1e-4
+    assert abs(result.test_accuracy - keras_accuracy) < 1e-6
