@@ -21,6 +21,7 @@ HELP = {
     "pooling": "comma list of true/false, one per convolution: 2x2 max-pool (stride 2) after it; empty = all true",
     "dense_units": "comma list of widths of the relu layers after the convolutions; empty = none",
     "dropout": "dropout rate just before the output layer, in [0, 1)",
+    "precision": "float32, bfloat16 (mixed precision), or auto: bfloat16 where the CPU has bfloat16 matrix units",
     "register_as": "registered model name for the selected model; empty = do not register",
     **TRAINING_HELP,
 }

@@ -80,6 +80,8 @@ def exit_process(status: int) -> None:
     what is left is TensorFlow's teardown, about a second of tearing down what the process
     exits from anyway. Standard output and error are flushed first.
     """
+    if "tensorflow" not in sys.modules:
+        sys.exit(status)  # Nothing heavy to tear down (say, a bad flag refused before any work).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

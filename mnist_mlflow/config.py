@@ -34,6 +34,7 @@ class TrainingDivergedError(RunFailedError):
 DATASETS = ("mnist", "fashion_mnist")
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "softplus", "swish", "leaky_relu", "linear")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+PRECISIONS = ("auto", "float32", "bfloat16")
 # A shift of more than a quarter of the 28-pixel image would move most digits out of it.
 MAX_SHIFT_LIMIT = 7
 LR_SCHEDULES = ("constant", "cosine")
@@ -342,8 +343,13 @@ class CnnModelConfig:
     pooling: tuple[bool, ...] = (True, True)
     dense_units: tuple[int, ...] = (64, 64)
     dropout_rate: float = 0.0
+    # The number format of the arithmetic: float32; bfloat16 (mixed precision: bfloat16
+    # arithmetic, float32 weights); or auto, which is bfloat16 where the processor multiplies
+    # bfloat16 matrices itself (AMX or AVX512-BF16) and float32 elsewhere.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        _require_choice("precision", self.precision, PRECISIONS)
         if not self.filters or any(count <= 0 for count in self.filters):
             raise ConfigError(f"filters={self.filters!r} must be positive counts")
         if len(self.pooling) != len(self.filters):
@@ -421,6 +427,7 @@ class CnnRunConfig:
             "pooling": ",".join(str(flag).lower() for flag in self.model.pooling),
             "dense_units": ",".join(map(str, self.model.dense_units)),
             "dropout": self.model.dropout_rate,
+            "precision": self.model.precision,
             **training_and_data_params(self.training, self.data),
             "register_as": self.register_as,
         }
@@ -443,6 +450,7 @@ class CnnRunConfig:
                 pooling=parse_bool_list("pooling", pooling_text),
                 dense_units=parse_positive_int_list("dense_units", dense_text) if dense_text else (),
                 dropout_rate=parse_float("dropout", raw["dropout"]),
+                precision=str(raw["precision"]).strip().lower(),
             ),
             training=parse_training(raw, seed),
             data=parse_data(raw, seed),

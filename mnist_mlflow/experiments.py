@@ -99,6 +99,8 @@ def cnn_run_name(config: CnnRunConfig) -> str:
     pools = "" if all(model.pooling) else "-pool" + "".join("1" if flag else "0" for flag in model.pooling)
     dense = "x".join(map(str, model.dense_units)) or "none"
     name = f"cnn-{'-'.join(map(str, model.filters))}-k{model.kernel_size}{pools}-dense{dense}"
+    if models.resolve_precision(model.precision) == "bfloat16":
+        name += "-bf16"
     return name + _training_name(config.training, model.dropout_rate)
 
 
@@ -114,6 +116,7 @@ def run_cnn(config: CnnRunConfig, child: ChildOptions | None = None) -> RunResul
             pooling=config.model.pooling,
             dense_units=config.model.dense_units,
             dropout_rate=config.model.dropout_rate,
+            precision=config.model.precision,
         ),
         training_config=config.training,
         data_config=config.data,
@@ -184,6 +187,7 @@ def run_classifier(
                 "trainable_parameters": models.count_trainable_parameters(model),
                 "steps_per_execution": steps_per_execution,
                 "jit_compile": jit_compile,
+                "compute_dtype": "bfloat16" if models.computes_in_bfloat16(model) else "float32",
                 "tfds_version": splits.version,
             }
         )

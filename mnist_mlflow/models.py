@@ -6,6 +6,8 @@ so the logged and served model needs no preprocessing from its callers.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Sequence
 
 import keras
@@ -123,11 +125,37 @@ def with_standard_layers(model: keras.Model) -> keras.Model:
 
     def clone(layer):
         standard = _STANDARD_LAYERS.get(type(layer))
-        return (standard or type(layer)).from_config(layer.get_config())
+        # Weights are float32 also under mixed precision; the copy computes in float32 too.
+        return (standard or type(layer)).from_config({**layer.get_config(), "dtype": "float32"})
 
     copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this processor multiplies bfloat16 matrices itself (AMX-BF16 or AVX512-BF16).
+
+    Read from /proc/cpuinfo; False where that file does not exist.
+    """
+    try:
+        cpu_flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", cpu_flags) is not None
+
+
+def resolve_precision(precision: str) -> str:
+    """``float32`` or ``bfloat16``: what ``auto`` means on this machine, or the choice as given."""
+    if precision == "auto":
+        return "bfloat16" if cpu_multiplies_bfloat16() else "float32"
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision={precision!r} is not one of: auto, float32, bfloat16")
+    return precision
+
+
+def computes_in_bfloat16(model: keras.Model) -> bool:
+    return any(layer.dtype_policy.compute_dtype == "bfloat16" for layer in model.layers)
 
 
 def build_cnn_model(
@@ -137,6 +165,7 @@ def build_cnn_model(
     dense_units: Sequence[int] = (64, 64),
     dropout_rate: float = 0.0,
     num_classes: int = NUM_CLASSES,
+    precision: str = "float32",
 ) -> keras.Model:
     """Conv2D(count, kernel, relu) [-> MaxPool 2x2] per entry -> Flatten -> Dense(relu)... -> Dense(10, softmax).
 
@@ -145,25 +174,37 @@ def build_cnn_model(
     weights, which suit relu better than Keras's default Glorot-uniform: with plain SGD at
     0.1 the network learns markedly faster in its first hundred steps.
 
-    Pooling uses ``ReshapeMaxPooling2D``, the equivalent of MaxPooling2D that trains fast under
-    XLA; ``with_standard_layers`` gives the stock-Keras copy to save.
+    In float32, pooling uses ``ReshapeMaxPooling2D``, the equivalent of MaxPooling2D that
+    trains fast under XLA; ``with_standard_layers`` gives the stock-Keras copy to save.
+
+    ``precision`` (``float32``, ``bfloat16`` or ``auto``, see ``resolve_precision``):
+    bfloat16 is Keras mixed precision, with bfloat16 arithmetic and float32 weights; the
+    softmax stays float32. It runs on TensorFlow's oneDNN kernels, not XLA (XLA on CPU does
+    not use the bfloat16 matrix units), with stock pooling. The saved model computes in float32.
     """
+    bfloat16 = resolve_precision(precision) == "bfloat16"
+    policy = "mixed_bfloat16" if bfloat16 else None
+    pool_layer = keras.layers.MaxPooling2D if bfloat16 else ReshapeMaxPooling2D
     pooling = [True] * len(filters) if pooling is None else list(pooling)
     layers = _input_layers()
     for index, (count, pooled) in enumerate(zip(filters, pooling, strict=True), start=1):
         layers.append(
-            keras.layers.Conv2D(count, kernel_size, activation="relu", kernel_initializer=RELU_INITIALIZER, name=f"conv_{index}")
+            keras.layers.Conv2D(
+                count, kernel_size, activation="relu", kernel_initializer=RELU_INITIALIZER, name=f"conv_{index}", dtype=policy
+            )
         )
         if pooled:
-            layers.append(ReshapeMaxPooling2D(name=f"pool_{index}"))
-    layers.append(keras.layers.Flatten(name="flatten"))
+            layers.append(pool_layer(name=f"pool_{index}", dtype=policy))
+    layers.append(keras.layers.Flatten(name="flatten", dtype=policy))
     for index, width in enumerate(dense_units, start=1):
         layers.append(
-            keras.layers.Dense(width, activation="relu", kernel_initializer=RELU_INITIALIZER, name=f"hidden_{index}")
+            keras.layers.Dense(
+                width, activation="relu", kernel_initializer=RELU_INITIALIZER, name=f"hidden_{index}", dtype=policy
+            )
         )
     if dropout_rate:
-        layers.append(keras.layers.Dropout(dropout_rate, name="dropout"))
-    layers.append(keras.layers.Dense(num_classes, activation="softmax", name="probabilities"))
+        layers.append(keras.layers.Dropout(dropout_rate, name="dropout", dtype=policy))
+    layers.append(keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32"))
     return MultiStepSequential(layers, name="cnn")
 
 
@@ -219,13 +260,17 @@ def prepare_for_inference(model: keras.Model) -> keras.Model:
     counts and over-run small prediction requests. XLA would compile again for every new
     request size. The optimizer and its state are kept so training can be resumed.
     """
-    if type(model) is not keras.Sequential or any(type(layer) in _STANDARD_LAYERS for layer in model.layers):
+    if (
+        type(model) is not keras.Sequential
+        or computes_in_bfloat16(model)
+        or any(type(layer) in _STANDARD_LAYERS for layer in model.layers)
+    ):
         model = with_standard_layers(model)
     return compile_model(model, model.optimizer, steps_per_execution=1, jit_compile=False)
 
 
 def use_xla(model: keras.Model) -> bool:
-    """Whether to compile ``model`` with XLA: yes, unless it has dropout.
+    """Whether to compile ``model`` with XLA: yes, unless it has dropout or computes in bfloat16.
 
     On this CPU, XLA makes the small dense networks about twice as fast and the convolutional
     ones much faster (with ReshapeMaxPooling2D), but its dropout is about five times slower:
@@ -233,7 +278,8 @@ def use_xla(model: keras.Model) -> bool:
     3.5 s without XLA, against 1.9 s with XLA and no dropout
     (``benchmarks/bench_dropout_xla.py``, all four variants side by side).
     """
-    return not any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
+    has_dropout = any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
+    return not has_dropout and not computes_in_bfloat16(model)
 
 
 def count_trainable_parameters(model: keras.Model) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from mnist_mlflow.config import TrainingDivergedError
 from mnist_mlflow.data import Splits, evaluation_dataset, training_dataset
-from mnist_mlflow.models import MultiStepSequential
+from mnist_mlflow.models import MultiStepSequential, computes_in_bfloat16, with_standard_layers
 
 # Batches run per compiled call at most; amortises Python and dispatch overhead per step.
 MAX_STEPS_PER_EXECUTION = 200
@@ -228,8 +228,10 @@ def train_and_evaluate(
     )
     train_time_s = time.perf_counter() - start
 
-    # One pass over the test split: the loss and accuracy follow from the probabilities.
-    test_probabilities = model.predict(evaluation_dataset(splits.test_images, splits.test_labels), verbose=0)
+    # One pass over the test split: the loss and accuracy follow from the probabilities. A
+    # model trained in bfloat16 is saved computing in float32, so that is the one tested.
+    tested_model = with_standard_layers(model) if computes_in_bfloat16(model) else model
+    test_probabilities = tested_model.predict(evaluation_dataset(splits.test_images, splits.test_labels), verbose=0)
     test_loss, test_accuracy = loss_and_accuracy(splits.test_labels, test_probabilities)
     return TrainingResult(
         history={name: [float(value) for value in values] for name, values in history.history.items()},

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mnist_mlflow import models
+from mnist_mlflow import models, training
 from mnist_mlflow.config import CnnRunConfig, ConfigError
 
 
@@ -102,6 +102,47 @@ def test_saved_cnn_has_stock_layers_and_the_same_predictions():
     assert not saved.jit_compile
     assert [layer.name for layer in saved.layers] == [layer.name for layer in model.layers]
     np.testing.assert_allclose(saved.predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-4, atol=1e-5)
+
+
+def _train_bfloat16_cnn(splits):
+    import keras
+
+    keras.utils.set_random_seed(5)
+    model = models.build_cnn_model([8, 8], dense_units=(16,), precision="bfloat16")
+    models.compile_model(model, "sgd", 0.1, jit_compile=models.use_xla(model))
+    result = training.train_and_evaluate(model, splits, batch_size=32, epochs=1, seed=5, verbose=0)
+    return model, result
+
+
+def test_a_bfloat16_cnn_trains_the_same_twice_and_is_saved_in_float32(small_splits):
+    import keras
+
+    model, result = _train_bfloat16_cnn(small_splits)
+    # bfloat16 arithmetic, float32 weights and softmax, no XLA, stock pooling.
+    assert models.computes_in_bfloat16(model) and not models.use_xla(model)
+    assert all(weight.dtype == "float32" for weight in model.weights)
+    assert model.layers[-1].dtype_policy.compute_dtype == "float32"
+    assert models.ReshapeMaxPooling2D not in {type(layer) for layer in model.layers}
+    # The same seed gives the same weights.
+    again, again_result = _train_bfloat16_cnn(small_splits)
+    for mine, theirs in zip(model.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+    assert result.test_accuracy == again_result.test_accuracy
+    # The saved model computes in float32, and the reported test accuracy is that model's.
+    saved = models.prepare_for_inference(model)
+    assert type(saved) is keras.Sequential and not models.computes_in_bfloat16(saved)
+    probabilities = saved.predict(small_splits.test_images.astype("float32"), verbose=0)
+    assert probabilities.dtype == np.float32
+    assert abs(np.mean(probabilities.argmax(axis=1) == small_splits.test_labels) - result.test_accuracy) < 1e-6
+
+
+def test_auto_precision_follows_the_processor(monkeypatch):
+    monkeypatch.setattr(models, "cpu_multiplies_bfloat16", lambda: True)
+    assert models.resolve_precision("auto") == "bfloat16"
+    assert models.resolve_precision("float32") == "float32"
+    monkeypatch.setattr(models, "cpu_multiplies_bfloat16", lambda: False)
+    assert models.resolve_precision("auto") == "float32"
+    assert models.resolve_precision("bfloat16") == "bfloat16"
 
 
 def test_image_client_turns_dark_on_light_colour_images_into_mnist_form(tmp_path):

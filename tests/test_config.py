@@ -57,6 +57,9 @@ def test_params_round_trip():
         ("validation_fraction", "0"),
         ("seed", "-3"),
         ("max_train_examples", "-10"),
+        ("max_shift", "8"),
+        ("max_shift", "-1"),
+        ("max_shift", "1.5"),
     ],
 )
 def test_bad_values_name_the_parameter_and_the_value(name, value):
@@ -72,3 +75,12 @@ def test_bad_values_name_the_parameter_and_the_value(name, value):
 def test_unknown_parameter_is_refused():
     with pytest.raises(ConfigError, match="hidden_unit"):
         DenseRunConfig.from_params({"hidden_unit": "50"})
+
+
+@pytest.mark.parametrize("value", ["fp8", "half", ""])
+def test_a_bad_cnn_precision_is_one_line_naming_it(value):
+    from mnist_mlflow.config import CnnRunConfig
+
+    with pytest.raises(ConfigError) as raised:
+        CnnRunConfig.from_params({"precision": value})
+    assert f"precision={value!r}" in str(raised.value) and "\n" not in str(raised.value)

@@ -98,6 +98,7 @@ def test_the_size_counted_before_tensorflow_is_what_keras_builds(kind, arguments
         (["--seed", "99999999999"], "seed=99999999999"),
         (["--hidden_units", "100000000"], "trainable parameters"),
         (["--validation_fraction", "1e-9"], "validation_fraction"),
+        (["--max_shift", "9"], "max_shift=9"),
     ],
 )
 def test_bad_values_stop_the_script_before_tensorflow_is_imported(arguments, named, tmp_path):
