@@ -392,10 +392,11 @@ def cnn_parameter_count(filters: tuple[int, ...], kernel_size: int, pooling: tup
     return count + sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))
 
 
-# The default CNN trains 12 epochs on images moved by up to 2 pixels: three seeds all cleared
-# 99.2% test accuracy on full MNIST this way, and without the shifts one of them did not
-# (measured; see the README's CNN section).
-CNN_DEFAULT_EPOCHS = 12
+# The default CNN trains 15 epochs on images moved by up to 2 pixels. Three seeds all cleared
+# 99.2% test accuracy this way, in bfloat16 (99.25-99.35%) and in float32; with 12 epochs the
+# lowest bfloat16 seed had 99.22%, and without the shifts one seed in three stayed below 99.2%
+# (measured with benchmarks/cnn_seeds.py; see the README's CNN section).
+CNN_DEFAULT_EPOCHS = 15
 CNN_DEFAULT_MAX_SHIFT = 2
 
 
