@@ -16,7 +16,8 @@ Workloads:
 
 Floors, measured in the same run:
 - for the CNN, a bare compiled training step of the same model on one fixed in-memory batch
-  of 32, times the 1,688 steps of an epoch;
+  of 32, times the 1,688 steps of an epoch (``floor_cnn_step.py``; in bfloat16 where the
+  CPU has bfloat16 matrix units, as the project trains there);
 - for the command, ``import tensorflow, keras, mlflow`` plus a no-op ``mlflow run``.
 
     python benchmarks/bench_speed.py                      # everything, 3 repeats (about 25 minutes)
@@ -140,7 +141,8 @@ def steady_median(epoch_seconds: list[float]) -> float:
 
 
 def cnn_step_floor() -> float:
-    """Seconds per CNN epoch from a bare compiled step on one fixed batch (median of 3 timings)."""
+    """Seconds per CNN epoch from a bare compiled step on one fixed batch (median of 3 timings),
+    in the fastest form this machine has (bfloat16 where the CPU has bfloat16 matrix units)."""
     output = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("floor_cnn_step.py"))],
         env=environment(), capture_output=True, text=True, check=True,
