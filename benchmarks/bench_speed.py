@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PROJECT_DIR, RESULTS_DIR, WORK_DIR
+from common import PROJECT_DIR, WORK_DIR, record_results
 
 SEED_REFERENCE = PROJECT_DIR.parent / "shared" / "bench" / "seed_reference.py"
 CNN_STEPS_PER_EPOCH = 1688  # 54,000 training examples in batches of 32
@@ -257,18 +255,7 @@ def main() -> None:
         if "command" in chosen:
             floors["command"] = command_floor(server.url)
     text = table(results, floors, args.repeats)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    record = {
-        "results": results,
-        "floors": floors,
-        "repeats": args.repeats,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS_DIR / f"{args.name}.md").write_text(text)
-    print(text)
-
+    record_results(args.name, {"results": results, "floors": floors, "repeats": args.repeats}, text)
 
 if __name__ == "__main__":
     main()

@@ -12,15 +12,12 @@ validation and test accuracy and seconds per epoch, with the spread. Results go 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-from common import PROJECT_DIR, RESULTS_DIR, WORK_DIR
+from common import PROJECT_DIR, WORK_DIR, record_results
 
 TARGET = 0.992
 
@@ -77,17 +74,7 @@ def main() -> None:
         f"{sum(test >= TARGET for test in tests)} of {len(tests)} at or above {TARGET:.1%}.",
     ]
     text = "\n".join(lines) + "\n"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    record = {
-        "runs": runs,
-        "extra_flags": args.extra,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS_DIR / f"{args.name}.md").write_text(text)
-    print(text)
-
+    record_results(args.name, {"runs": runs, "extra_flags": args.extra}, text)
 
 if __name__ == "__main__":
     main()

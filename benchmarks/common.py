@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -38,3 +41,17 @@ def epoch_timer(times: dict[str, list[float]]):
             times["cpu"].append(time.process_time() - self.cpu_start)
 
     return EpochTimes()
+
+
+def record_results(name: str, record: dict, table: str) -> None:
+    """Writes ``benchmarks/results/<name>.json`` (the record, with the machine and the time) and
+    ``<name>.md`` (the table), and prints the table."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    record = {
+        **record,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(table)
+    print(table)
