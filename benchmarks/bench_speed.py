@@ -20,7 +20,7 @@ Floors, measured in the same run:
   CPU has bfloat16 matrix units, as the project trains there);
 - for the command, ``import tensorflow, keras, mlflow`` plus a no-op ``mlflow run``.
 
-    python benchmarks/bench_speed.py                      # everything, 3 repeats (about 25 minutes)
+    python benchmarks/bench_speed.py                      # everything, 3 repeats (about 15 minutes)
     python benchmarks/bench_speed.py --only cnn,dense --repeats 2
 
 Results go to ``benchmarks/results/speed.json`` and ``speed.md``.
