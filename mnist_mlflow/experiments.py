@@ -186,6 +186,9 @@ def run_classifier(
                 **splits.sizes,
                 "trainable_parameters": models.count_trainable_parameters(model),
                 "steps_per_execution": steps_per_execution,
+                "batches_per_step": training.batches_per_step_for(
+                    model, len(splits.train_labels), training_config.batch_size
+                ),
                 "jit_compile": jit_compile,
                 "compute_dtype": "bfloat16" if models.computes_in_bfloat16(model) else "float32",
                 "tfds_version": splits.version,

@@ -68,6 +68,14 @@ def test_cnn_run_logs_what_cnn_users_look_at(registered_cnn, tmp_path):
     assert run.data.params["trainable_parameters"] == "65642"
     assert run.data.params["filters"] == "32,32"
     assert run.data.params["register_as"] == model_name
+    # The defaults: shifted images, and bfloat16 exactly where this CPU has bfloat16 matrix units.
+    from mnist_mlflow.models import cpu_multiplies_bfloat16
+
+    assert run.data.params["max_shift"] == "2" and run.data.params["precision"] == "auto"
+    bfloat16 = cpu_multiplies_bfloat16()
+    assert run.data.params["compute_dtype"] == ("bfloat16" if bfloat16 else "float32")
+    assert run.data.params["jit_compile"] == ("False" if bfloat16 else "True")
+    assert ("-bf16-" in run.info.run_name) == bfloat16 and run.info.run_name.endswith("-bs32-shift2")
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {
         "evaluation/misclassified.png",

@@ -29,6 +29,11 @@ EXPECTED_PARAMS = {
     "validation_examples": "6000",
     "test_examples": "10000",
     "trainable_parameters": "42310",
+    # 2,000 examples in batches of 100: one compiled step walks through all 20 batches.
+    "batches_per_step": "20",
+    "jit_compile": "True",
+    "compute_dtype": "float32",
+    "max_shift": "0",
 }
 
 
