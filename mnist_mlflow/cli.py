@@ -70,6 +70,12 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); the runs of this process ended KILLED", file=sys.stderr)
         return 130
+    except Exception as error:
+        stop = lifecycle.termination_from(error)
+        if stop is None:
+            raise
+        print(f"stopped: {stop.reason}; the runs of this process ended KILLED", file=sys.stderr)
+        return 143
     return 0
 
 

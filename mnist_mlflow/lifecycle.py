@@ -54,11 +54,30 @@ def interruption_reason(error: BaseException) -> str:
 
 
 _pending_reason: list[str] = []
+# Why this process was told to stop, once it was; see termination_from.
+_termination_reason: list[str] = []
 
 
 def _on_sigterm(signum, frame) -> None:
     reason = _pending_reason.pop() if _pending_reason else "terminated by SIGTERM"
+    _termination_reason.append(reason)
     raise Terminated(reason)
+
+
+def termination_from(error: BaseException) -> Terminated | None:
+    """The stop that ``error`` really is, or None.
+
+    The SIGTERM handler raises :class:`Terminated` wherever the main thread is. When that is
+    inside TensorFlow's native code, the exception can come out mangled (seen: ``SystemError:
+    bad argument to internal function`` from a training step). Any error raised after a stop
+    was requested is taken for that stop, so that the runs still end KILLED and the process
+    still exits with status 143.
+    """
+    if isinstance(error, Terminated):
+        return error
+    if _termination_reason and not isinstance(error, KeyboardInterrupt):
+        return Terminated(_termination_reason[-1])
+    return None
 
 
 def install_signal_handlers() -> None:

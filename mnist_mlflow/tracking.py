@@ -388,6 +388,12 @@ def start_run(
         except RunFailedError as failure:
             _end_active_run("FAILED", FAILED_REASON_TAG, str(failure))
             raise
+        except Exception as error:
+            stop = lifecycle.termination_from(error)
+            if stop is None:
+                raise
+            _end_active_run("KILLED", KILLED_REASON_TAG, stop.reason)
+            raise stop from error
 
 
 def _end_active_run(status: str, tag: str, reason: str) -> None:

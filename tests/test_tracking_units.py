@@ -58,3 +58,41 @@ def test_a_server_link_opens_the_model_training_view_without_the_password():
         mlflow.set_tracking_uri(None)
     assert "s3cret" not in run_line and "alice" not in run_line
     assert run_line.endswith(": http://tracking.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning")
+
+
+def test_an_error_mangled_by_a_sigterm_still_ends_the_run_killed(sqlite_store, monkeypatch):
+    """A SIGTERM raised inside TensorFlow's native code once came out as a SystemError; after a
+    stop was requested, any error is that stop: the run ends KILLED and Terminated goes on."""
+    from mnist_mlflow import cli, lifecycle
+
+    monkeypatch.setattr(lifecycle, "_termination_reason", ["terminated by SIGTERM"])
+    tracking.choose_experiment("mnist-dense")
+    with pytest.raises(lifecycle.Terminated) as raised:
+        with tracking.start_run("a-run", {}) as run_id:
+            raise SystemError("Objects/listobject.c:338: bad argument to internal function")
+    assert raised.value.reason == "terminated by SIGTERM"
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags[tracking.KILLED_REASON_TAG] == "terminated by SIGTERM"
+
+    # Outside a run, the entry point still exits with 143 and one line.
+    def main(argv):
+        raise SystemError("bad argument to internal function")
+
+    assert cli.run_main(main) == 143
+
+
+def test_without_a_stop_an_error_is_an_error(sqlite_store, monkeypatch):
+    from mnist_mlflow import cli, lifecycle
+
+    monkeypatch.setattr(lifecycle, "_termination_reason", [])
+    tracking.choose_experiment("mnist-dense")
+    with pytest.raises(SystemError):
+        with tracking.start_run("a-run", {}) as run_id:
+            raise SystemError("a real bug")
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+
+    def main(argv):
+        raise SystemError("a real bug")
+
+    with pytest.raises(SystemError):
+        cli.run_main(main)
