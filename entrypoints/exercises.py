@@ -13,8 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_mlflow.cli import exit_process, parse_config, run_main  # noqa: E402
-from mnist_mlflow.config import ExercisesConfig  # noqa: E402
-from mnist_mlflow.exercises import exercise_ids  # noqa: E402
+from mnist_mlflow.studies.exercises import ExercisesConfig, exercise_ids  # noqa: E402
 
 HELP = {
     "suite": "dense (the ten dense exercises on MNIST) or conv (the Fashion-MNIST convolution exercises)",
@@ -32,7 +31,7 @@ HELP = {
 def main(argv=None) -> None:
     config = parse_config(ExercisesConfig, __doc__.splitlines()[0], HELP, argv)
 
-    from mnist_mlflow.exercises import run_exercises
+    from mnist_mlflow.studies.exercises import run_exercises
 
     run_exercises(config)
 

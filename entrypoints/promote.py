@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mnist_mlflow.cli import exit_process, run_main, string_parser  # noqa: E402
 from mnist_mlflow.config import ConfigError, check_name  # noqa: E402
 
+DEFAULTS = {"model_name": "mnist-cnn", "metric": "val_accuracy"}
 HELP = {
     "model_name": "registered model name",
     "metric": "validation metric to rank versions by (higher is better); test metrics are refused",
@@ -22,7 +23,7 @@ HELP = {
 
 
 def main(argv=None) -> None:
-    parser = string_parser(__doc__.splitlines()[0], {"model_name": "mnist-cnn", "metric": "val_accuracy"}, HELP)
+    parser = string_parser(__doc__.splitlines()[0], DEFAULTS, HELP)
     args = parser.parse_args(argv)
     if not args.model_name.strip():
         raise ConfigError("model_name='' must name a registered model")

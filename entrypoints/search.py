@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_mlflow.cli import exit_process, parse_config, run_main  # noqa: E402
-from mnist_mlflow.config import DEFAULT_SEARCH_STORAGE, SearchConfig  # noqa: E402
+from mnist_mlflow.studies.search_spaces import DEFAULT_SEARCH_STORAGE, SearchConfig  # noqa: E402
 
 HELP = {
     "space": "grid or random (EXPERIMENTS.md section 4), or the path of a YAML space file",
@@ -34,7 +34,7 @@ HELP = {
 def main(argv=None) -> None:
     config = parse_config(SearchConfig, __doc__.splitlines()[0], HELP, argv)
 
-    from mnist_mlflow.search import run_search
+    from mnist_mlflow.studies.search import run_search
 
     run_search(config)
 

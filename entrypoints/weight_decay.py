@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_mlflow.cli import exit_process, parse_config, run_main  # noqa: E402
-from mnist_mlflow.config import WeightDecayConfig  # noqa: E402
+from mnist_mlflow.studies.weight_decay import WeightDecayConfig  # noqa: E402
 
 HELP = {
     "factors": "comma list of positive L2 factors (default: numpy linspace(1e-6, 1e-3, 5))",
@@ -31,7 +31,7 @@ HELP = {
 def main(argv=None) -> None:
     config = parse_config(WeightDecayConfig, __doc__.splitlines()[0], HELP, argv)
 
-    from mnist_mlflow.weight_decay import run_weight_decay
+    from mnist_mlflow.studies.weight_decay import run_weight_decay
 
     run_weight_decay(config)
 

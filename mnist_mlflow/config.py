@@ -126,12 +126,12 @@ def parse_positive_int_list(name: str, text: Any) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of: {', '.join(choices)}")
 
 
-def _require_range(name: str, value: float, low: float, high: float, *, low_inclusive: bool, high_inclusive: bool) -> None:
+def require_range(name: str, value: float, low: float, high: float, *, low_inclusive: bool, high_inclusive: bool) -> None:
     above_low = value >= low if low_inclusive else value > low
     below_high = value <= high if high_inclusive else value < high
     if not (above_low and below_high):
@@ -140,7 +140,7 @@ def _require_range(name: str, value: float, low: float, high: float, *, low_incl
         raise ConfigError(f"{name}={value!r} must lie in {left}{low:g}, {high:g}{right}")
 
 
-def _require_non_negative(name: str, value: float, meaning_of_zero: str = "") -> None:
+def require_non_negative(name: str, value: float, meaning_of_zero: str = "") -> None:
     if value < 0:
         raise ConfigError(f"{name}={value!r} must be zero{meaning_of_zero} or positive")
 
@@ -156,10 +156,10 @@ class DataConfig:
     tfds_data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        _require_choice("dataset", self.dataset, DATASETS)
-        _require_range("validation_fraction", self.validation_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        require_choice("dataset", self.dataset, DATASETS)
+        require_range("validation_fraction", self.validation_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
         check_seed("seed", self.seed)
-        _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
+        require_non_negative("max_train_examples", self.max_train_examples, " (all)")
         validation = round(TRAIN_SPLIT_EXAMPLES * self.validation_fraction)
         if not 1 <= validation < TRAIN_SPLIT_EXAMPLES:
             raise ConfigError(
@@ -186,7 +186,7 @@ class DenseModelConfig:
     regularized_layers: str = "all"
 
     def __post_init__(self) -> None:
-        _require_choice("regularized_layers", self.regularized_layers, REGULARIZED_LAYERS)
+        require_choice("regularized_layers", self.regularized_layers, REGULARIZED_LAYERS)
         if not self.hidden_units or any(width <= 0 for width in self.hidden_units):
             raise ConfigError(f"hidden_units={self.hidden_units!r} must be positive widths")
         if len(self.activations) != len(self.hidden_units):
@@ -195,9 +195,9 @@ class DenseModelConfig:
                 f"but hidden_units has {len(self.hidden_units)} layers; give one activation or one per layer"
             )
         for activation in self.activations:
-            _require_choice("activation", activation, ACTIVATIONS)
-        _require_range("dropout", self.dropout_rate, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
-        _require_non_negative("l2", self.l2_factor)
+            require_choice("activation", activation, ACTIVATIONS)
+        require_range("dropout", self.dropout_rate, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
+        require_non_negative("l2", self.l2_factor)
         check_model_size(
             f"hidden_units={','.join(map(str, self.hidden_units))!r}", dense_parameter_count(self.hidden_units)
         )
@@ -219,8 +219,8 @@ class TrainingConfig:
     max_shift: int = 0
 
     def __post_init__(self) -> None:
-        _require_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate={self.learning_rate!r} must be positive")
         if self.batch_size <= 0:
@@ -349,7 +349,7 @@ class CnnModelConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        _require_choice("precision", self.precision, PRECISIONS)
+        require_choice("precision", self.precision, PRECISIONS)
         if not self.filters or any(count <= 0 for count in self.filters):
             raise ConfigError(f"filters={self.filters!r} must be positive counts")
         if len(self.pooling) != len(self.filters):
@@ -361,7 +361,7 @@ class CnnModelConfig:
             raise ConfigError(f"dense_units={self.dense_units!r} must be positive widths")
         if self.kernel_size <= 0:
             raise ConfigError(f"kernel_size={self.kernel_size!r} must be a positive whole number")
-        _require_range("dropout", self.dropout_rate, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
+        require_range("dropout", self.dropout_rate, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
         size = 28
         for index, pooled in enumerate(self.pooling, start=1):
             size -= self.kernel_size - 1
@@ -464,255 +464,3 @@ def parse_study_id(text: Any) -> str:
     study_id = str(text).strip()
     check_name("sweep_id", study_id)
     return study_id
-
-
-EXERCISE_SUITES = ("dense", "conv")
-
-
-@dataclass(frozen=True)
-class ExercisesConfig:
-    """One ``exercises`` study; mirrors :func:`mnist_mlflow.exercises.run_exercises`.
-
-    ``only`` holds the exercise ids to run (empty: the whole suite); the ids of each suite are
-    listed in :mod:`mnist_mlflow.exercises`.
-    """
-
-    suite: str = "dense"
-    only: tuple[str, ...] = ()
-    epochs: int = 5
-    max_train_examples: int = 0
-    seed: int = 0
-    sweep_id: str = ""
-
-    def __post_init__(self) -> None:
-        _require_choice("suite", self.suite, EXERCISE_SUITES)
-        from mnist_mlflow.exercises import exercise_ids
-
-        known = exercise_ids(self.suite)
-        unknown = [item for item in self.only if item not in known]
-        if unknown:
-            raise ConfigError(
-                f"only={','.join(self.only)!r}: {', '.join(map(repr, unknown))} is not an exercise of the "
-                f"{self.suite} suite; its exercises are: {', '.join(known)}"
-            )
-        if len(set(self.only)) != len(self.only):
-            raise ConfigError(f"only={','.join(self.only)!r} names an exercise twice")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
-        _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        check_seed("seed", self.seed)
-
-    def as_params(self) -> dict[str, Any]:
-        return {
-            "suite": self.suite,
-            "only": ",".join(self.only),
-            "epochs": self.epochs,
-            "max_train_examples": self.max_train_examples,
-            "seed": self.seed,
-            "sweep_id": self.sweep_id,
-        }
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "ExercisesConfig":
-        raw = merge_params(cls().as_params(), params)
-        only_text = str(raw["only"]).strip()
-        return cls(
-            suite=str(raw["suite"]).strip().lower(),
-            only=tuple(item.lower() for item in parse_list("only", only_text)) if only_text else (),
-            epochs=parse_int("epochs", raw["epochs"], minimum=1),
-            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_seed(raw["seed"]),
-            sweep_id=parse_study_id(raw["sweep_id"]),
-        )
-
-
-def linspace(start: float, stop: float, count: int) -> tuple[float, ...]:
-    """``count`` evenly spaced values from ``start`` to ``stop``, like numpy.linspace."""
-    if count == 1:
-        return (start,)
-    return tuple(start + (stop - start) * index / (count - 1) for index in range(count))
-
-
-# numpy.linspace(1e-6, 1e-3, 5), the factors of EXPERIMENTS.md section 2.
-WEIGHT_DECAY_FACTORS = linspace(1e-6, 1e-3, 5)
-
-
-@dataclass(frozen=True)
-class WeightDecayConfig:
-    """One weight-decay replicate sweep; mirrors :func:`mnist_mlflow.weight_decay.run_weight_decay`.
-
-    Replicate ``r`` of every factor trains with seed ``seed + r``; all share the split made
-    with ``seed``.
-    """
-
-    factors: tuple[float, ...] = WEIGHT_DECAY_FACTORS
-    replicates: int = 3
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 0.1
-    regularized_layers: str = "first"
-    max_train_examples: int = 0
-    seed: int = 0
-    sweep_id: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.factors:
-            raise ConfigError("factors='' must list at least one weight-decay factor")
-        for factor in self.factors:
-            if not factor > 0:
-                raise ConfigError(f"factors: {factor!r} is not a positive weight-decay factor")
-        if len(set(self.factors)) != len(self.factors):
-            raise ConfigError(f"factors={','.join(f'{factor:g}' for factor in self.factors)!r} lists a factor twice")
-        if self.replicates <= 0:
-            raise ConfigError(f"replicates={self.replicates!r} must be a positive whole number")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size={self.batch_size!r} must be a positive whole number")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate={self.learning_rate!r} must be positive")
-        _require_choice("regularized_layers", self.regularized_layers, REGULARIZED_LAYERS)
-        _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        check_seed("seed", self.seed)
-        if self.seed + self.replicates - 1 > MAX_SEED:
-            raise ConfigError(
-                f"seed={self.seed} with replicates={self.replicates}: replicate r trains with seed + r, "
-                f"which must stay at most {MAX_SEED} (2**32 - 1)"
-            )
-
-    def as_params(self) -> dict[str, Any]:
-        return {
-            "factors": ",".join(f"{factor:.10g}" for factor in self.factors),
-            "replicates": self.replicates,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "regularized_layers": self.regularized_layers,
-            "max_train_examples": self.max_train_examples,
-            "seed": self.seed,
-            "sweep_id": self.sweep_id,
-        }
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "WeightDecayConfig":
-        raw = merge_params(cls().as_params(), params)
-        return cls(
-            factors=tuple(parse_float("factors", item) for item in parse_list("factors", raw["factors"])),
-            replicates=parse_int("replicates", raw["replicates"], minimum=1),
-            epochs=parse_int("epochs", raw["epochs"], minimum=1),
-            batch_size=parse_int("batch_size", raw["batch_size"], minimum=1),
-            learning_rate=parse_float("learning_rate", raw["learning_rate"]),
-            regularized_layers=str(raw["regularized_layers"]).strip().lower(),
-            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_seed(raw["seed"]),
-            sweep_id=parse_study_id(raw["sweep_id"]),
-        )
-
-
-SEARCH_PRUNERS = ("none", "median")
-# Storage URL schemes Optuna's RDBStorage can use (with a driver suffix such as postgresql+psycopg2).
-STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
-DEFAULT_SEARCH_STORAGE = "sqlite:///optuna-search.db"
-DEFAULT_RANDOM_TRIALS = 50
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """One hyperparameter search; mirrors :func:`mnist_mlflow.search.run_search`.
-
-    ``space`` is ``grid``, ``random`` or a YAML file (see :mod:`mnist_mlflow.search_spaces`).
-    Empty ``sampler`` and ``study_name`` and zero ``n_trials`` take defaults that follow the
-    space: see :meth:`resolved_sampler`, :meth:`resolved_study_name`, :meth:`resolved_n_trials`.
-    ``n_trials`` caps the total over all workers of the study.
-    """
-
-    space: str = "grid"
-    sampler: str = ""
-    n_trials: int = 0
-    epochs: int = 10
-    pruner: str = "none"
-    storage: str = ""
-    study_name: str = ""
-    max_train_examples: int = 0
-    seed: int = 0
-    register_as: str = "mnist-search"
-
-    def __post_init__(self) -> None:
-        from mnist_mlflow.search_spaces import SAMPLERS
-
-        space = self.search_space()
-        if self.sampler:
-            _require_choice("sampler", self.sampler, SAMPLERS)
-        if self.resolved_sampler() == "grid" and not space.is_grid:
-            raise ConfigError(f"sampler=grid needs a list of values for every parameter; space {self.space!r} has ranges")
-        if self.n_trials < 0:
-            raise ConfigError(f"n_trials={self.n_trials!r} must be positive, or 0 for the default")
-        if self.resolved_sampler() == "grid" and self.n_trials > space.grid_size:
-            raise ConfigError(f"n_trials={self.n_trials} is more than the {space.grid_size} points of the {space.name!r} grid")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
-        _require_choice("pruner", self.pruner, SEARCH_PRUNERS)
-        scheme = self.resolved_storage().partition(":")[0].partition("+")[0]
-        if scheme not in STORAGE_SCHEMES or "://" not in self.resolved_storage():
-            raise ConfigError(
-                f"storage={self.storage!r} is not an Optuna storage URL such as {DEFAULT_SEARCH_STORAGE} "
-                "or postgresql://user:password@host:5432/database"
-            )
-        check_name("study_name", self.study_name)
-        _require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        check_seed("seed", self.seed)
-        if self.register_as:
-            check_name("register_as", self.register_as)
-
-    def search_space(self):
-        from mnist_mlflow.search_spaces import load_space
-
-        return load_space(self.space)
-
-    def resolved_sampler(self) -> str:
-        return self.sampler or self.search_space().default_sampler
-
-    def resolved_n_trials(self) -> int:
-        if self.n_trials:
-            return self.n_trials
-        return self.search_space().grid_size if self.resolved_sampler() == "grid" else DEFAULT_RANDOM_TRIALS
-
-    def resolved_study_name(self) -> str:
-        if self.study_name:
-            return self.study_name
-        space = self.search_space()
-        suffix = "" if self.resolved_sampler() == space.default_sampler else f"-{self.resolved_sampler()}"
-        return f"search-{space.name}{suffix}"
-
-    def resolved_storage(self) -> str:
-        return self.storage or DEFAULT_SEARCH_STORAGE
-
-    def as_params(self) -> dict[str, Any]:
-        return {
-            "space": self.space,
-            "sampler": self.sampler,
-            "n_trials": self.n_trials,
-            "epochs": self.epochs,
-            "pruner": self.pruner,
-            "storage": self.storage,
-            "study_name": self.study_name,
-            "max_train_examples": self.max_train_examples,
-            "seed": self.seed,
-            "register_as": self.register_as,
-        }
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "SearchConfig":
-        raw = merge_params(cls().as_params(), params)
-        return cls(
-            space=str(raw["space"]).strip(),
-            sampler=str(raw["sampler"]).strip().lower(),
-            n_trials=parse_int("n_trials", raw["n_trials"], minimum=0),
-            epochs=parse_int("epochs", raw["epochs"], minimum=1),
-            pruner=str(raw["pruner"]).strip().lower(),
-            storage=str(raw["storage"]).strip(),
-            study_name=str(raw["study_name"]).strip(),
-            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_seed(raw["seed"]),
-            register_as=str(raw["register_as"]).strip(),
-        )

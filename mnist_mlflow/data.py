@@ -328,11 +328,6 @@ def training_dataset(
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    # Keras autologging reads the batch size from this attribute, which only a dataset whose
-    # last step is .batch() has. Without it, autolog would record batch_size=None, clash with
-    # the entry point's batch_size parameter and silently log nothing at all. It is the size
-    # of one real training batch, also when an element holds several.
-    dataset._batch_size = tf.constant(batch_size, dtype=tf.int64)
     return dataset
 
 

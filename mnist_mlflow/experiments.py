@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from mnist_mlflow import data, evaluation, models, plots, tracking, training
 from mnist_mlflow.config import CnnRunConfig, DataConfig, DenseRunConfig, TrainingConfig
@@ -50,33 +50,27 @@ def dense_run_name(config: DenseRunConfig) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class ChildOptions:
-    """How a run sits in a study: its parent, name, extra tags and params, and description."""
-
-    parent_run_id: str
-    run_name: str
-    tags: dict[str, str]
-    params: dict[str, Any]
-    description: str
-
-
-def _child_settings(child: ChildOptions | None, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> dict[str, Any]:
-    if child is None:
+def _placement(
+    run_name: str, tags: dict[str, str], params: dict[str, Any], study: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The run's name, tags and params, with a study's additions (see the ``study`` argument of run_dense)."""
+    if study is None:
         return {"run_name": run_name, "tags": tags, "params": params}
     return {
-        "run_name": child.run_name,
-        "tags": {**tags, **child.tags},
-        "params": {**params, **child.params},
-        "parent_run_id": child.parent_run_id,
-        "description": child.description,
+        "run_name": study["run_name"],
+        "tags": {**tags, **study["tags"]},
+        "params": {**params, **study["params"]},
+        "parent_run_id": study["parent_run_id"],
+        "description": study["description"],
     }
 
 
-def run_dense(config: DenseRunConfig, child: ChildOptions | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
+def run_dense(config: DenseRunConfig, study: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
     """Trains the dense network ``config`` describes and records everything in MLflow.
 
-    With ``child``, the run is one child run of a study. ``callbacks`` are extra Keras
+    With ``study``, the run is a child of a study's parent run: a mapping with the keys
+    ``parent_run_id``, ``run_name``, ``tags``, ``params`` and ``description`` (built by
+    :func:`mnist_mlflow.studies.engine.train_child`). ``callbacks`` are extra Keras
     callbacks for the fit (say, a search's pruning callback).
     """
     return run_classifier(
@@ -90,7 +84,7 @@ def run_dense(config: DenseRunConfig, child: ChildOptions | None = None, callbac
         training_config=config.training,
         data_config=config.data,
         callbacks=callbacks,
-        **_child_settings(child, dense_run_name(config), {"entry_point": "dense", "model_family": "dense"}, config.as_params()),
+        **_placement(dense_run_name(config), {"entry_point": "dense", "model_family": "dense"}, config.as_params(), study),
     )
 
 
@@ -104,10 +98,10 @@ def cnn_run_name(config: CnnRunConfig) -> str:
     return name + _training_name(config.training, model.dropout_rate)
 
 
-def run_cnn(config: CnnRunConfig, child: ChildOptions | None = None) -> RunResult:
+def run_cnn(config: CnnRunConfig, study: Mapping[str, Any] | None = None) -> RunResult:
     """Trains the convolutional network ``config`` describes, records it and optionally registers it.
 
-    With ``child``, the run is one child run of a study.
+    With ``study``, the run is a child of a study's parent run (see :func:`run_dense`).
     """
     return run_classifier(
         build_model=lambda: models.build_cnn_model(
@@ -121,15 +115,19 @@ def run_cnn(config: CnnRunConfig, child: ChildOptions | None = None) -> RunResul
         training_config=config.training,
         data_config=config.data,
         register_as=config.register_as or None,
-        **_child_settings(child, cnn_run_name(config), {"entry_point": "cnn", "model_family": "cnn"}, config.as_params()),
+        **_placement(cnn_run_name(config), {"entry_point": "cnn", "model_family": "cnn"}, config.as_params(), study),
     )
 
 
-def run_config(config: DenseRunConfig | CnnRunConfig, child: ChildOptions | None = None) -> RunResult:
+def run_config(
+    config: DenseRunConfig | CnnRunConfig, study: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()
+) -> RunResult:
     """Trains and records the model of a dense or a cnn config."""
     if isinstance(config, CnnRunConfig):
-        return run_cnn(config, child)
-    return run_dense(config, child)
+        if callbacks:
+            raise ValueError("run_config: extra callbacks are supported for dense runs only")
+        return run_cnn(config, study)
+    return run_dense(config, study, callbacks)
 
 
 def run_classifier(

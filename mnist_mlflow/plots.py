@@ -11,23 +11,14 @@ import numpy as np  # noqa: E402
 
 
 def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], title: str = "Confusion matrix (test)"):
-    """An annotated heat map: true labels as rows, predicted labels as columns."""
+    """scikit-learn's annotated confusion matrix: true labels as rows, predicted labels as columns."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     figure, axes = plt.subplots(figsize=(8, 7))
-    image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-    ticks = np.arange(len(class_names))
-    axes.set_xticks(ticks, labels=class_names, rotation=45, ha="right")
-    axes.set_yticks(ticks, labels=class_names)
-    axes.set_xlabel("Predicted label")
-    axes.set_ylabel("True label")
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for row in range(matrix.shape[0]):
-        for column in range(matrix.shape[1]):
-            count = int(matrix[row, column])
-            axes.text(
-                column, row, str(count), ha="center", va="center", fontsize=8,
-                color="white" if count > threshold else "black",
-            )
+    display = ConfusionMatrixDisplay(matrix, display_labels=class_names)
+    display.plot(ax=axes, cmap="Blues", values_format="d", xticks_rotation=45, colorbar=True)
+    for text in display.text_.ravel():
+        text.set_fontsize(8)
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     axes.set_title(f"{title}: accuracy {accuracy:.2%}")
     figure.tight_layout()

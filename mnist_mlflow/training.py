@@ -223,6 +223,10 @@ def train_and_evaluate(
         validation_data=validation_data,
         # The data set reshuffles itself every epoch.
         shuffle=False,
+        # Keras takes the batches as the data set makes them and ignores this. MLflow's autolog
+        # records it as the run's batch_size: without it, autolog would record batch_size=None,
+        # clash with the entry point's batch_size parameter and log nothing at all.
+        batch_size=batch_size,
         callbacks=[StopOnNonFiniteLoss(), timer, best, *callbacks],
         verbose=verbose,
     )

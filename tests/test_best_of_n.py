@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mnist_mlflow.best_of_n import best_of_n, best_of_n_table, max_probabilities
+from mnist_mlflow.studies.best_of_n import best_of_n, best_of_n_table, max_probabilities
 
 
 def brute_force_maxima(values, n):

@@ -41,14 +41,14 @@ def test_the_same_tag_written_by_workers_at_once_is_written_once_without_error(t
     client = MlflowClient()
     experiment_id = client.create_experiment("concurrent-tags")
     run_id = client.create_run(experiment_id).info.run_id
-    errors = _write_tags_together(run_id, tracking._set_tag)
+    errors = _write_tags_together(run_id, tracking.set_tag)
     assert errors == []
     tags = client.get_run(run_id).data.tags
     assert all(tags[f"tag_{index}"] == "true" for index in range(TAGS_PER_WORKER))
 
 
 def test_the_race_is_real_with_plain_set_tag(tracking_uri):
-    """Shows what _set_tag guards against: MLflow's own set_tag fails on the unique key."""
+    """Shows what set_tag guards against: MLflow's own set_tag fails on the unique key."""
     client = MlflowClient()
     experiment_id = client.create_experiment("concurrent-tags-plain")
     failures = []

@@ -345,7 +345,7 @@ def test_scripts_started_together_on_a_fresh_sqlite_store_both_finish(tmp_path):
 
 OPEN_STORAGE_AT = """
 import sys, time
-from mnist_mlflow.study_storage import open_storage
+from mnist_mlflow.studies.study_storage import open_storage
 url, at = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, at - time.time()))
 open_storage(url)

@@ -20,11 +20,11 @@ from mnist_mlflow.config import (
     CnnRunConfig,
     ConfigError,
     DenseRunConfig,
-    SearchConfig,
-    WeightDecayConfig,
     cnn_parameter_count,
     dense_parameter_count,
 )
+from mnist_mlflow.studies.search_spaces import SearchConfig
+from mnist_mlflow.studies.weight_decay import WeightDecayConfig
 from mnist_mlflow.redaction import redact_url, server_identity, url_has_secret
 
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_DIR, run_script
 from harness.servers import free_port, python_env
-from mnist_mlflow.study_storage import open_storage
+from mnist_mlflow.studies.study_storage import open_storage
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,9 @@ import optuna
 import pandas as pd
 import pytest
 
-from mnist_mlflow.config import ConfigError, SearchConfig
-from mnist_mlflow.search_spaces import GRID_SPACE, RANDOM_SPACE, load_space
+from mnist_mlflow.config import ConfigError
+from mnist_mlflow.studies.search_spaces import SearchConfig
+from mnist_mlflow.studies.search_spaces import GRID_SPACE, RANDOM_SPACE, load_space
 
 
 def write(tmp_path, text: str, name: str = "space.yaml") -> str:
@@ -118,7 +119,7 @@ def _drawn(sampler, trials: int) -> list[dict]:
 
 @pytest.mark.parametrize("name", ["random", "tpe"])
 def test_trial_k_draws_the_same_parameters_in_any_study_with_the_same_seed(name):
-    from mnist_mlflow.search import make_sampler
+    from mnist_mlflow.studies.search import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     first = _drawn(make_sampler(name, RANDOM_SPACE, seed=3), 12)
@@ -130,7 +131,7 @@ def test_trial_k_draws_the_same_parameters_in_any_study_with_the_same_seed(name)
 
 
 def test_grid_heatmap_places_each_finished_trial_in_its_cell():
-    from mnist_mlflow.search import grid_heatmap
+    from mnist_mlflow.studies.search import grid_heatmap
 
     table = pd.DataFrame(
         [

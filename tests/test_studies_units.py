@@ -6,9 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mnist_mlflow import exercises, models, summaries, weight_decay
-from mnist_mlflow.config import ConfigError, ExercisesConfig, WeightDecayConfig
-from mnist_mlflow.studies import fingerprint
+from mnist_mlflow import models
+from mnist_mlflow.studies import exercises, summaries, weight_decay
+from mnist_mlflow.config import ConfigError
+from mnist_mlflow.studies.exercises import ExercisesConfig
+from mnist_mlflow.studies.weight_decay import WeightDecayConfig
+from mnist_mlflow.studies.engine import fingerprint
 
 
 def test_weight_decay_default_factors_are_numpy_linspace():
@@ -106,7 +109,7 @@ def test_mean_std_and_confidence_interval():
 
 def test_markdown_table_formats_named_columns():
     frame = pd.DataFrame([{"exercise": "1", "val_accuracy": 0.98765, "trainable_parameters": 42310, "best_epoch": 4}])
-    text = summaries.markdown_table(frame, summaries.EXERCISE_FORMATS)
+    text = summaries.markdown_table(frame, exercises.EXERCISE_FORMATS)
     assert text.splitlines() == [
         "| exercise | val_accuracy | trainable_parameters | best_epoch |",
         "|---|---|---|---|",

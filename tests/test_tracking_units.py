@@ -18,7 +18,7 @@ def sqlite_store(tmp_path, monkeypatch):
         # Set first, so that what choose_experiment sets is undone after the test.
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    monkeypatch.setattr(tracking, "_chosen_experiment_id", None)
+    monkeypatch.setattr(tracking.server, "_chosen_experiment_id", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     yield uri

@@ -25,13 +25,13 @@ needs on top of that to lose no work and to be read in the MLflow UI:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -39,18 +39,19 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from mnist_mlflow import best_of_n, data, experiments, lifecycle, plots, study_storage, summaries, tracking
+from mnist_mlflow import data, experiments, plots, tracking
 from mnist_mlflow.config import (
     DataConfig,
     DenseModelConfig,
     DenseRunConfig,
-    SearchConfig,
     TrainingConfig,
     TrainingDivergedError,
     UserInputError,
 )
 from mnist_mlflow.redaction import redact_url, server_identity
-from mnist_mlflow.search_spaces import SearchSpace
+from mnist_mlflow.studies import best_of_n, engine, study_storage, summaries
+from mnist_mlflow.studies.protocol import ChildSpec, Registration, StudySummary
+from mnist_mlflow.studies.search_spaces import SearchConfig, SearchSpace
 
 # Optuna's heartbeat: a running trial writes one every HEARTBEAT_INTERVAL_S seconds, and one
 # silent for GRACE_PERIOD_S seconds is taken for dead.
@@ -83,20 +84,6 @@ class SurplusTrial(Exception):
     """A trial that must not train: the cap is reached, or its parameters are taken already."""
 
 
-@dataclass
-class SearchResult:
-    """What a worker returns: the study, its parent run, the best trial, and this worker's share."""
-    study_name: str
-    parent_run_id: str
-    table: pd.DataFrame
-    best_trial: int | None
-    best_val_accuracy: float | None
-    best_test_accuracy: float | None
-    best_params: dict[str, Any]
-    trained_here: int
-    registered_version: str | None
-
-
 def open_storage(url: str):
     """Opens the Optuna storage with heartbeats on and the stale-trial callback of this module."""
     return study_storage.open_storage(url, HEARTBEAT_INTERVAL_S, GRACE_PERIOD_S, _on_stale_trial)
@@ -108,35 +95,53 @@ def make_sampler(name: str, space: SearchSpace, seed: int):
     if name == "grid":
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if name == "random":
-        return TrialSeededRandomSampler(seed)
-    return TrialSeededTPESampler(seed)
+        return TrialSeededSampler(seed, lambda trial_seed: optuna.samplers.RandomSampler(seed=trial_seed))
+    return TrialSeededSampler(seed, lambda trial_seed: optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=10))
 
 
 def _trial_seed(seed: int, trial_number: int) -> int:
     return int(np.random.SeedSequence([seed, trial_number]).generate_state(1)[0])
 
 
-class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
-    """Optuna's random sampler, reseeded before each trial from (seed, trial number)."""
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed=seed)
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """An Optuna sampler whose draws for trial k come from a sampler seeded with (seed, k).
+
+    Optuna's samplers draw from one generator per process, so which values trial k gets would
+    depend on which worker runs it and what that worker drew before. This wrapper makes a fresh
+    sampler (random or TPE, through ``make``) for each trial, seeded from the trial's number,
+    and hands it every call. TPE keeps no state of its own between trials: it reads the
+    finished trials from the study. Only Optuna's public sampler interface is used.
+    """
+
+    def __init__(self, seed: int, make: Callable[[int], optuna.samplers.BaseSampler]) -> None:
         self.base_seed = seed
+        self._make = make
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._samplers:
+            self._samplers[trial.number] = self._make(_trial_seed(self.base_seed, trial.number))
+        return self._samplers[trial.number]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
-        super().before_trial(study, trial)
-        self._rng.rng.seed(_trial_seed(self.base_seed, trial.number))
+        self._for(trial).before_trial(study, trial)
 
+    def after_trial(self, study, trial, state, values) -> None:
+        sampler = self._samplers.pop(trial.number, None)
+        if sampler is not None:
+            sampler.after_trial(study, trial, state, values)
 
-class TrialSeededTPESampler(optuna.samplers.TPESampler):
-    """Optuna's TPE sampler, reseeded before each trial from (seed, trial number)."""
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed=seed, n_startup_trials=10)
-        self.base_seed = seed
-
-    def before_trial(self, study, trial) -> None:
-        super().before_trial(study, trial)
-        self._rng.rng.seed(_trial_seed(self.base_seed, trial.number))
-        self._random_sampler._rng.rng.seed(_trial_seed(self.base_seed, trial.number))
+    def reseed_rng(self) -> None:
+        """Nothing to reseed: every trial's sampler is seeded from its number."""
 
 
 def make_pruner(name: str):
@@ -227,7 +232,7 @@ def _open_study(config: SearchConfig, space: SearchSpace, storage):
     pruner = make_pruner(config.pruner)
     settings = _settings(config, space)
     tracking_uri = tracking.tracking_uri_shown()
-    launcher_run_id = tracking.take_launcher_run()
+    launcher_run_id = tracking.claim_launcher_run()
     run_params = {
         **config.as_params(),
         "sampler": config.resolved_sampler(),
@@ -237,11 +242,12 @@ def _open_study(config: SearchConfig, space: SearchSpace, storage):
         "space": space.name,
         "space_source": space.source,
     }
-    fingerprint = json.dumps(settings, sort_keys=True)
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def new_parent() -> tracking.StudyParent:
-        return tracking.create_search_parent(
-            study_name, study_name, run_params, fingerprint, _study_description(config, space), space.describe(), launcher_run_id
+        return tracking.create_study_parent(
+            tracking.SEARCH_KIND, study_name, study_name, run_params, fingerprint, _study_description(config, space),
+            launcher_run_id, texts={"search/space.json": json.dumps(space.describe(), indent=2)},
         )
 
     def record_parent(study, parent: tracking.StudyParent) -> None:
@@ -260,7 +266,7 @@ def _open_study(config: SearchConfig, space: SearchSpace, storage):
             )
         except optuna.exceptions.DuplicatedStudyError:
             # Another worker created the study a moment ago; join it instead.
-            tracking.discard_search_parent(parent)
+            tracking.discard_study_parent(parent)
             study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
         else:
             record_parent(study, parent)
@@ -284,7 +290,7 @@ def _open_study(config: SearchConfig, space: SearchSpace, storage):
             f"tracking URI is {tracking_uri}; point MLFLOW_TRACKING_URI at the study's server"
         )
     if PARENT_ATTR in attrs:
-        return study, tracking.open_search_parent(study_name, attrs[PARENT_ATTR], launcher_run_id)
+        return study, tracking.attach_study_parent(tracking.SEARCH_KIND, study_name, attrs[PARENT_ATTR], launcher_run_id)
     print(f"Study {study_name} has no parent run recorded (its creator stopped before recording it); creating one", flush=True)
     parent = new_parent()
     record_parent(study, parent)
@@ -314,9 +320,15 @@ def _on_stale_trial(study, trial) -> None:
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
-def _system_attrs(trial) -> dict[str, Any]:
-    """A live trial's system attributes (grid point, retry of which trial), read from the storage."""
-    return trial.study._storage.get_trial_system_attrs(trial._trial_id)
+def _retry_of(trial) -> int | None:
+    """The number of the failed trial that a trial (live or finished) retries, if any.
+
+    A live ``optuna.Trial`` has no public view of its system attributes; the study's list of
+    trials holds it as a ``FrozenTrial``, which Optuna's retry callback can read.
+    """
+    if not isinstance(trial, optuna.trial.FrozenTrial):
+        trial = next(frozen for frozen in trial.study.get_trials(deepcopy=False) if frozen.number == trial.number)
+    return optuna.storages.RetryFailedTrialCallback.retried_trial_number(trial)
 
 
 def _trial_key(number: int) -> str:
@@ -341,7 +353,7 @@ def _check_not_surplus(study, trial, values: dict[str, Any], n_trials: int, spac
     earlier_in_budget = [other for other in others if other.number < trial.number and other.state in _budget_states()]
     if len(earlier_in_budget) >= n_trials:
         raise SurplusTrial(f"the cap of n_trials={n_trials} is reached by lower-numbered trials")
-    retried = "failed_trial" in _system_attrs(trial)
+    retried = _retry_of(trial) is not None
     if sampler == "grid" or retried:
         varied = {name: values[name] for name in space.parameters}
         for other in others:
@@ -378,18 +390,15 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
             return earlier.value
         run_config = trial_config(values, config)
         varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
-        retry_of = _system_attrs(trial).get("failed_trial")
+        retry_of = _retry_of(trial)
         note = f" (retry of trial {retry_of})" if retry_of is not None else ""
         print(f"Trial {trial.number}{note}: training {varied}", flush=True)
         reporter = EpochReporter(trial, prune=config.pruner != "none")
-        child = experiments.ChildOptions(
-            parent_run_id=parent_run_id,
+        child = ChildSpec(
+            key=_trial_key(trial.number),
             run_name=f"trial-{trial.number:03d}-{experiments.dense_run_name(run_config)}",
+            config=run_config,
             tags={
-                "entry_point": "search",
-                tracking.STUDY_ID_TAG: study_name,
-                tracking.STUDY_ROLE_TAG: "child",
-                tracking.CHILD_KEY_TAG: _trial_key(trial.number),
                 "optuna_study": study_name,
                 "optuna_trial_number": str(trial.number),
                 "worker_host": platform.node(),
@@ -400,7 +409,7 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
             description=f"Trial {trial.number} of search {study_name}{note}: {varied}.",
         )
         try:
-            result = experiments.run_dense(run_config, child, callbacks=[reporter])
+            result = engine.train_child(tracking.SEARCH_KIND, study_name, parent_run_id, child, callbacks=[reporter])
         except TrainingDivergedError as error:
             # Recorded as a failed trial and never queued again: the same parameters and seed
             # would diverge the same way.
@@ -448,7 +457,7 @@ def _finished_twin(trial, space: SearchSpace):
 def _retry_failed(study) -> None:
     """Queues again every failed trial (cut off by Ctrl-C or a crash) that has no retry yet."""
     trials = study.get_trials(deepcopy=False)
-    retried = {trial.system_attrs.get("failed_trial") for trial in trials}
+    retried = {_retry_of(trial) for trial in trials}
     covered = [trial.params for trial in trials if trial.state != TrialState.FAIL]
     callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
     for trial in trials:
@@ -475,47 +484,60 @@ def _work_left(study, n_trials: int, grid_size: int | None) -> bool:
         return False
     if grid_size is not None:
         # The grid sampler gives trial k < grid_size grid point k; later trials only repeat points.
-        fresh = [trial for trial in all_trials if "failed_trial" not in trial.system_attrs]
+        fresh = [trial for trial in all_trials if _retry_of(trial) is None]
         return len(fresh) < grid_size
     return True
 
 
-def run_search(config: SearchConfig) -> SearchResult:
-    """Runs one worker of the search ``config`` describes until the study is complete; returns its summary.
+class OptunaStudy:
+    """A search as a study of the engine: Optuna supplies the children, one per trial.
 
-    Checks the tracking server, the storage and the data before any run is created.
+    Many workers share one study: the parent run is recorded in the Optuna study, each worker
+    trains trials until none is left, and each waits until no trial runs anywhere before it
+    summarises, so the last summary covers the whole study.
     """
-    space = config.search_space()
-    n_trials = config.resolved_n_trials()
-    sampler = config.resolved_sampler()
-    study_name = config.resolved_study_name()
-    tracking_uri = tracking.prepare_tracking(tracking.SEARCH_KIND)
-    storage = open_storage(config.resolved_storage())
-    data.load_splits(DataConfig(seed=config.seed, max_train_examples=config.max_train_examples))
 
-    study, parent = _open_study(config, space, storage)
-    verb = "Joined" if parent.resumed else "Started"
-    print(
-        f"{verb} search {study_name} ({sampler} sampler, {config.pruner} pruner, at most {n_trials} trials) "
-        f"in {redact_url(config.resolved_storage())}; parent run {parent.run_id} at {tracking_uri}",
-        flush=True,
-    )
-    print(f"More workers, or a resumed session, join it with the same command (study_name={study_name}).", flush=True)
-    tracking.print_runs_view(parent.experiment_id)
-    grid_size = space.grid_size if sampler == "grid" else None
-    counter = [0]
-    objective = _objective(config, space, parent.run_id, n_trials, counter)
+    kind = tracking.SEARCH_KIND
 
-    def stop_when_done(study, trial) -> None:
-        if not _work_left(study, n_trials, grid_size):
-            study.stop()
+    def __init__(self, config: SearchConfig) -> None:
+        self.config = config
+        self.space = config.search_space()
+        self.study_id = config.resolved_study_name()
+        self.n_trials = config.resolved_n_trials()
+        self.sampler = config.resolved_sampler()
+        self.grid_size = self.space.grid_size if self.sampler == "grid" else None
+        self.storage = None
+        self.study = None
+        self.counter = [0]
 
-    status, reason = "FAILED", None
-    try:
+    def prepare(self) -> None:
+        self.storage = open_storage(self.config.resolved_storage())
+        data.load_splits(DataConfig(seed=self.config.seed, max_train_examples=self.config.max_train_examples))
+
+    def open_parent(self) -> tracking.StudyParent:
+        self.study, parent = _open_study(self.config, self.space, self.storage)
+        return parent
+
+    def start_lines(self, parent: tracking.StudyParent, tracking_uri: str) -> list[str]:
+        verb = "Joined" if parent.resumed else "Started"
+        return [
+            f"{verb} search {self.study_id} ({self.sampler} sampler, {self.config.pruner} pruner, at most {self.n_trials} "
+            f"trials) in {redact_url(self.config.resolved_storage())}; parent run {parent.run_id} at {tracking_uri}",
+            f"More workers, or a resumed session, join it with the same command (study_name={self.study_id}).",
+        ]
+
+    def run_children(self, parent: tracking.StudyParent) -> int:
+        study = self.study
+        objective = _objective(self.config, self.space, parent.run_id, self.n_trials, self.counter)
+
+        def stop_when_done(study, trial) -> None:
+            if not _work_left(study, self.n_trials, self.grid_size):
+                study.stop()
+
         while True:
             optuna.storages.fail_stale_trials(study)
             _retry_failed(study)
-            if _work_left(study, n_trials, grid_size):
+            if _work_left(study, self.n_trials, self.grid_size):
                 study.optimize(objective, callbacks=[stop_when_done], catch=(SurplusTrial,), gc_after_trial=False)
                 continue
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -527,22 +549,32 @@ def run_search(config: SearchConfig) -> SearchResult:
                 flush=True,
             )
             time.sleep(HEARTBEAT_INTERVAL_S)
-        result = summarise(study, parent, config, space, counter[0])
-        status = "FINISHED"
-    except KeyboardInterrupt as interruption:
-        status, reason = "KILLED", lifecycle.interruption_reason(interruption)
-        with lifecycle.signals_deferred():
-            # Optuna has failed the trial this worker was running; queue it again at once, so
-            # that another worker (or the next session) trains it.
-            _retry_failed(study)
-        raise
-    finally:
-        others_running = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        # Another worker still at work keeps the parent RUNNING; it closes the parent itself.
-        tracking.close_study_parent(parent, status, parent_too=status == "FINISHED" or not others_running, reason=reason)
-    print(f"Search {study_name}: {counter[0]} trials trained by this worker; parent run {parent.run_id}", flush=True)
-    tracking.print_runs_view(parent.experiment_id)
-    return result
+        # Runs left RUNNING by workers that died without a heartbeat check catching them.
+        running_keys = {_trial_key(trial.number) for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        tracking.close_orphan_children(parent, running_keys=running_keys)
+        return self.counter[0]
+
+    def summarise(self, parent: tracking.StudyParent) -> StudySummary:
+        return search_summary(self.study, self.config, self.space)
+
+    def on_interrupt(self) -> None:
+        # Optuna has failed the trial this worker was running; queue it again at once, so
+        # that another worker (or the next session) trains it.
+        _retry_failed(self.study)
+
+    def others_running(self) -> bool:
+        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def end_line(self, parent: tracking.StudyParent, trained: int) -> str:
+        return f"Search {self.study_id}: {trained} trials trained by this worker; parent run {parent.run_id}"
+
+
+def run_search(config: SearchConfig) -> engine.StudyResult:
+    """Runs one worker of the search ``config`` describes until the study is complete; returns its result.
+
+    Checks the tracking server, the storage and the data before any run is created.
+    """
+    return engine.run_study(OptunaStudy(config))
 
 
 def trials_table(study, space: SearchSpace) -> pd.DataFrame:
@@ -561,7 +593,7 @@ def trials_table(study, space: SearchSpace) -> pd.DataFrame:
                 "epochs_trained": attrs.get("epochs_trained", len(trial.intermediate_values)),
                 "train_time_s": attrs.get("train_time_s", np.nan),
                 "worker": attrs.get("worker", ""),
-                "retry_of": trial.system_attrs.get("failed_trial", ""),
+                "retry_of": "" if _retry_of(trial) is None else _retry_of(trial),
                 "run_id": attrs.get("mlflow_run_id", ""),
                 "note": attrs.get(SURPLUS_ATTR, "")
                 or (f"diverged: {attrs[DIVERGED_ATTR]}" if DIVERGED_ATTR in attrs else "")
@@ -587,124 +619,122 @@ def grid_heatmap(table: pd.DataFrame, space: SearchSpace) -> tuple[str, list, st
     return row_name, rows, column_name, columns, matrix
 
 
-def summarise(study, parent: tracking.StudyParent, config: SearchConfig, space: SearchSpace, trained_here: int) -> SearchResult:
-    """Logs the study's summary on the parent run and registers the best trial's model."""
+def search_summary(study, config: SearchConfig, space: SearchSpace) -> StudySummary:
+    """The search's summary, from its trials: the table, the best trial, best-of-N, the figures."""
     table = trials_table(study, space)
-    complete = table[table["state"] == "COMPLETE"]
-    pruned = table[table["state"] == "PRUNED"]
-    tracking.close_orphan_children(parent, running_keys={_trial_key(trial.number) for trial in study.get_trials(deepcopy=False) if trial.state.name == "RUNNING"})
-
-    metrics: dict[str, float] = {
-        "trials_complete": len(complete),
-        "trials_pruned": len(pruned),
-        "trials_failed": int((table["state"] == "FAIL").sum()) if len(table) else 0,
-        "trials_surplus": int((table["state"] == "SURPLUS").sum()) if len(table) else 0,
-        "trials_reused": int(table["note"].str.startswith("same as").sum()) if len(table) else 0,
-        "epochs_trained": float(table["epochs_trained"].sum()) if len(table) else 0.0,
-        "train_time_s": float(np.nansum(table["train_time_s"])) if len(table) else 0.0,
-    }
+    summary = StudySummary(
+        tables={"search/trials.json": table},
+        texts={"search/space.json": json.dumps(space.describe(), indent=2)},
+        metrics=_trial_counts(table, config.epochs),
+    )
+    best = _best_trial(table)
+    if best is not None:
+        _describe_best(summary, best, study, config, space)
     trained = table[table["state"].isin(["COMPLETE", "PRUNED"])]
-    metrics["epochs_saved_by_pruning"] = float(len(pruned) * config.epochs - pruned["epochs_trained"].sum())
-    tags: dict[str, str] = {}
-    figures: dict[str, Any] = {}
-    tables: dict[str, pd.DataFrame] = {"search/trials.json": table}
-    texts: dict[str, str] = {"search/space.json": json.dumps(space.describe(), indent=2)}
-    best = None
-    if len(complete):
-        # The best by validation accuracy; of equals, the earliest trial.
-        best = complete.sort_values(["val_accuracy", "trial"], ascending=[False, True]).iloc[0]
-        metrics.update(
-            best_val_accuracy=float(best["val_accuracy"]),
-            best_test_accuracy=float(best["test_accuracy"]),
-            best_trial_number=float(best["trial"]),
-        )
-        best_params = {name: _plain(best[name]) for name in space.parameters}
-        tags.update(best_params=json.dumps(best_params), best_run_id=str(best["run_id"]), best_trial=str(int(best["trial"])))
-        for name, value in best_params.items():
-            tags[f"best_{name}"] = str(value)
-
-    # Best of N: every trial that trained, a pruned one with the best accuracy it reached
-    # (a lower bound of what it would have reached: pruning keeps the figures on the safe side).
-    pool = [float(value) for value in trained["val_accuracy"] if np.isfinite(value)]
-    rows = best_of_n.best_of_n_table(pool, BEST_OF_N) if pool else []
-    if rows:
-        best_of_n_frame = pd.DataFrame(
-            {
-                "N": [row.n for row in rows],
-                "expected_best": [row.expected for row in rows],
-                "standard_deviation": [row.standard_deviation for row in rows],
-                "p10": [row.low for row in rows],
-                "p90": [row.high for row in rows],
-                "pool_size": [row.pool_size for row in rows],
-            }
-        )
-        if space.name == "random":
-            best_of_n_frame["reference"] = [REFERENCE_BEST_OF_N.get(row.n, np.nan) for row in rows]
-        tables["search/best_of_n.json"] = best_of_n_frame
-        texts["search/best_of_n.md"] = summaries.markdown_table(
-            best_of_n_frame, {"expected_best": ".2%", "standard_deviation": ".2%", "p10": ".2%", "p90": ".2%", "reference": ".1%"}
-        )
-        for row in rows:
-            metrics[f"expected_best_at_{row.n}"] = row.expected
-        # The reference re-ran the random search of section 4; its figures belong on that space's plot only.
-        reference = {n: value for n, value in REFERENCE_BEST_OF_N.items() if n <= len(pool)} if space.name == "random" else None
-        figures["search/best_of_n.png"] = plots.best_of_n_figure(
-            [row.n for row in rows], [row.expected for row in rows], [row.low for row in rows], [row.high for row in rows],
-            len(pool), reference, title=f"Expected best of N trials drawn from this search ({space.name} space)",
-        )
-
+    _add_best_of_n(summary, trained, space)
     heatmap = grid_heatmap(table, space)
     if heatmap is not None:
-        figures["search/heatmap_val_accuracy.png"] = plots.heatmap_figure(*heatmap)
+        summary.figures["search/heatmap_val_accuracy.png"] = plots.heatmap_figure(*heatmap)
     if len(trained):
-        figures["search/best_so_far.png"] = plots.best_so_far_figure(
+        summary.figures["search/best_so_far.png"] = plots.best_so_far_figure(
             list(trained["trial"]), list(trained["val_accuracy"]), list(trained["state"] == "PRUNED")
         )
-    importance_note = ""
     if config.resolved_sampler() != "grid" or heatmap is None:
         try:
-
-            figures["search/parameter_importance.png"] = plots.parameter_importance_figure(study)
+            summary.figures["search/parameter_importance.png"] = plots.parameter_importance_figure(study)
         except (ValueError, RuntimeError) as error:
-            importance_note = f"no parameter-importance plot: {error}"
-            print(f"Search {study.study_name}: {importance_note}", flush=True)
-    if importance_note:
-        tags["parameter_importance_note"] = importance_note
-    texts["search/trials.md"] = summaries.markdown_table(
+            note = f"no parameter-importance plot: {error}"
+            print(f"Search {study.study_name}: {note}", flush=True)
+            summary.tags["parameter_importance_note"] = note
+    summary.texts["search/trials.md"] = summaries.markdown_table(
         table.drop(columns=["run_id", "note"]), {"val_accuracy": ".2%", "test_accuracy": ".2%", "train_time_s": ".1f"}
     )
-    tracking.log_study_summary(
-        parent, tables=tables, texts=texts, figures=figures, metrics=metrics, tags=tags,
-        winner_run_id=str(best["run_id"]) if best is not None else None,
-    )
-    for figure in figures.values():
-        plots.close(figure)
+    return summary
 
-    version = None
-    if best is not None and config.register_as:
-        model_uri = study.trials[int(best["trial"])].user_attrs.get("model_uri")
-        if model_uri:
-            version = tracking.register_once(
-                model_uri, config.register_as, str(best["run_id"]), float(best["val_accuracy"]), float(best["test_accuracy"])
-            )
-            tracking.set_run_tags(parent.run_id, {"registered_model": f"{config.register_as}/{version}", "best_model_uri": model_uri})
-            print(f"Best trial {int(best['trial'])}'s model is {config.register_as} version {version}", flush=True)
-    if best is not None:
-        print(
-            f"Best trial {int(best['trial'])}: val_accuracy {best['val_accuracy']:.4f}, test_accuracy {best['test_accuracy']:.4f}, "
-            + ", ".join(f"{name}={_plain(best[name])}" for name in space.parameters),
-            flush=True,
+
+def _trial_counts(table: pd.DataFrame, epochs: int) -> dict[str, float]:
+    """How many trials ended in each state, the epochs trained and saved, the training time."""
+    if not len(table):
+        return {name: 0.0 for name in (
+            "trials_complete", "trials_pruned", "trials_failed", "trials_surplus", "trials_reused", "epochs_trained",
+            "train_time_s", "epochs_saved_by_pruning",
+        )}
+    pruned = table[table["state"] == "PRUNED"]
+    return {
+        "trials_complete": int((table["state"] == "COMPLETE").sum()),
+        "trials_pruned": len(pruned),
+        "trials_failed": int((table["state"] == "FAIL").sum()),
+        "trials_surplus": int((table["state"] == "SURPLUS").sum()),
+        "trials_reused": int(table["note"].str.startswith("same as").sum()),
+        "epochs_trained": float(table["epochs_trained"].sum()),
+        "train_time_s": float(np.nansum(table["train_time_s"])),
+        "epochs_saved_by_pruning": float(len(pruned) * epochs - pruned["epochs_trained"].sum()),
+    }
+
+
+def _best_trial(table: pd.DataFrame):
+    """The COMPLETE trial with the best validation accuracy; of equals, the earliest. None if none completed."""
+    complete = table[table["state"] == "COMPLETE"]
+    if not len(complete):
+        return None
+    return complete.sort_values(["val_accuracy", "trial"], ascending=[False, True]).iloc[0]
+
+
+def _describe_best(summary: StudySummary, best, study, config: SearchConfig, space: SearchSpace) -> None:
+    """The best trial's metrics and tags, the winner, its registration and the line printed about it."""
+    best_params = {name: _plain(best[name]) for name in space.parameters}
+    summary.metrics.update(
+        best_val_accuracy=float(best["val_accuracy"]),
+        best_test_accuracy=float(best["test_accuracy"]),
+        best_trial_number=float(best["trial"]),
+    )
+    summary.tags.update(best_params=json.dumps(best_params), best_run_id=str(best["run_id"]), best_trial=str(int(best["trial"])))
+    summary.tags.update({f"best_{name}": str(value) for name, value in best_params.items()})
+    summary.winner_run_id = str(best["run_id"])
+    model_uri = study.trials[int(best["trial"])].user_attrs.get("model_uri")
+    if config.register_as and model_uri:
+        summary.registration = Registration(
+            model_uri, config.register_as, str(best["run_id"]), float(best["val_accuracy"]), float(best["test_accuracy"])
         )
-    return SearchResult(
-        study_name=study.study_name,
-        parent_run_id=parent.run_id,
-        table=table,
-        best_trial=int(best["trial"]) if best is not None else None,
-        best_val_accuracy=float(best["val_accuracy"]) if best is not None else None,
-        best_test_accuracy=float(best["test_accuracy"]) if best is not None else None,
-        best_params={name: _plain(best[name]) for name in space.parameters} if best is not None else {},
-        trained_here=trained_here,
-        registered_version=version,
+    summary.printed = (
+        f"Best trial {int(best['trial'])}: val_accuracy {best['val_accuracy']:.4f}, test_accuracy {best['test_accuracy']:.4f}, "
+        + ", ".join(f"{name}={value}" for name, value in best_params.items())
+    )
+
+
+def _add_best_of_n(summary: StudySummary, trained: pd.DataFrame, space: SearchSpace) -> None:
+    """The expected best of N trials drawn from this search: table, metrics and plot.
+
+    The pool is every trial that trained; a pruned one enters with the best accuracy it reached
+    (a lower bound of what it would have reached: pruning keeps the figures on the safe side).
+    """
+    pool = [float(value) for value in trained["val_accuracy"] if np.isfinite(value)]
+    rows = best_of_n.best_of_n_table(pool, BEST_OF_N) if pool else []
+    if not rows:
+        return
+    frame = pd.DataFrame(
+        {
+            "N": [row.n for row in rows],
+            "expected_best": [row.expected for row in rows],
+            "standard_deviation": [row.standard_deviation for row in rows],
+            "p10": [row.low for row in rows],
+            "p90": [row.high for row in rows],
+            "pool_size": [row.pool_size for row in rows],
+        }
+    )
+    # The reference re-ran the random search of section 4; its figures belong on that space only.
+    on_reference_space = space.name == "random"
+    if on_reference_space:
+        frame["reference"] = [REFERENCE_BEST_OF_N.get(row.n, np.nan) for row in rows]
+    summary.tables["search/best_of_n.json"] = frame
+    summary.texts["search/best_of_n.md"] = summaries.markdown_table(
+        frame, {"expected_best": ".2%", "standard_deviation": ".2%", "p10": ".2%", "p90": ".2%", "reference": ".1%"}
+    )
+    summary.metrics.update({f"expected_best_at_{row.n}": row.expected for row in rows})
+    reference = {n: value for n, value in REFERENCE_BEST_OF_N.items() if n <= len(pool)} if on_reference_space else None
+    summary.figures["search/best_of_n.png"] = plots.best_of_n_figure(
+        [row.n for row in rows], [row.expected for row in rows], [row.low for row in rows], [row.high for row in rows],
+        len(pool), reference, title=f"Expected best of N trials drawn from this search ({space.name} space)",
     )
 
 

@@ -1,4 +1,5 @@
-"""Search spaces of the hyperparameter search (EXPERIMENTS.md section 4), built in or read from YAML.
+"""The hyperparameter search's definition: its config (:class:`SearchConfig`) and its spaces
+(EXPERIMENTS.md section 4), built in or read from YAML.
 
 A space lists, for each hyperparameter it varies, either the values to choose from or a range,
 and holds every other hyperparameter fixed. The model is always the one of section 4:
@@ -26,7 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from mnist_mlflow.config import ACTIVATIONS, ConfigError
+from mnist_mlflow.config import (
+    ACTIVATIONS,
+    ConfigError,
+    check_name,
+    check_seed,
+    merge_params,
+    parse_int,
+    parse_seed,
+    require_choice,
+    require_non_negative,
+)
 
 SAMPLERS = ("grid", "random", "tpe")
 BUILT_IN_SPACES = ("grid", "random")
@@ -224,3 +235,108 @@ def load_space(text: str) -> SearchSpace:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"space={text!r} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
     return space_from_mapping(document, repr(str(path)), path.stem)
+
+
+SEARCH_PRUNERS = ("none", "median")
+# Storage URL schemes Optuna's RDBStorage can use (with a driver suffix such as postgresql+psycopg2).
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+DEFAULT_SEARCH_STORAGE = "sqlite:///optuna-search.db"
+DEFAULT_RANDOM_TRIALS = 50
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """One hyperparameter search; mirrors :func:`mnist_mlflow.studies.search.run_search`.
+
+    ``space`` is ``grid``, ``random`` or a YAML file (see this module's docstring).
+    Empty ``sampler`` and ``study_name`` and zero ``n_trials`` take defaults that follow the
+    space: see :meth:`resolved_sampler`, :meth:`resolved_study_name`, :meth:`resolved_n_trials`.
+    ``n_trials`` caps the total over all workers of the study.
+    """
+
+    space: str = "grid"
+    sampler: str = ""
+    n_trials: int = 0
+    epochs: int = 10
+    pruner: str = "none"
+    storage: str = ""
+    study_name: str = ""
+    max_train_examples: int = 0
+    seed: int = 0
+    register_as: str = "mnist-search"
+
+    def __post_init__(self) -> None:
+        space = self.search_space()
+        if self.sampler:
+            require_choice("sampler", self.sampler, SAMPLERS)
+        if self.resolved_sampler() == "grid" and not space.is_grid:
+            raise ConfigError(f"sampler=grid needs a list of values for every parameter; space {self.space!r} has ranges")
+        if self.n_trials < 0:
+            raise ConfigError(f"n_trials={self.n_trials!r} must be positive, or 0 for the default")
+        if self.resolved_sampler() == "grid" and self.n_trials > space.grid_size:
+            raise ConfigError(f"n_trials={self.n_trials} is more than the {space.grid_size} points of the {space.name!r} grid")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
+        require_choice("pruner", self.pruner, SEARCH_PRUNERS)
+        scheme = self.resolved_storage().partition(":")[0].partition("+")[0]
+        if scheme not in STORAGE_SCHEMES or "://" not in self.resolved_storage():
+            raise ConfigError(
+                f"storage={self.storage!r} is not an Optuna storage URL such as {DEFAULT_SEARCH_STORAGE} "
+                "or postgresql://user:password@host:5432/database"
+            )
+        check_name("study_name", self.study_name)
+        require_non_negative("max_train_examples", self.max_train_examples, " (all)")
+        check_seed("seed", self.seed)
+        if self.register_as:
+            check_name("register_as", self.register_as)
+
+    def search_space(self) -> SearchSpace:
+        return load_space(self.space)
+
+    def resolved_sampler(self) -> str:
+        return self.sampler or self.search_space().default_sampler
+
+    def resolved_n_trials(self) -> int:
+        if self.n_trials:
+            return self.n_trials
+        return self.search_space().grid_size if self.resolved_sampler() == "grid" else DEFAULT_RANDOM_TRIALS
+
+    def resolved_study_name(self) -> str:
+        if self.study_name:
+            return self.study_name
+        space = self.search_space()
+        suffix = "" if self.resolved_sampler() == space.default_sampler else f"-{self.resolved_sampler()}"
+        return f"search-{space.name}{suffix}"
+
+    def resolved_storage(self) -> str:
+        return self.storage or DEFAULT_SEARCH_STORAGE
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "space": self.space,
+            "sampler": self.sampler,
+            "n_trials": self.n_trials,
+            "epochs": self.epochs,
+            "pruner": self.pruner,
+            "storage": self.storage,
+            "study_name": self.study_name,
+            "max_train_examples": self.max_train_examples,
+            "seed": self.seed,
+            "register_as": self.register_as,
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "SearchConfig":
+        raw = merge_params(cls().as_params(), params)
+        return cls(
+            space=str(raw["space"]).strip(),
+            sampler=str(raw["sampler"]).strip().lower(),
+            n_trials=parse_int("n_trials", raw["n_trials"], minimum=0),
+            epochs=parse_int("epochs", raw["epochs"], minimum=1),
+            pruner=str(raw["pruner"]).strip().lower(),
+            storage=str(raw["storage"]).strip(),
+            study_name=str(raw["study_name"]).strip(),
+            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
+            seed=parse_seed(raw["seed"]),
+            register_as=str(raw["register_as"]).strip(),
+        )

@@ -1,20 +1,42 @@
 """The course exercises as studies: the ten dense-network exercises on MNIST and the
 Fashion-MNIST convolution exercises (EXPERIMENTS.md sections 1 and 3).
 
-Each exercise is one change to its suite's reference network. This module defines them as
-configs; :func:`run_exercises` trains them as children of one parent run and logs the
-comparison table and the accuracy-against-time plot on the parent. Importing it loads
-neither TensorFlow nor MLflow, so exercise ids are checked at once.
+Each exercise is one change to its suite's reference network. This module holds the study's
+config (:class:`ExercisesConfig`), the exercises as configs, and the summary (the comparison
+table and the accuracy-against-time plot), built from the children's records.
+:func:`run_exercises` hands them to the study engine. Importing this module loads neither
+TensorFlow nor MLflow, so exercise ids are checked at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import pandas as pd
 
 from mnist_mlflow.config import (
-    CnnModelConfig, CnnRunConfig, DataConfig, DenseModelConfig, DenseRunConfig, ExercisesConfig, TrainingConfig,
+    CnnModelConfig,
+    CnnRunConfig,
+    ConfigError,
+    DataConfig,
+    DenseModelConfig,
+    DenseRunConfig,
+    TrainingConfig,
+    check_seed,
+    merge_params,
+    parse_int,
+    parse_list,
+    parse_seed,
+    parse_study_id,
+    require_choice,
+    require_non_negative,
 )
+from mnist_mlflow.studies.protocol import ChildSpec, StudySummary
+from mnist_mlflow.studies.summaries import as_number, markdown_table
+
+if TYPE_CHECKING:
+    from mnist_mlflow.tracking import ChildRecord
 
 
 @dataclass(frozen=True)
@@ -160,6 +182,65 @@ def exercise_ids(suite: str) -> list[str]:
     return [exercise.exercise_id for exercise in SUITES[suite]]
 
 
+EXERCISE_SUITES = ("dense", "conv")
+
+
+@dataclass(frozen=True)
+class ExercisesConfig:
+    """One ``exercises`` study; mirrors :func:`run_exercises`.
+
+    ``only`` holds the exercise ids to run (empty: the whole suite); the ids of each suite are
+    listed in :data:`SUITES`.
+    """
+
+    suite: str = "dense"
+    only: tuple[str, ...] = ()
+    epochs: int = 5
+    max_train_examples: int = 0
+    seed: int = 0
+    sweep_id: str = ""
+
+    def __post_init__(self) -> None:
+        require_choice("suite", self.suite, EXERCISE_SUITES)
+        known = exercise_ids(self.suite)
+        unknown = [item for item in self.only if item not in known]
+        if unknown:
+            raise ConfigError(
+                f"only={','.join(self.only)!r}: {', '.join(map(repr, unknown))} is not an exercise of the "
+                f"{self.suite} suite; its exercises are: {', '.join(known)}"
+            )
+        if len(set(self.only)) != len(self.only):
+            raise ConfigError(f"only={','.join(self.only)!r} names an exercise twice")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
+        require_non_negative("max_train_examples", self.max_train_examples, " (all)")
+        check_seed("seed", self.seed)
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite,
+            "only": ",".join(self.only),
+            "epochs": self.epochs,
+            "max_train_examples": self.max_train_examples,
+            "seed": self.seed,
+            "sweep_id": self.sweep_id,
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "ExercisesConfig":
+        raw = merge_params(cls().as_params(), params)
+        only_text = str(raw["only"]).strip()
+        return cls(
+            suite=str(raw["suite"]).strip().lower(),
+            only=tuple(item.lower() for item in parse_list("only", only_text)) if only_text else (),
+            epochs=parse_int("epochs", raw["epochs"], minimum=1),
+            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
+            seed=parse_seed(raw["seed"]),
+            sweep_id=parse_study_id(raw["sweep_id"]),
+        )
+
+
+
 def base_config(config: ExercisesConfig) -> DenseRunConfig | CnnRunConfig:
     """The suite's reference setup: the section 1 baseline, or Adam and batch 32 on Fashion-MNIST."""
     data_config = DataConfig(
@@ -181,34 +262,90 @@ def selected_exercises(config: ExercisesConfig) -> list[Exercise]:
     return [exercise for exercise in SUITES[config.suite] if not wanted or exercise.exercise_id in wanted]
 
 
-def run_exercises(config: ExercisesConfig):
-    """Trains the selected exercises of ``config.suite`` as children of one parent run.
+def exercises_table(records: Sequence[ChildRecord]) -> pd.DataFrame:
+    """One row per exercise: what changed, accuracies, time per epoch, total time, parameters."""
+    rows = []
+    for record in records:
+        metrics = record.metrics
+        rows.append(
+            {
+                "exercise": record.params.get("exercise", record.key),
+                "change": record.params.get("exercise_change", ""),
+                "val_accuracy": metrics.get("best_val_accuracy", float("nan")),
+                "test_accuracy": metrics.get("test_accuracy", float("nan")),
+                "mean_epoch_time_s": metrics.get("mean_epoch_time_s", float("nan")),
+                "train_time_s": metrics.get("train_time_s", float("nan")),
+                "trainable_parameters": int(as_number(record.params.get("trainable_parameters"))),
+                "best_epoch": int(metrics.get("best_epoch", -1)) + 1,
+                "run_id": record.run_id,
+            }
+        )
+    return pd.DataFrame(rows)
 
-    Returns the :class:`mnist_mlflow.studies.StudyResult`; the parent holds the comparison
-    table (``summary/exercises.json`` and ``.md``) and ``summary/accuracy_vs_epoch_time.png``.
-    """
-    from mnist_mlflow import studies, summaries
 
-    study_id = config.sweep_id or studies.new_study_id(f"exercises-{config.suite}")
-    base = base_config(config)
-    children = [
-        studies.ChildSpec(
+EXERCISE_FORMATS = {
+    "val_accuracy": ".2%", "test_accuracy": ".2%", "mean_epoch_time_s": ".2f", "train_time_s": ".1f",
+    "trainable_parameters": ",d",
+}
+
+
+def exercises_summary(records: Sequence[ChildRecord], reference_id: str) -> StudySummary:
+    """The parent's comparison table, its Markdown and the accuracy-against-time plot."""
+    from mnist_mlflow import plots
+
+    table = exercises_table(records)
+    best = table.loc[table["val_accuracy"].idxmax()]
+    figure = plots.accuracy_vs_time_figure(
+        [f"{exercise}" for exercise in table["exercise"]],
+        list(table["mean_epoch_time_s"]),
+        list(table["val_accuracy"]),
+        highlight=reference_id,
+        title="Exercises: best validation accuracy against mean seconds per epoch",
+    )
+    markdown = markdown_table(table.drop(columns=["run_id"]), EXERCISE_FORMATS)
+    return StudySummary(
+        tables={"summary/exercises.json": table},
+        texts={"summary/exercises.md": markdown},
+        figures={"summary/accuracy_vs_epoch_time.png": figure},
+        metrics={"best_val_accuracy": float(best["val_accuracy"]), "best_test_accuracy": float(best["test_accuracy"])},
+        tags={"best_exercise": str(best["exercise"]), "best_run_id": str(best["run_id"])},
+        winner_run_id=str(best["run_id"]),
+        printed=markdown,
+    )
+
+
+def children(config: ExercisesConfig) -> list[ChildSpec]:
+    """One child run per selected exercise."""
+    return [
+        ChildSpec(
             key=f"exercise={exercise.exercise_id}",
             run_name=f"{config.suite}-exercise-{exercise.exercise_id}",
-            config=exercise.make_config(base),
+            config=exercise.make_config(base_config(config)),
             tags={"exercise": exercise.exercise_id, "suite": config.suite},
             params={"exercise": exercise.exercise_id, "exercise_change": exercise.change},
             description=exercise.question,
         )
         for exercise in selected_exercises(config)
     ]
-    spec = studies.StudySpec(
-        kind="exercises",
-        study_id=study_id,
-        run_name=f"exercises-{config.suite}-{study_id.rsplit('-', 1)[-1]}",
-        params={**config.as_params(), "sweep_id": study_id},
-        description=SUITE_DESCRIPTIONS[config.suite],
+
+
+def run_exercises(config: ExercisesConfig):
+    """Trains the selected exercises of ``config.suite`` as children of one parent run.
+
+    Returns the :class:`mnist_mlflow.studies.engine.StudyResult`; the parent holds the comparison
+    table (``summary/exercises.json`` and ``.md``) and ``summary/accuracy_vs_epoch_time.png``.
+    """
+    from mnist_mlflow.studies import engine
+
+    study_id = config.sweep_id or engine.new_study_id(f"exercises-{config.suite}")
+    return engine.run_study(
+        engine.ListStudy(
+            kind="exercises",
+            study_id=study_id,
+            run_name=f"exercises-{config.suite}-{study_id.rsplit('-', 1)[-1]}",
+            params={**config.as_params(), "sweep_id": study_id},
+            description=SUITE_DESCRIPTIONS[config.suite],
+            children=children(config),
+            summarise_records=lambda records: exercises_summary(records, reference_id=REFERENCE_IDS[config.suite]),
+        )
     )
-    return studies.run_study(spec, children, lambda parent, outcomes: summaries.log_exercises_summary(
-        parent, outcomes, reference_id=REFERENCE_IDS[config.suite]
-    ))

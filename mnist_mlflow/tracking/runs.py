@@ -1,0 +1,286 @@
+"""Runs: starting and ending them, logging into them, and closing those whose process is gone.
+
+A run ends FINISHED, FAILED (with ``failed_reason``) or KILLED (with ``killed_reason``), never
+left RUNNING by a process that can still act; :func:`reconcile_runs` closes the runs of
+processes that could not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from typing import Any, Iterator, Mapping
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from mnist_mlflow import lifecycle
+from mnist_mlflow.config import RunFailedError
+from mnist_mlflow.tracking.server import (
+    check_tracking_server,
+    choose_experiment,
+    current_experiment_id,
+    experiment_name_for,
+    launcher_run_id,
+    warn_about_secret_params,
+)
+
+
+KILLED_REASON_TAG = "killed_reason"
+
+
+FAILED_REASON_TAG = "failed_reason"
+
+
+# A RUNNING run that carries no process information (say, the run of an `mlflow run`
+# launcher still building its environment) is closed by reconciliation only after this long.
+UNKNOWN_PROCESS_MAX_AGE_H = 24.0
+
+
+# Tags through which a study's runs find each other.
+STUDY_ID_TAG = "study_id"
+
+
+STUDY_ROLE_TAG = "study_role"
+
+
+STUDY_KIND_TAG = "study_kind"
+
+
+STUDY_FINGERPRINT_TAG = "study_fingerprint"
+
+
+CHILD_KEY_TAG = "study_child_key"
+# The study_role tag of every child (the parent's is "parent"), so the MLflow UI's compare view
+# and mlflow.search_runs can tell them apart.
+CHILD_ROLE = "child"
+
+
+SEARCH_KIND = "search"
+
+
+def set_tag(client: MlflowClient, run_id: str, name: str, value: str, attempts: int = 4) -> None:
+    """Sets a tag, tolerating another worker setting the same tag at the same moment.
+
+    MLflow's SQL store writes a tag by looking for it and then inserting it. Two workers that
+    finish a shared study together both tag its runs, and the later insert fails on the unique
+    key (``UNIQUE constraint failed`` on SQLite, ``duplicate key`` on PostgreSQL). The tag
+    exists by then, so the retry updates it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_tag(run_id, name, value)
+            return
+        except MlflowException as error:
+            message = str(error)
+            racing = "UNIQUE constraint" in message or "duplicate key" in message or "IntegrityError" in message
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    client = MlflowClient()
+    for name, value in tags.items():
+        set_tag(client, run_id, name, value)
+
+
+def mark_run_killed(run_id: str, reason: str) -> None:
+    """Ends a run some dead process left RUNNING as KILLED, with the reason as a tag."""
+    client = MlflowClient()
+    client.set_tag(run_id, KILLED_REASON_TAG, reason)
+    client.set_terminated(run_id, status="KILLED")
+
+
+def prepare_tracking(kind: str | None = None) -> str:
+    """What every entry point does first: check the store and credentials, choose the
+    experiment of this kind of work (see ``choose_experiment``), warn about a password given in
+    ``-P``, and close the runs of dead processes in the current experiment.
+
+    Returns the tracking URI without credentials, for printing.
+    """
+    shown = check_tracking_server()
+    if kind is not None:
+        choose_experiment(experiment_name_for(kind))
+    warn_about_secret_params()
+    for run_id, reason in reconcile_runs([current_experiment_id()]):
+        print(f"Run {run_id} was left RUNNING ({reason}); marked KILLED", flush=True)
+    return shown
+
+
+def reconcile_runs(
+    experiment_ids: list[str], unknown_max_age_h: float = UNKNOWN_PROCESS_MAX_AGE_H, dry_run: bool = False
+) -> list[tuple[str, str]]:
+    """Closes as KILLED the RUNNING runs whose process is gone; returns (run id, reason) for each.
+
+    A run records its host, pid and process start time (:mod:`mnist_mlflow.lifecycle`). Runs
+    started on this host by a process that no longer exists are closed. Runs of other hosts
+    are never touched (a search's heartbeat covers those). A run without process information
+    is closed only when it started more than ``unknown_max_age_h`` hours ago, unless it is a
+    search's parent, which the search's last worker closes.
+    """
+    client = MlflowClient()
+    closed = []
+    now_ms = time.time() * 1000
+    for run in _search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        gone = lifecycle.process_is_gone(tags)
+        if gone:
+            reason = f"its process {tags[lifecycle.PID_TAG]} on {tags[lifecycle.HOST_TAG]} ended without closing it"
+        elif gone is None and lifecycle.PID_TAG not in tags:
+            age_h = (now_ms - run.info.start_time) / 3.6e6
+            if age_h <= unknown_max_age_h or tags.get(STUDY_KIND_TAG) == SEARCH_KIND or run.info.run_id == launcher_run_id():
+                continue
+            reason = f"it has no process information and started {age_h:.0f} h ago (more than {unknown_max_age_h:g} h)"
+        else:
+            continue
+        if not dry_run:
+            mark_run_killed(run.info.run_id, reason)
+        closed.append((run.info.run_id, reason))
+    return closed
+
+
+def _search_all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list:
+    """Every run matching ``filter_string``, page by page."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def enable_autolog() -> None:
+    """Turns on ``mlflow.tensorflow.autolog`` for Keras parameters and per-epoch metrics.
+
+    The project logs the selected model, the data sets and checkpoints itself, so autolog's
+    own copies are turned off.
+    """
+    mlflow.tensorflow.autolog(
+        log_models=False,
+        log_datasets=False,
+        checkpoint=False,
+        log_every_epoch=True,
+        silent=True,
+    )
+
+
+@contextlib.contextmanager
+def start_run(
+    run_name: str, tags: Mapping[str, str], description: str | None = None, parent_run_id: str | None = None
+) -> Iterator[str]:
+    """Starts (or, under ``mlflow run``, resumes) a run, names and tags it, and yields its id.
+
+    With ``parent_run_id`` the run is a new child of that run (a study's parent), which is
+    passed explicitly rather than taken from the thread's active run. The run records the
+    process that holds it. It ends FINISHED when the block completes; KILLED, tagged
+    ``killed_reason``, on Ctrl-C, SIGTERM or the end of the launcher; and FAILED otherwise,
+    tagged ``failed_reason`` when the failure has a one-line reason. So no run is ever left
+    RUNNING by this process while it can still act.
+    """
+    if parent_run_id:
+        experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+        run_context = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, description=description
+        )
+    else:
+        # The launcher's run, or a new run in the experiment chosen for this kind of work.
+        run_context = mlflow.start_run(experiment_id=current_experiment_id(), description=description)
+    with run_context as run:
+        try:
+            # Inside the try: a signal while the tags are being written still ends the run KILLED.
+            mlflow.set_tags({"mlflow.runName": run_name, **tags, **lifecycle.process_identity()})
+            yield run.info.run_id
+        except KeyboardInterrupt as interruption:
+            _end_active_run("KILLED", KILLED_REASON_TAG, lifecycle.interruption_reason(interruption))
+            raise
+        except RunFailedError as failure:
+            _end_active_run("FAILED", FAILED_REASON_TAG, str(failure))
+            raise
+        except Exception as error:
+            stop = lifecycle.termination_from(error)
+            if stop is None:
+                raise
+            _end_active_run("KILLED", KILLED_REASON_TAG, stop.reason)
+            raise stop from error
+
+
+def _end_active_run(status: str, tag: str, reason: str) -> None:
+    # A second signal while the run is being closed must not leave it RUNNING.
+    with lifecycle.signals_deferred():
+        mlflow.set_tag(tag, reason)
+        mlflow.end_run(status)
+
+
+def metric_values(run_id: str, key: str) -> list[float]:
+    """A metric's values in step order (for per-epoch metrics, one per epoch)."""
+    history = MlflowClient().get_metric_history(run_id, key)
+    return [point.value for point in sorted(history, key=lambda point: (point.step, point.timestamp))]
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Logs parameters, skipping any the run already has.
+
+    ``mlflow run`` logs the entry-point parameters exactly as typed (say ``1e-3``); the same
+    parameter written again in another spelling (``0.001``) would be refused by MLflow.
+    """
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    missing = {name: value for name, value in params.items() if name not in existing}
+    if missing:
+        mlflow.log_params(missing)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
+
+
+def log_dataset_splits(splits) -> None:
+    """Logs train, validation and test as run inputs with name, size and digest."""
+    for context, images, labels in (
+        ("training", splits.train_images, splits.train_labels),
+        ("validation", splits.validation_images, splits.validation_labels),
+        ("test", splits.test_images, splits.test_labels),
+    ):
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that a path is ambiguous.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_numpy(
+                images, targets=labels, source=splits.source, name=f"{splits.dataset}-{context}"
+            )
+        mlflow.log_input(
+            dataset,
+            context=context,
+            tags={"examples": str(len(labels)), "tfds_version": splits.version},
+        )
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_dict(dictionary: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(dictionary, indent=2, sort_keys=False), artifact_file)
+
+
+def environment_summary() -> dict[str, str]:
+    """Versions and settings worth recording with every run, as tags."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "mlflow_version": mlflow.__version__,
+        "cpu_count": str(os.cpu_count()),
+    }
