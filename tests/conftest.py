@@ -21,6 +21,11 @@ SHARED_DATA_DIR = PROJECT_DIR.parent / "shared" / "data"
 if "MNIST_MLFLOW_DATA_DIR" not in os.environ and SHARED_DATA_DIR.is_dir():
     os.environ["MNIST_MLFLOW_DATA_DIR"] = str(SHARED_DATA_DIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A search takes a worker for dead after 20 s without a heartbeat (one every 5 s). The tests
+# kill workers on purpose and would wait that out each time: here a heartbeat every 2 s, and
+# 8 s of silence is death (still four missed heartbeats, for a loaded machine).
+os.environ.setdefault("MNIST_MLFLOW_HEARTBEAT_INTERVAL_S", "2")
+os.environ.setdefault("MNIST_MLFLOW_HEARTBEAT_GRACE_S", "8")
 
 SMALL_TRAIN_EXAMPLES = 2000
 

@@ -353,7 +353,10 @@ print("opened")
 """
 
 
-@pytest.mark.parametrize("round_number", range(5))
+# The race is repeated five times; the repeats are slow (`-m "not slow"` keeps the first round).
+@pytest.mark.parametrize(
+    "round_number", [0, *(pytest.param(number, marks=pytest.mark.slow) for number in range(1, 5))]
+)
 def test_workers_opening_a_fresh_postgres_database_together_all_get_in(postgres, round_number):
     """optuna#1092: workers that create the tables of a fresh database at the same moment."""
     database = f"fresh_{round_number}_{os.getpid()}"

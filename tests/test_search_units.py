@@ -146,3 +146,21 @@ def test_grid_heatmap_places_each_finished_trial_in_its_cell():
     assert matrix[rows.index(0.8), columns.index(16)] == pytest.approx(0.80)
     assert np.isfinite(matrix).sum() == 2
     assert grid_heatmap(table, RANDOM_SPACE) is None
+
+
+def test_heartbeat_settings_come_from_the_environment_and_are_checked(monkeypatch):
+    from mnist_mlflow.config import UserInputError
+    from mnist_mlflow.studies import search
+
+    monkeypatch.delenv(search.HEARTBEAT_ENV, raising=False)
+    monkeypatch.delenv(search.GRACE_ENV, raising=False)
+    assert search.heartbeat_settings() == (search.HEARTBEAT_INTERVAL_S, search.GRACE_PERIOD_S) == (5, 20)
+    monkeypatch.setenv(search.HEARTBEAT_ENV, "2")
+    monkeypatch.setenv(search.GRACE_ENV, "8")
+    assert search.heartbeat_settings() == (2, 8)
+    monkeypatch.setenv(search.GRACE_ENV, "3")
+    with pytest.raises(UserInputError, match="MNIST_MLFLOW_HEARTBEAT_GRACE_S=3 must be at least twice"):
+        search.heartbeat_settings()
+    monkeypatch.setenv(search.HEARTBEAT_ENV, "soon")
+    with pytest.raises(UserInputError, match="MNIST_MLFLOW_HEARTBEAT_INTERVAL_S='soon' is not a whole number"):
+        search.heartbeat_settings()

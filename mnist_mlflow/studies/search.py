@@ -47,6 +47,7 @@ from mnist_mlflow.config import (
     TrainingConfig,
     TrainingDivergedError,
     UserInputError,
+    parse_int,
 )
 from mnist_mlflow.redaction import redact_url, server_identity
 from mnist_mlflow.studies import best_of_n, engine, study_storage, summaries
@@ -54,9 +55,13 @@ from mnist_mlflow.studies.protocol import ChildSpec, Registration, StudySummary
 from mnist_mlflow.studies.search_spaces import SearchConfig, SearchSpace
 
 # Optuna's heartbeat: a running trial writes one every HEARTBEAT_INTERVAL_S seconds, and one
-# silent for GRACE_PERIOD_S seconds is taken for dead.
+# silent for GRACE_PERIOD_S seconds is taken for dead. Both can be set in the environment
+# (HEARTBEAT_ENV, GRACE_ENV): the tests shorten them, and a cluster whose workers can stall
+# for longer may lengthen the grace.
 HEARTBEAT_INTERVAL_S = 5
 GRACE_PERIOD_S = 20
+HEARTBEAT_ENV = "MNIST_MLFLOW_HEARTBEAT_INTERVAL_S"
+GRACE_ENV = "MNIST_MLFLOW_HEARTBEAT_GRACE_S"
 # A trial whose worker died is queued again at most this many times.
 MAX_RETRIES = 2
 # Median pruning: judge no trial before 5 have finished, and none before its third epoch.
@@ -84,9 +89,23 @@ class SurplusTrial(Exception):
     """A trial that must not train: the cap is reached, or its parameters are taken already."""
 
 
+def heartbeat_settings() -> tuple[int, int]:
+    """The heartbeat interval and the grace period, in seconds, from the environment or the defaults.
+
+    The grace must be at least twice the interval, so that one late heartbeat of a living
+    worker does not get its trial taken for dead.
+    """
+    interval = parse_int(HEARTBEAT_ENV, os.environ.get(HEARTBEAT_ENV, HEARTBEAT_INTERVAL_S), minimum=1)
+    grace = parse_int(GRACE_ENV, os.environ.get(GRACE_ENV, GRACE_PERIOD_S), minimum=1)
+    if grace < 2 * interval:
+        raise UserInputError(f"{GRACE_ENV}={grace} must be at least twice {HEARTBEAT_ENV}={interval}")
+    return interval, grace
+
+
 def open_storage(url: str):
     """Opens the Optuna storage with heartbeats on and the stale-trial callback of this module."""
-    return study_storage.open_storage(url, HEARTBEAT_INTERVAL_S, GRACE_PERIOD_S, _on_stale_trial)
+    interval, grace = heartbeat_settings()
+    return study_storage.open_storage(url, interval, grace, _on_stale_trial)
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int):
@@ -543,12 +562,13 @@ class OptunaStudy:
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:
                 break
+            interval, grace = heartbeat_settings()
             print(
                 f"Waiting for trial(s) {', '.join(str(trial.number) for trial in running)} running elsewhere "
-                f"(a dead worker's trial is failed and queued again after {GRACE_PERIOD_S} s without heartbeat)",
+                f"(a dead worker's trial is failed and queued again after {grace} s without heartbeat)",
                 flush=True,
             )
-            time.sleep(HEARTBEAT_INTERVAL_S)
+            time.sleep(interval)
         # Runs left RUNNING by workers that died without a heartbeat check catching them.
         running_keys = {_trial_key(trial.number) for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         tracking.close_orphan_children(parent, running_keys=running_keys)
