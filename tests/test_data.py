@@ -4,9 +4,6 @@ import pytest
 from mnist_mlflow import data
 from mnist_mlflow.config import DataConfig, UserInputError
 
-# Under pytest-xdist, this module's tests share an expensive module fixture: one worker runs them all.
-pytestmark = pytest.mark.xdist_group("test_data")
-
 
 def test_split_sizes_and_disjointness():
     train, validation = data.split_train_validation(60000, 0.1, seed=0)

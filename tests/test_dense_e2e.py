@@ -14,8 +14,7 @@ from mlflow.tracking import MlflowClient
 from conftest import PROJECT_DIR, run_script
 from harness.servers import free_port, python_env
 
-# Under pytest-xdist, this module's tests share an expensive module fixture: one worker runs them all.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("test_dense_e2e")]
+pytestmark = pytest.mark.e2e
 
 EXPECTED_PARAMS = {
     "hidden_units": "50,50",

@@ -11,9 +11,6 @@ import pytest
 from mnist_mlflow import tracking
 from mnist_mlflow.served_model import ImageInputError, check_images
 
-# Under pytest-xdist, this module's tests share an expensive module fixture: one worker runs them all.
-pytestmark = pytest.mark.xdist_group("test_served_model")
-
 
 @pytest.fixture(scope="module")
 def logged_model(tmp_path_factory, small_splits):

@@ -16,8 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import PROJECT_DIR, run_script
 from harness.servers import python_env
 
-# Under pytest-xdist, this module's tests share an expensive module fixture: one worker runs them all.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("test_studies_e2e")]
+pytestmark = pytest.mark.e2e
 
 TINY = "800"
 
