@@ -153,7 +153,6 @@ class ListStudy:
     description: str
     children: Sequence[ChildSpec]
     summarise_records: Callable[[list[tracking.ChildRecord]], StudySummary]
-    _reused: set[str] = field(default_factory=set)
     _failed: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -180,7 +179,6 @@ class ListStudy:
 
     def run_children(self, parent: tracking.StudyParent) -> int:
         finished = _reusable_children(parent)
-        self._reused = set(finished)
         trained = 0
         for index, child in enumerate(self.children, start=1):
             prefix = f"[{index}/{len(self.children)}] {child.run_name}"

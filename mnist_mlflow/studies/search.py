@@ -362,7 +362,9 @@ def _budget_states():
     return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
-def _check_not_surplus(study, trial, values: dict[str, Any], n_trials: int, space: SearchSpace, sampler: str) -> None:
+def _check_not_surplus(
+    study, trial, values: dict[str, Any], n_trials: int, space: SearchSpace, sampler: str, retried: bool
+) -> None:
     """Raises SurplusTrial when the cap is reached by lower-numbered trials, or when a grid point or
     a retried trial's parameters already finished or run in a lower-numbered trial."""
     others = [
@@ -372,7 +374,6 @@ def _check_not_surplus(study, trial, values: dict[str, Any], n_trials: int, spac
     earlier_in_budget = [other for other in others if other.number < trial.number and other.state in _budget_states()]
     if len(earlier_in_budget) >= n_trials:
         raise SurplusTrial(f"the cap of n_trials={n_trials} is reached by lower-numbered trials")
-    retried = _retry_of(trial) is not None
     if sampler == "grid" or retried:
         varied = {name: values[name] for name in space.parameters}
         for other in others:
@@ -390,8 +391,9 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
 
     def objective(trial) -> float:
         values = space.suggest(trial)
+        retry_of = _retry_of(trial)
         try:
-            _check_not_surplus(trial.study, trial, values, n_trials, space, sampler)
+            _check_not_surplus(trial.study, trial, values, n_trials, space, sampler, retried=retry_of is not None)
         except SurplusTrial as reason:
             trial.set_user_attr(SURPLUS_ATTR, str(reason))
             trial.study.stop()
@@ -409,7 +411,6 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
             return earlier.value
         run_config = trial_config(values, config)
         varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
-        retry_of = _retry_of(trial)
         note = f" (retry of trial {retry_of})" if retry_of is not None else ""
         print(f"Trial {trial.number}{note}: training {varied}", flush=True)
         reporter = EpochReporter(trial, prune=config.pruner != "none")
@@ -602,6 +603,7 @@ def trials_table(study, space: SearchSpace) -> pd.DataFrame:
     rows = []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda trial: trial.number):
         attrs = trial.user_attrs
+        retry_of = _retry_of(trial)
         state = "SURPLUS" if _is_surplus(trial) else trial.state.name
         row = {"trial": trial.number, "state": state}
         row.update({name: trial.params.get(name) for name in space.parameters})
@@ -613,7 +615,7 @@ def trials_table(study, space: SearchSpace) -> pd.DataFrame:
                 "epochs_trained": attrs.get("epochs_trained", len(trial.intermediate_values)),
                 "train_time_s": attrs.get("train_time_s", np.nan),
                 "worker": attrs.get("worker", ""),
-                "retry_of": "" if _retry_of(trial) is None else _retry_of(trial),
+                "retry_of": "" if retry_of is None else retry_of,
                 "run_id": attrs.get("mlflow_run_id", ""),
                 "note": attrs.get(SURPLUS_ATTR, "")
                 or (f"diverged: {attrs[DIVERGED_ATTR]}" if DIVERGED_ATTR in attrs else "")
