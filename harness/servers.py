@@ -127,7 +127,7 @@ def tracking_server(
         )
         command += ["--app-name", "basic-auth"]
         env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
-        return BasicAuthServerProcess(command, port, root, "/health", env=env)
+        return BasicAuthServerProcess(command, port, root, "/health", env=env, admin_password=admin_password)
     return ServerProcess(command, port, root, "/health", env=env)
 
 
@@ -141,18 +141,20 @@ class BasicAuthServerProcess(ServerProcess):
     Only the cost of a test server's check changes: a wrong password is still refused.
     """
 
+    def __init__(self, *args, admin_password: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.admin_password = admin_password
+
     def start(self, timeout_s: float = 120.0) -> "ServerProcess":
         import sqlite3
 
         from werkzeug.security import generate_password_hash
 
         super().start(timeout_s)
-        config = (self.root / "basic_auth.ini").read_text()
-        password = config.split("admin_password = ", 1)[1].splitlines()[0]
         with sqlite3.connect(self.root / "basic_auth.db") as database:
             changed = database.execute(
                 "UPDATE users SET password_hash = ? WHERE username = 'admin'",
-                (generate_password_hash(password, method="pbkdf2:sha256:1000"),),
+                (generate_password_hash(self.admin_password, method="pbkdf2:sha256:1000"),),
             ).rowcount
         if changed != 1:
             self.stop()

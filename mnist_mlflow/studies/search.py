@@ -526,6 +526,8 @@ class OptunaStudy:
         self.n_trials = config.resolved_n_trials()
         self.sampler = config.resolved_sampler()
         self.grid_size = self.space.grid_size if self.sampler == "grid" else None
+        # Checked before the tracking server is even asked; the waits use the same values.
+        self.interval, self.grace = heartbeat_settings()
         self.storage = None
         self.study = None
         self.counter = [0]
@@ -563,13 +565,12 @@ class OptunaStudy:
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:
                 break
-            interval, grace = heartbeat_settings()
             print(
                 f"Waiting for trial(s) {', '.join(str(trial.number) for trial in running)} running elsewhere "
-                f"(a dead worker's trial is failed and queued again after {grace} s without heartbeat)",
+                f"(a dead worker's trial is failed and queued again after {self.grace} s without heartbeat)",
                 flush=True,
             )
-            time.sleep(interval)
+            time.sleep(self.interval)
         # Runs left RUNNING by workers that died without a heartbeat check catching them.
         running_keys = {_trial_key(trial.number) for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         tracking.close_orphan_children(parent, running_keys=running_keys)
