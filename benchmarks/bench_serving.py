@@ -11,7 +11,10 @@ each, and measured alternately, round after round, so that a busy moment of the 
 both sides alike:
 - single images, one request at a time: p50 and p99 latency;
 - batches of 100 images at concurrency 4: images per second, in the documented `inputs` form
-  and in the compact `dataframe_split` form (one column of flat 784-pixel rows).
+  (nested 28x28x1 images, which both sides accept), and in each side's compact form of flat
+  784-pixel rows: inside `inputs` for the project, and as one `dataframe_split` column for
+  the stock server (which refuses flat rows in `inputs`; MLflow reshapes the column to its
+  tensor signature).
 Each figure is the median over rounds, with the spread (lowest and highest round). In-process
 figures of each model's `predict` show how much of a request is HTTP, JSON and MLflow's input
 handling. Results go to benchmarks/results/serving.json and serving.md.
@@ -99,29 +102,38 @@ def batch_images_per_s(url: str, body: bytes, batches: int, concurrency: int = 4
         return batches * 100 / (time.perf_counter() - start)
 
 
-def in_process(model_uri: str, images: np.ndarray, repeats: int) -> dict[str, float]:
+def in_process(model_uri: str, images: np.ndarray, repeats: int, as_lists: bool) -> dict[str, float]:
+    """Each model's `predict` alone, given what it takes: lists for the project's model (its
+    type hint), a NumPy array for the stock one; the lists are made before the clock starts."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
+    singles = [images[index % len(images):][:1] for index in range(repeats)]
+    batch_of_100 = images[:100]
+    if as_lists:
+        singles = [single.tolist() for single in singles]
+        batch_of_100 = batch_of_100.tolist()
     for _ in range(5):
-        model.predict(images[:1])
-        model.predict(images[:100])
+        model.predict(singles[0])
+        model.predict(batch_of_100)
     single = []
-    for index in range(repeats):
+    for one in singles:
         start = time.perf_counter()
-        model.predict(images[index % len(images):][:1])
+        model.predict(one)
         single.append((time.perf_counter() - start) * 1000)
     start = time.perf_counter()
     for _ in range(max(5, repeats // 10)):
-        model.predict(images[:100])
+        model.predict(batch_of_100)
     batch = max(5, repeats // 10) * 100 / (time.perf_counter() - start)
     return {"in_process_single_ms_p50": float(np.percentile(single, 50)), "in_process_batch100_images_per_s": batch}
 
 
 def request_decoding_ms(body: bytes, repeats: int = 10) -> dict[str, float]:
-    """Where a batch request's time goes before the model: MLflow's own JSON parsing and input
-    conversion, as its scoring server does them (json.loads, then mlflow.pyfunc.scoring_server's
-    infer_and_parse_data against the model's tensor signature)."""
+    """Where a stock batch request's time goes before the model: MLflow's own JSON parsing and
+    input conversion, as its scoring server does them for a tensor signature (json.loads, then
+    mlflow.pyfunc.scoring_server's infer_and_parse_data). The project's model skips the
+    conversion (its signature comes from a type hint). In this process the garbage collector
+    is not frozen, as in the stock server."""
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
     from mlflow.types.schema import Schema, TensorSpec
 
@@ -169,15 +181,18 @@ def main() -> None:
             sessions = {side: requests.Session() for side in SIDES}
             single_bodies = [json.dumps({"inputs": test_images[index:index + 1].tolist()}).encode() for index in range(args.single_requests)]
             batch_body = json.dumps({"inputs": test_images[:100].tolist()}).encode()
-            # The compact form: one column of flat 784-pixel rows, which MLflow reshapes to the
-            # tensor signature; it spares the JSON parser 78,400 one-element lists per batch.
-            compact_body = json.dumps(
-                {"dataframe_split": {"columns": ["image"], "data": [[row] for row in test_images[:100].reshape(100, 784).tolist()]}}
-            ).encode()
+            # The compact forms: flat 784-pixel rows, which spare the JSON parser 78,400
+            # one-element lists per batch. The project takes them in `inputs`; the stock server
+            # takes them as one `dataframe_split` column, which MLflow reshapes to its signature.
+            flat_rows = test_images[:100].reshape(100, 784).tolist()
+            compact_bodies = {
+                "project": json.dumps({"inputs": flat_rows}).encode(),
+                "stock": json.dumps({"dataframe_split": {"columns": ["image"], "data": [[row] for row in flat_rows]}}).encode(),
+            }
             # Both answer the same: the benchmark compares like with like.
             answers = {
                 (side, form): np.asarray(sessions[side].post(urls[side], data=body, headers={"Content-Type": "application/json"}).json()["predictions"])
-                for side in SIDES for form, body in (("inputs", batch_body), ("compact", compact_body))
+                for side in SIDES for form, body in (("inputs", batch_body), ("compact", compact_bodies[side]))
             }
             difference = max(float(np.abs(answer - answers[("project", "inputs")]).max()) for answer in answers.values())
             for side in SIDES:  # warm-up
@@ -195,7 +210,7 @@ def main() -> None:
                 for side in order:
                     rounds[side]["images_per_s"].append(batch_images_per_s(urls[side], batch_body, args.batches))
                 for side in order:
-                    rounds[side]["images_per_s_compact"].append(batch_images_per_s(urls[side], compact_body, args.batches))
+                    rounds[side]["images_per_s_compact"].append(batch_images_per_s(urls[side], compact_bodies[side], args.batches))
                 print(
                     f"round {round_number + 1}: "
                     + "; ".join(
@@ -208,8 +223,8 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-        local = {side: in_process(uris[side], test_images, args.single_requests) for side in SIDES}
-        decoding = {"inputs": request_decoding_ms(batch_body), "compact": request_decoding_ms(compact_body)}
+        local = {side: in_process(uris[side], test_images, args.single_requests, as_lists=side == "project") for side in SIDES}
+        decoding = {"inputs": request_decoding_ms(batch_body), "compact": request_decoding_ms(compact_bodies["stock"])}
 
     summary = {side: {name: spread(values) for name, values in rounds[side].items()} | local[side] for side in SIDES}
     result = {
@@ -238,7 +253,7 @@ def main() -> None:
         ("p99", "single image, p99 latency", "ms"),
         ("batch_p50", "one batch of 100 (`inputs`) at a time, p50 latency", "ms"),
         ("images_per_s", "batches of 100 at concurrency 4, `inputs`", "images/s"),
-        ("images_per_s_compact", "batches of 100 at concurrency 4, compact `dataframe_split`", "images/s"),
+        ("images_per_s_compact", "batches of 100 at concurrency 4, compact: flat rows (project: in `inputs`; stock: `dataframe_split`)", "images/s"),
     ):
         ours, stock = summary["project"][name], summary["stock"][name]
         ratio = stock["median"] / ours["median"] if unit == "ms" else ours["median"] / stock["median"]
@@ -256,8 +271,8 @@ def main() -> None:
     )
     for form, label in (("inputs", "`inputs`"), ("compact", "compact `dataframe_split`")):
         lines.append(
-            f"| batch of 100, {label}: MLflow's JSON parsing / input conversion, in process "
-            f"| {decoding[form]['json_parse_ms']:.1f} ms / {decoding[form]['mlflow_input_conversion_ms']:.1f} ms | same | |"
+            f"| batch of 100, {label}: MLflow's JSON parsing (done twice per request) / input conversion, in process "
+            f"| parsing only | {decoding[form]['json_parse_ms']:.1f} ms / {decoding[form]['mlflow_input_conversion_ms']:.1f} ms | |"
         )
     table = "\n".join(lines)
     (RESULTS_DIR / f"serving{suffix}.md").write_text(

@@ -124,19 +124,25 @@ def test_served_champion_classifies_real_test_images(champion_server, small_spli
 
 
 def test_the_compact_request_form_gives_the_same_answers(champion_server, small_splits):
-    """One column of flat 784-pixel rows (`dataframe_split`), which MLflow reshapes to the signature."""
+    """Flat 784-pixel rows inside `inputs`: one list per image instead of 28 x 28 one-pixel lists."""
     images = small_splits.test_images[:50].astype(np.float32)
     nested = _post(champion_server, {"inputs": images.tolist()})
-    compact = _post(
-        champion_server, {"dataframe_split": {"columns": ["image"], "data": [[row] for row in images.reshape(50, 784).tolist()]}}
-    )
+    compact = _post(champion_server, {"inputs": images.reshape(50, 784).tolist()})
     assert compact.status_code == 200, compact.text[:300]
     np.testing.assert_allclose(np.asarray(compact.json()["predictions"]), np.asarray(nested.json()["predictions"]), atol=1e-6)
     # The checks apply to this form too.
     bad = images.reshape(50, 784).tolist()
     bad[3][100] = 999.0
-    refused = _post(champion_server, {"dataframe_split": {"columns": ["image"], "data": [[row] for row in bad]}})
+    refused = _post(champion_server, {"inputs": bad})
     assert refused.status_code == 400 and refused.json()["message"].startswith("image 3 holds a pixel outside 0..255")
+    # MLflow's dataframe forms are refused with a message that names the key to use.
+    dataframe = _post(champion_server, {"dataframe_split": {"columns": ["image"], "data": [[row] for row in images[:2].reshape(2, 784).tolist()]}})
+    assert dataframe.status_code == 400 and "'inputs' key" in dataframe.json()["message"]
+
+
+def test_the_server_froze_the_garbage_collector_after_loading(champion_server):
+    """What makes batches of nested images fast under `mlflow models serve` (served_model.py)."""
+    assert re.search(r"mnist-mlflow: froze \d+ loaded objects", champion_server.log_path.read_text())
 
 
 @pytest.mark.parametrize(

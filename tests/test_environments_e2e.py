@@ -92,7 +92,7 @@ def test_the_champion_serves_from_its_own_logged_requirements(mlflow_server, tmp
     assert all("==" in line for line in open(requirements_file).read().split())
 
     images = small_splits.test_images[:200].astype(np.float32)
-    expected = np.asarray(in_process.predict(images))
+    expected = np.asarray(in_process.predict(images.tolist()))
     port = free_port()
     command = [
         sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "uv",
