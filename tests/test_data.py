@@ -87,35 +87,34 @@ def test_without_network_and_without_the_variable_fails_fast_naming_it(tmp_path,
     assert time.monotonic() - start < 30
 
 
-def test_mnist_and_fashion_mnist_prepared_in_one_directory_stay_distinct(tmp_path):
-    """Both data sets ship files of the same names; preparing one after the other in one tfds
-    directory once gave Fashion-MNIST the MNIST images (tfds's shared extraction folder)."""
+@pytest.fixture(scope="module")
+def prepared_both(tmp_path_factory):
+    """MNIST, then Fashion-MNIST, prepared by tfds in one private folder, with their decoded-array
+    caches written. Returns the folder and MNIST's arrays, version and prepared directory, and
+    Fashion-MNIST's arrays."""
     import os
 
     if not os.environ.get(data.DATA_DIR_ENV):
         pytest.skip(f"needs {data.DATA_DIR_ENV} to prepare both data sets offline")
+    folder = tmp_path_factory.mktemp("tfds")
+    arrays, version, prepared_dir = data.load_arrays("mnist", str(folder))
+    fashion_arrays, _, fashion_dir = data.load_arrays("fashion_mnist", str(folder))
+    assert prepared_dir.startswith(str(folder)) and fashion_dir.startswith(str(folder))
+    return folder, arrays, version, prepared_dir, fashion_arrays
+
+
+def test_mnist_and_fashion_mnist_prepared_in_one_directory_stay_distinct(prepared_both):
+    """Both data sets ship files of the same names; preparing one after the other in one tfds
+    directory once gave Fashion-MNIST the MNIST images (tfds's shared extraction folder)."""
+    _, mnist_arrays, _, _, fashion_arrays = prepared_both
     means = {}
-    for dataset in ("mnist", "fashion_mnist"):
-        arrays, _, prepared_dir = data.load_arrays(dataset, str(tmp_path))
-        assert prepared_dir.startswith(str(tmp_path))
+    for dataset, arrays in (("mnist", mnist_arrays), ("fashion_mnist", fashion_arrays)):
         train_images, train_labels = arrays["train"]
         assert train_images.shape == (60000, 28, 28, 1) and np.bincount(train_labels).min() > 5000
         means[dataset] = float(train_images.mean())
     # The canonical files' mean pixel intensities: MNIST about 33.3, Fashion-MNIST about 72.9.
     assert means["mnist"] == pytest.approx(33.32, abs=0.05)
     assert means["fashion_mnist"] == pytest.approx(72.94, abs=0.05)
-
-
-@pytest.fixture(scope="module")
-def prepared_mnist(tmp_path_factory):
-    """MNIST prepared by tfds in a private folder, with its decoded-array cache written."""
-    import os
-
-    if not os.environ.get(data.DATA_DIR_ENV):
-        pytest.skip(f"needs {data.DATA_DIR_ENV} to prepare MNIST offline")
-    folder = tmp_path_factory.mktemp("tfds")
-    arrays, version, prepared_dir = data.load_arrays("mnist", str(folder))
-    return folder, arrays, version, prepared_dir
 
 
 def _load_in_fresh_process(folder) -> str:
@@ -134,10 +133,10 @@ def _load_in_fresh_process(folder) -> str:
     return result.stdout
 
 
-def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_mnist):
+def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_both):
     import hashlib
 
-    folder, arrays, version, prepared_dir = prepared_mnist
+    folder, arrays, version, prepared_dir, _ = prepared_both
     cache = data.Path(prepared_dir) / data.ARRAY_CACHE_FOLDER
     assert (cache / data.ARRAY_CACHE_MANIFEST).is_file()
     expected = hashlib.sha256(arrays["train"][0].tobytes() + arrays["test"][1].tobytes()).hexdigest()
@@ -147,10 +146,10 @@ def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_mn
     assert expected in output
 
 
-def test_a_damaged_cache_is_noticed_and_decoded_again(prepared_mnist):
+def test_a_damaged_cache_is_noticed_and_decoded_again(prepared_both):
     import hashlib
 
-    folder, arrays, version, prepared_dir = prepared_mnist
+    folder, arrays, version, prepared_dir, _ = prepared_both
     labels_file = data.Path(prepared_dir) / data.ARRAY_CACHE_FOLDER / "test_labels.npy"
     damaged = bytearray(labels_file.read_bytes())
     damaged[-1] = (damaged[-1] + 1) % 10

@@ -183,68 +183,72 @@ SIGNALS = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": sign
 EXIT_STATUS = {"kill": -signal.SIGKILL, "interrupt": 130, "terminate": 143}
 
 
-@pytest.mark.parametrize("how", ["kill", "interrupt", "terminate"])
-def test_cut_off_search_resumes_without_repeating_finished_trials(tmp_path, tracking_uri, how, search_env):
-    """SIGKILL (the heartbeat finds the dead trial), Ctrl-C or SIGTERM (Optuna fails the trial, and
-    it is queued again at once) mid-trial, then the same command again."""
+def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finished_trials(tmp_path, tracking_uri, search_env):
+    """One study, cut off mid-trial three times, each time after one more trial has finished,
+    and started again with the same command after each cut: Ctrl-C and SIGTERM (Optuna fails the
+    trial and queues it again at once), then SIGKILL (the next worker's heartbeat check finds
+    the dead trial). The last start finishes the study."""
     space = space_file(tmp_path, FOUR_POINT_GRID)
-    study_name = f"resume-{how}"
+    study_name = "resume-three-ways"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [
         sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", study_name,
-        "--epochs", "3", "--max_train_examples", "5000", "--register_as", "",
+        "--epochs", "2", "--max_train_examples", "2000", "--register_as", "",
     ]
-    env = search_env
     client = MlflowClient(tracking_uri)
-    first = start_worker(command, env, tmp_path)
-    try:
-        parent_run_id, finished, cut = _stop_at_running_child(client, storage, study_name, finished_before=1, process=first)
-        first.send_signal(SIGNALS[how])
-        first.send_signal(signal.SIGCONT)
-        output = first.communicate(timeout=120)[0]
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == EXIT_STATUS[how], output[-3000:]
-    cut_trial = int(cut.data.tags["optuna_trial_number"])
-    if how != "kill":
-        # Failed by Optuna and queued again before the process exited; the search's parent,
-        # which no other worker uses, ends KILLED with the reason; so does the trial's run.
-        trials = load_study(storage, study_name).trials
-        assert trials[cut_trial].state == optuna.trial.TrialState.FAIL
-        assert [trial.state for trial in trials if trial.system_attrs.get("failed_trial") == cut_trial] == [optuna.trial.TrialState.WAITING]
-        reason = "interrupted by Ctrl-C (SIGINT)" if how == "interrupt" else "terminated by SIGTERM"
-        for run_id in (parent_run_id, cut.info.run_id):
-            run = client.get_run(run_id)
-            assert (run.info.status, run.data.tags.get("killed_reason")) == ("KILLED", reason)
-    finished_ids = {run.info.run_id for run in client.search_runs(
-        [client.get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
-    )}
+    finished_ids, cut_trials, cut_run_ids = set(), [], []
+    for finished_before, how in enumerate(("interrupt", "terminate", "kill"), start=1):
+        worker = start_worker(command, search_env, tmp_path)
+        try:
+            parent_run_id, finished, cut = _stop_at_running_child(client, storage, study_name, finished_before, process=worker)
+            worker.send_signal(SIGNALS[how])
+            worker.send_signal(signal.SIGCONT)
+            output = worker.communicate(timeout=120)[0]
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        assert worker.returncode == EXIT_STATUS[how], (how, output[-3000:])
+        cut_trial = int(cut.data.tags["optuna_trial_number"])
+        cut_trials.append(cut_trial)
+        cut_run_ids.append(cut.info.run_id)
+        if how != "kill":
+            # Failed by Optuna and queued again before the process exited; the search's parent,
+            # which no other worker uses, ends KILLED with the reason; so does the trial's run.
+            trials = load_study(storage, study_name).trials
+            assert trials[cut_trial].state == optuna.trial.TrialState.FAIL, how
+            assert [trial.state for trial in trials if trial.system_attrs.get("failed_trial") == cut_trial] == [optuna.trial.TrialState.WAITING]
+            reason = "interrupted by Ctrl-C (SIGINT)" if how == "interrupt" else "terminated by SIGTERM"
+            for run_id in (parent_run_id, cut.info.run_id):
+                run = client.get_run(run_id)
+                assert (run.info.status, run.data.tags.get("killed_reason")) == ("KILLED", reason), how
+        finished_ids |= {run.info.run_id for run in client.search_runs(
+            [client.get_run(parent_run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        )}
+        assert len(finished_ids) >= finished_before
 
-    again = run_script(command, env, timeout=600, cwd=tmp_path)
+    again = run_script(command, search_env, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    if how == "kill":
-        assert "stopped sending heartbeats" in again.stdout
+    assert "stopped sending heartbeats" in again.stdout
 
     study = load_study(storage, study_name)
     states = {trial.number: trial.state for trial in study.trials}
-    assert states[cut_trial] == optuna.trial.TrialState.FAIL
+    assert [states[number] for number in cut_trials] == [optuna.trial.TrialState.FAIL] * 3
     complete = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
     points = [(trial.params["units"], trial.params["dropout"]) for trial in complete]
     assert len(points) == 4 and len(set(points)) == 4, points
-    retry = [trial for trial in complete if trial.system_attrs.get("failed_trial") == cut_trial]
-    assert len(retry) == 1 and retry[0].params == study.trials[cut_trial].params
+    for cut_trial in cut_trials:
+        retry = [trial for trial in complete if trial.system_attrs.get("failed_trial") == cut_trial]
+        assert len(retry) == 1 and retry[0].params == study.trials[cut_trial].params
 
     runs = children(client, parent_run_id)
     by_status = {}
     for run in runs:
         by_status.setdefault(run.info.status, []).append(run)
     assert len(by_status["FINISHED"]) == 4
-    # Runs finished before the cut are kept, not trained again.
+    # Runs finished before each cut are kept, not trained again.
     assert finished_ids <= {run.info.run_id for run in by_status["FINISHED"]}
-    cut_run = client.get_run(cut.info.run_id)
-    assert cut_run.info.status == "KILLED"
+    assert [client.get_run(run_id).info.status for run_id in cut_run_ids] == ["KILLED"] * 3
     assert running_runs(client, parent_run_id) == []
     assert client.get_run(parent_run_id).info.status == "FINISHED"
 
