@@ -260,19 +260,20 @@ def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_p
     )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [
-        sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "random-pruned", "--n_trials", "8",
+        sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "random-pruned", "--n_trials", "7",
         "--pruner", "median", "--epochs", "4", "--max_train_examples", "1000", "--register_as", "",
     ]
     result = run_script(command, search_env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = load_study(storage, "random-pruned")
-    assert len(study.trials) == 8
+    assert len(study.trials) == 7
     client = MlflowClient(tracking_uri)
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     runs = children(client, parent.info.run_id)
     pruned_trials = {trial.number for trial in study.trials if trial.state == optuna.trial.TrialState.PRUNED}
     tagged_pruned = {int(run.data.tags["optuna_trial_number"]) for run in runs if run.data.tags["optuna_trial_state"] == "PRUNED"}
-    # Trials with a learning rate of 1e-5 fall below the median; some trial must have been pruned.
+    # Pruning starts once 5 trials have finished; trials 5 and 6 (learning rates 1e-3 with 8
+    # units, and 1e-5) fall below the median at their third epoch.
     assert pruned_trials and tagged_pruned == pruned_trials
     for run in runs:
         if int(run.data.tags["optuna_trial_number"]) in pruned_trials:
@@ -280,7 +281,7 @@ def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_p
     assert parent.data.metrics["trials_pruned"] == len(pruned_trials)
     epochs = sum(len(trial.intermediate_values) for trial in study.trials)
     assert parent.data.metrics["epochs_trained"] == epochs
-    assert parent.data.metrics["epochs_saved_by_pruning"] == 8 * 4 - epochs
+    assert parent.data.metrics["epochs_saved_by_pruning"] == 7 * 4 - epochs
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, "search")}
     assert {"search/best_so_far.png", "search/parameter_importance.png", "search/best_of_n.png"} <= artifacts
     assert "search/heatmap_val_accuracy.png" not in artifacts
@@ -327,7 +328,7 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
     study_name = "dead-worker"
     command = [
         sys.executable, SEARCH, "--space", space, "--storage", postgres.url, "--study_name", study_name,
-        "--epochs", "3", "--max_train_examples", "5000", "--register_as", "",
+        "--epochs", "2", "--max_train_examples", "2000", "--register_as", "",
     ]
     env = search_env
     client = MlflowClient(tracking_uri)
