@@ -38,38 +38,41 @@ EXPECTED_PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def dense_run(mlflow_server):
-    """One `mlflow run . -e dense` with 2 epochs on 2,000 examples, shared by the checks below."""
-    experiment_name = "e2e-dense"
+def dense_launch(mlflow_server):
+    """One `mlflow run . -e dense` with 2 epochs on 2,000 examples, shared by the checks below.
+
+    It is started without --experiment-name, as users often do: MLflow's launcher then puts the
+    run in the Default experiment (id 0) before any project code runs. Other tests of this
+    session may put runs there too, so the run is found by the id in the link it prints.
+    """
     result = run_script(
         [
             sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense",
-            "--env-manager", "local", "--experiment-name", experiment_name,
-            "-P", "epochs=2", "-P", "max_train_examples=2000",
+            "--env-manager", "local", "-P", "epochs=2", "-P", "max_train_examples=2000",
         ],
         env=python_env(mlflow_server.url),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    client = MlflowClient(mlflow_server.url)
-    experiment = client.get_experiment_by_name(experiment_name)
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
     # The run ends with a link that opens it in the UI's model-training view.
-    link = f"{mlflow_server.url}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}?workflowType=machine_learning"
-    assert f"View this run in the MLflow UI: {link}" in result.stdout, result.stdout[-3000:]
-    return client, runs[0]
+    link = re.search(rf"View this run in the MLflow UI: {re.escape(mlflow_server.url)}/#/experiments/(\d+)/runs/(\w+)\?workflowType=machine_learning\n", result.stdout)
+    assert link, result.stdout[-3000:]
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(link.group(2))
+    assert run.info.experiment_id == link.group(1)
+    return client, run, result
 
 
-def test_mlflow_run_without_an_experiment_name_says_where_the_run_went(mlflow_server, tmp_path):
+@pytest.fixture(scope="module")
+def dense_run(dense_launch):
+    client, run, _ = dense_launch
+    return client, run
+
+
+def test_mlflow_run_without_an_experiment_name_says_where_the_run_went(dense_launch):
     """The launcher puts the run in Default before any project code runs: the entry point says so."""
-    result = run_script(
-        [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense", "--env-manager", "local",
-         "-P", "epochs=1", "-P", "max_train_examples=500"],
-        env=python_env(mlflow_server.url), cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, run, result = dense_launch
     assert "note: mlflow run put this run in MLflow's Default experiment; add --experiment-name mnist-dense" in result.stdout
-    assert re.search(r"View this run in the MLflow UI: \S+/#/experiments/0/runs/\w+\?workflowType=machine_learning", result.stdout)
+    assert run.info.experiment_id == "0"
 
 
 def test_run_is_finished_named_and_tagged(dense_run):
