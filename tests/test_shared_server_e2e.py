@@ -1,5 +1,5 @@
 """The README's team set-up: a real `mlflow server` whose backend store is PostgreSQL, with
-proxied artifacts (--artifacts-destination). A dense run, a small study and promote all work."""
+proxied artifacts (--artifacts-destination). A small study of dense runs, a CNN run and promote all work."""
 
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ def postgres_tracking_server(postgres, tmp_path_factory):
 def test_dense_study_and_promote_against_a_postgres_backed_server(postgres_tracking_server, tmp_path):
     url = postgres_tracking_server.url
     env = python_env(url, MLFLOW_EXPERIMENT_NAME="team")
-    dense = run_script([sys.executable, "entrypoints/dense.py", "--epochs", "1", "--max_train_examples", "500"], env)
-    assert dense.returncode == 0, dense.stderr[-3000:]
+    # The study's children are dense runs nested under a parent; the CNN is a top-level run.
     study = run_script(
         [sys.executable, "entrypoints/exercises.py", "--only", "baseline,1", "--epochs", "1", "--max_train_examples", "500"], env
     )
@@ -40,7 +39,7 @@ def test_dense_study_and_promote_against_a_postgres_backed_server(postgres_track
 
     client = MlflowClient(url)
     runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
-    assert len(runs) == 5 and {run.info.status for run in runs} == {"FINISHED"}  # dense, parent, 2 children, cnn
+    assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}  # parent, 2 children, cnn
     parent = [run for run in runs if run.data.tags.get("study_role") == "parent"][0]
     assert {item.path for item in client.list_artifacts(parent.info.run_id, "summary")} >= {"summary/exercises.json"}
     # Artifacts went through the server (proxied), into its --artifacts-destination folder.
