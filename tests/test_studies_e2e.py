@@ -196,7 +196,7 @@ def test_a_killed_sweep_resumes_and_never_counts_the_killed_run_as_finished(mlfl
     client = MlflowClient(mlflow_server.url)
     arguments = [
         sys.executable, "entrypoints/weight_decay.py", "--factors", "1e-4", "--replicates", "2", "--epochs", "2",
-        "--max_train_examples", "3000", "--sweep_id", "wd-kill",
+        "--max_train_examples", "1500", "--sweep_id", "wd-kill",
     ]
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
     process = subprocess.Popen(arguments, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
