@@ -193,7 +193,7 @@ def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finishe
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [
         sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", study_name,
-        "--epochs", "2", "--max_train_examples", "2000", "--register_as", "",
+        "--epochs", "2", "--max_train_examples", "1000", "--register_as", "",
     ]
     client = MlflowClient(tracking_uri)
     finished_ids, cut_trials, cut_run_ids = set(), [], []
@@ -261,7 +261,7 @@ def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_p
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [
         sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "random-pruned", "--n_trials", "7",
-        "--pruner", "median", "--epochs", "4", "--max_train_examples", "1000", "--register_as", "",
+        "--pruner", "median", "--epochs", "4", "--max_train_examples", "500", "--register_as", "",
     ]
     result = run_script(command, search_env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -272,8 +272,8 @@ def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_p
     runs = children(client, parent.info.run_id)
     pruned_trials = {trial.number for trial in study.trials if trial.state == optuna.trial.TrialState.PRUNED}
     tagged_pruned = {int(run.data.tags["optuna_trial_number"]) for run in runs if run.data.tags["optuna_trial_state"] == "PRUNED"}
-    # Pruning starts once 5 trials have finished; trials 5 and 6 (learning rates 1e-3 with 8
-    # units, and 1e-5) fall below the median at their third epoch.
+    # Pruning starts once 5 trials have finished; a later trial below the median at its third
+    # epoch is pruned (with this seed, some are: a learning rate of 1e-5 barely learns).
     assert pruned_trials and tagged_pruned == pruned_trials
     for run in runs:
         if int(run.data.tags["optuna_trial_number"]) in pruned_trials:
