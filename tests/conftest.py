@@ -32,7 +32,7 @@ SMALL_TRAIN_EXAMPLES = 2000
 # The longest files first. The suite runs on xdist workers that take one file at a time, in
 # collection order; a long file taken last keeps one worker busy while the others sit idle.
 # (Longest first is the classic rule for sharing jobs between machines.) Figures from
-# `--durations=0` on 2 cores; the order within each file is kept.
+# `--durations=0` with two workers on 2 cores; the order within each file is kept.
 LONGEST_FILES_FIRST = (
     "test_environments_e2e.py",  # builds uv environments (slow)
     "test_reliability_e2e.py",  # about 220 s
