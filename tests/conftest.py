@@ -35,9 +35,11 @@ SMALL_TRAIN_EXAMPLES = 2000
 # `--durations=0` with two workers on 2 cores; the order within each file is kept.
 LONGEST_FILES_FIRST = (
     "test_environments_e2e.py",  # builds uv environments (slow)
-    "test_reliability_e2e.py",  # about 220 s
-    "test_search_e2e.py",  # about 195 s
+    "test_reliability_e2e.py",  # about 150 s
+    "test_search_e2e.py",  # about 135 s
     "test_studies_e2e.py",  # about 80 s
+    "test_security_e2e.py",  # about 70 s
+    "test_search_workers_e2e.py",  # about 60 s
     "test_shared_server_e2e.py",  # about 45 s
     "test_cnn_e2e.py",  # about 40 s
     "test_data.py",  # about 37 s

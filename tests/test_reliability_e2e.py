@@ -1,10 +1,9 @@
 """Reliability against real servers and real signals: SIGTERM, SIGKILL, a dying `mlflow run`
-launcher, reconciliation, an authenticated tracking server, a password-protected PostgreSQL,
-and workers or scripts that start at the same moment."""
+launcher, reconciliation, and workers or scripts that start at the same moment. (Credentials
+and secrets: test_security_e2e.py.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_DIR, run_script
-from harness.servers import PostgresServer, python_env, tracking_server
+from harness.servers import python_env
 
 pytestmark = pytest.mark.e2e
 
@@ -30,8 +29,6 @@ WEIGHT_DECAY = str(PROJECT_DIR / "entrypoints" / "weight_decay.py")
 # Long enough to be caught mid-training: the test stops it after the first epoch.
 LONG_DENSE = [DENSE, "--epochs", "200", "--max_train_examples", "2000"]
 TWO_POINT_GRID = "parameters:\n  units: [16, 32]\n"
-ADMIN_PASSWORD = "tracking-S3cret-e2e"
-PG_PASSWORD = "pg-S3cret-e2e"
 
 
 def wait_for(condition, what: str, timeout_s: float = 300, process: subprocess.Popen | None = None):
@@ -182,153 +179,6 @@ def test_sigterm_to_a_study_kills_the_parent_and_the_current_child_and_keeps_the
     assert runs[running[0].info.run_id].info.status == "KILLED"
     assert runs[running[0].info.run_id].data.tags["killed_reason"] == "terminated by SIGTERM"
     assert runs[finished[0].info.run_id].info.status == "FINISHED"
-
-
-@pytest.fixture(scope="module")
-def auth_server(tmp_path_factory):
-    """MLflow's basic-auth server: every request must log in as admin."""
-    with tracking_server(tmp_path_factory.mktemp("auth_server"), admin_password=ADMIN_PASSWORD) as server:
-        yield server
-
-
-def with_credentials(url: str, user: str, password: str) -> str:
-    return url.replace("http://", f"http://{user}:{password}@")
-
-
-@pytest.mark.parametrize("credentials", ["wrong", "missing"])
-def test_wrong_or_missing_credentials_are_one_line_before_any_data(auth_server, credentials, tmp_path):
-    env = python_env(auth_server.url, MLFLOW_EXPERIMENT_NAME="e2e-auth")
-    if credentials == "wrong":
-        env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="not-the-password")
-    result = run_script([sys.executable, DENSE, "--epochs", "1", "--max_train_examples", "500"], env, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: the MLflow tracking server at {auth_server.url} refused the credentials (HTTP 401): set "
-        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server"
-    )
-    assert "Traceback" not in result.stderr and "MLflow run" not in result.stdout and "Preparing" not in result.stdout
-
-    # promote says the same, never "no registered model".
-    promote = run_script([sys.executable, PROMOTE, "--model_name", "mnist-cnn"], env, cwd=tmp_path)
-    assert promote.returncode == 2 and "refused the credentials (HTTP 401)" in promote.stderr
-    assert "no registered model" not in promote.stderr
-
-    # A search with wrong credentials writes nothing to its study storage.
-    storage = tmp_path / "optuna.db"
-    search = run_script(
-        [sys.executable, SEARCH, "--space", "grid", "--storage", f"sqlite:///{storage}", "--epochs", "1"], env, cwd=tmp_path
-    )
-    assert search.returncode == 2 and "refused the credentials (HTTP 401)" in search.stderr
-    assert not storage.exists()
-
-
-def test_a_search_recovers_a_study_left_without_parent_at_once(auth_server, tmp_path):
-    """A study whose creator stopped before recording its parent run gets one from the next worker."""
-    space = tmp_path / "space.yaml"
-    space.write_text("parameters:\n  units: [16]\n")
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
-    env = python_env(
-        auth_server.url, MLFLOW_EXPERIMENT_NAME="e2e-orphan", MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD
-    )
-    started = time.monotonic()
-    result = run_script(
-        [sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "orphan", "--epochs", "1",
-         "--max_train_examples", "500", "--register_as", ""],
-        env, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Study orphan has no parent run recorded" in result.stdout
-    study = optuna.load_study(study_name="orphan", storage=storage)
-    parent = MlflowClient(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD)).get_run(study.user_attrs["mlflow_parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 1
-    # The recovery did not wait for the old 60 s.
-    assert time.monotonic() - started < 120
-
-
-def _everything_recorded(client: MlflowClient, experiment: str, download_to: Path) -> tuple[list[str], str]:
-    """Every param, tag and metric key of the experiment's runs, and the text of all their artifacts."""
-    import mlflow
-
-    texts: list[str] = []
-    for run in experiment_runs(client, experiment):
-        texts.append(json.dumps({"params": run.data.params, "tags": run.data.tags, "name": run.info.run_name}))
-        target = download_to / run.info.run_id
-        target.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(target), tracking_uri=client.tracking_uri)
-        for path in target.rglob("*"):
-            if path.is_file():
-                texts.append(path.read_bytes().decode("utf-8", errors="replace"))
-    return texts, "\n".join(texts)
-
-
-def test_no_password_is_recorded_or_printed(auth_server, tmp_path):
-    """A search on a PostgreSQL that requires a password, tracked on a basic-auth server.
-
-    Worker 1 is a careless `mlflow run` with the database password inside -P storage and the
-    tracking password inside MLFLOW_TRACKING_URI; worker 2 passes them as documented
-    (PGPASSWORD, MLFLOW_TRACKING_USERNAME/PASSWORD). Neither secret may appear in anything
-    the project writes or prints: only the parameter MLflow itself logged from -P holds it.
-    """
-    experiment = "e2e-secrets"
-    space = tmp_path / "space.yaml"
-    space.write_text(TWO_POINT_GRID)
-    with PostgresServer(password=PG_PASSWORD) as postgres:
-        careless_storage = postgres.url.replace("search@", f"search:{PG_PASSWORD}@")
-        careless_env = python_env(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD))
-        careless = run_script(
-            [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "search", "--env-manager", "local",
-             "--experiment-name", experiment, "-P", f"space={space}", "-P", f"storage={careless_storage}",
-             "-P", "study_name=secrets", "-P", "epochs=1", "-P", "max_train_examples=500", "-P", "register_as=secrets-model"],
-            careless_env, cwd=tmp_path,
-        )
-        assert careless.returncode == 0, careless.stdout[-3000:] + careless.stderr[-3000:]
-        assert "warning: mlflow run recorded a password given in -P storage" in careless.stdout
-
-        careful_env = python_env(
-            auth_server.url, MLFLOW_EXPERIMENT_NAME=experiment, MLFLOW_TRACKING_USERNAME="admin",
-            MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD, **postgres.client_env(),
-        )
-        # Another way of logging in to the same server is not another server.
-        careful = run_script(
-            [sys.executable, SEARCH, "--space", str(space), "--storage", postgres.url, "--study_name", "secrets",
-             "--epochs", "1", "--max_train_examples", "500", "--register_as", "secrets-model"],
-            careful_env, cwd=tmp_path,
-        )
-        assert careful.returncode == 0, careful.stdout[-3000:] + careful.stderr[-3000:]
-        assert "Joined search secrets" in careful.stdout
-
-        study = optuna.load_study(study_name="secrets", storage=postgres.url.replace("search@", f"search:{PG_PASSWORD}@"))
-        parent_id = study.user_attrs["mlflow_parent_run_id"]
-        study_text = json.dumps(
-            [study.user_attrs]
-            + [[trial.user_attrs, trial.system_attrs, trial.params] for trial in study.trials],
-            default=str,
-        )
-
-    client = MlflowClient(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD))
-    runs = experiment_runs(client, experiment)
-    launcher = [run for run in runs if run.data.params.get("storage") == careless_storage]
-    assert len(launcher) == 1, "MLflow itself records the -P value on the launcher's run"
-    assert parent_id != launcher[0].info.run_id, "the shared parent must not be the run that holds the password"
-    assert launcher[0].data.tags["resumed_study_run_id"] == parent_id
-    assert client.get_run(parent_id).data.params["storage"] == postgres.url.replace("search@", "search:***@")
-
-    texts, _ = _everything_recorded(client, experiment, tmp_path / "artifacts")
-    without_mlflows_own = [text.replace(json.dumps(careless_storage)[1:-1], "<mlflow's own -P record>") for text in texts]
-    for secret in (PG_PASSWORD, ADMIN_PASSWORD):
-        assert not [text[:300] for text in without_mlflows_own if secret in text]
-        assert secret not in study_text
-        for output in (careless.stdout, careless.stderr, careful.stdout, careful.stderr):
-            # MLflow's launcher prints the command it runs (-P values and all) and, at its end, its
-            # own run's URL built from MLFLOW_TRACKING_URI: those lines are MLflow's, not the project's.
-            launcher_id = launcher[0].info.run_id
-            ours = [
-                line for line in output.splitlines()
-                if "INFO mlflow.projects" not in line and not (line.startswith(("🏃 View run", "🧪 View experiment")) and (launcher_id in line or "/runs/" not in line))
-            ]
-            assert not [line for line in ours if secret in line]
-    assert len(runs) >= 4  # launcher, parent, two trials
 
 
 def test_scripts_started_together_on_a_fresh_sqlite_store_both_finish(tmp_path):
