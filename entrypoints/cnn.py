@@ -12,7 +12,7 @@ from pathlib import Path
 # Started as `python entrypoints/cnn.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import TRAINING_HELP, exit_process, parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import TRAINING_HELP, check_tracking_first, exit_process, parse_config, run_main  # noqa: E402
 from mnist_mlflow.config import CnnRunConfig  # noqa: E402
 
 HELP = {
@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     # Empty pooling means a max-pool after every convolution, whatever their number.
     defaults = {**CnnRunConfig().as_params(), "pooling": ""}
     config = parse_config(CnnRunConfig, __doc__.splitlines()[0], HELP, argv, defaults)
+    check_tracking_first()
 
     from mnist_mlflow.experiments import run_cnn
 

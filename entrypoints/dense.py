@@ -12,7 +12,7 @@ from pathlib import Path
 # Started as `python entrypoints/dense.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import TRAINING_HELP, exit_process, parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import TRAINING_HELP, check_tracking_first, exit_process, parse_config, run_main  # noqa: E402
 from mnist_mlflow.config import DenseRunConfig  # noqa: E402
 
 HELP = {
@@ -27,6 +27,7 @@ HELP = {
 
 def main(argv=None) -> None:
     config = parse_config(DenseRunConfig, __doc__.splitlines()[0], HELP, argv)
+    check_tracking_first()
 
     from mnist_mlflow.experiments import run_dense
 

@@ -14,7 +14,7 @@ from pathlib import Path
 # Started as `python entrypoints/search.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import exit_process, parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import check_tracking_first, exit_process, parse_config, run_main  # noqa: E402
 from mnist_mlflow.studies.search_spaces import DEFAULT_SEARCH_STORAGE, SearchConfig  # noqa: E402
 
 HELP = {
@@ -33,6 +33,7 @@ HELP = {
 
 def main(argv=None) -> None:
     config = parse_config(SearchConfig, __doc__.splitlines()[0], HELP, argv)
+    check_tracking_first()
 
     from mnist_mlflow.studies.search import run_search
 

@@ -229,14 +229,30 @@ def test_bad_parameter_under_mlflow_run_ends_the_run_failed(mlflow_server):
     assert [run.info.status for run in runs] == ["FAILED"]
 
 
-def test_unreachable_tracking_server_fails_fast_naming_the_uri():
+# Runs an entry point as `python <script>` would, then says whether TensorFlow was imported. (An
+# entry point that imported TensorFlow ends with os._exit, and then prints nothing here.)
+RUN_AND_REPORT_IMPORTS = """
+import runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("entry_point", ["dense", "cnn", "exercises", "weight_decay", "search"])
+def test_unreachable_tracking_server_is_one_line_before_tensorflow_is_imported(entry_point, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
+    script = str(PROJECT_DIR / "entrypoints" / f"{entry_point}.py")
     start = time.monotonic()
-    result = run_script(
-        [sys.executable, "entrypoints/dense.py", "--epochs", "1"], env=python_env(uri), timeout=120
-    )
+    result = run_script([sys.executable, "-c", RUN_AND_REPORT_IMPORTS, script, "--epochs", "1"], env=python_env(uri), timeout=120, cwd=tmp_path)
     elapsed = time.monotonic() - start
-    assert result.returncode == 2
-    assert uri in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) cannot be reached (ConnectionError); "
+        "start it or point the variable at a running server"
+    ]
+    assert "tensorflow imported: False" in result.stdout
     assert elapsed < 30
