@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,10 @@ def tracking_uri(mlflow_server, monkeypatch):
     mlflow.set_tracking_uri(mlflow_server.url)
     yield mlflow_server.url
     mlflow.set_tracking_uri(None)
+    if "mlflow.tensorflow" in sys.modules:
+        # A run trained in this process turned on autolog, which patches Keras's fit for the whole
+        # process: a later test's fit would otherwise start an MLflow run in ./mlflow.db.
+        mlflow.tensorflow.autolog(disable=True)
 
 
 @pytest.fixture(scope="session")

@@ -219,16 +219,18 @@ def test_workers_opening_a_fresh_postgres_database_together_all_get_in(postgres,
     assert optuna.get_all_study_names(storage=url) == []
 
 
-def test_a_diverging_child_fails_and_the_study_goes_on(mlflow_server):
+# The two tests below run their study in this process, as the entry point would: what they
+# check is how a study treats a diverging child, not the process around it (each process costs
+# about 5 s of CPU in imports; the signal and exit-status tests above cover the process).
+def test_a_diverging_child_fails_and_the_study_goes_on(tracking_uri, monkeypatch, capsys):
+    from mnist_mlflow.studies.weight_decay import WeightDecayConfig, run_weight_decay
+
     experiment = "e2e-diverging-child"
-    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
-    result = run_script(
-        [sys.executable, WEIGHT_DECAY, "--factors", "1e30,1e-4", "--replicates", "1", "--epochs", "1", "--max_train_examples", "500"],
-        env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "FAILED: the training loss became" in result.stdout and "1 failed (factor=1e+30/replicate=0)" in result.stdout
-    runs = experiment_runs(MlflowClient(mlflow_server.url), experiment)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+    run_weight_decay(WeightDecayConfig(factors=(1e30, 1e-4), replicates=1, epochs=1, max_train_examples=500))
+    output = capsys.readouterr().out
+    assert "FAILED: the training loss became" in output and "1 failed (factor=1e+30/replicate=0)" in output
+    runs = experiment_runs(MlflowClient(tracking_uri), experiment)
     by_key = {run.data.tags.get("study_child_key"): run for run in runs if run.data.tags.get("study_role") == "child"}
     diverged = by_key["factor=1e+30/replicate=0"]
     assert diverged.info.status == "FAILED" and "training diverged" in diverged.data.tags["failed_reason"]
@@ -237,24 +239,23 @@ def test_a_diverging_child_fails_and_the_study_goes_on(mlflow_server):
     assert parent.info.status == "FINISHED" and parent.data.tags["failed_children"] == "factor=1e+30/replicate=0"
 
 
-def test_a_diverging_trial_is_failed_and_never_retried(mlflow_server, tmp_path):
+def test_a_diverging_trial_is_failed_and_never_retried(tracking_uri, tmp_path, monkeypatch, capsys):
+    from mnist_mlflow.studies.search import run_search
+    from mnist_mlflow.studies.search_spaces import SearchConfig
+
     space = tmp_path / "space.yaml"
     space.write_text("parameters:\n  units: [16]\n  learning_rate: [0.001, 1.0e+300]\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = [
-        sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "diverging", "--epochs", "1",
-        "--max_train_examples", "500", "--register_as", "",
-    ]
-    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="e2e-diverging-trial")
-    first = run_script(command, env, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "Traceback" not in first.stderr
-    again = run_script(command, env, cwd=tmp_path)
-    assert again.returncode == 0 and "0 trials trained by this worker" in again.stdout, again.stdout[-3000:]
+    config = SearchConfig(space=str(space), storage=storage, study_name="diverging", epochs=1, max_train_examples=500, register_as="")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "e2e-diverging-trial")
+    first = run_search(config)
+    assert first.trained == 1  # the diverged trial is not counted as trained
+    again = run_search(config)
+    assert again.trained == 0 and "0 trials trained by this worker" in capsys.readouterr().out
     trials = optuna.load_study(study_name="diverging", storage=storage).trials
     assert [(trial.params["learning_rate"], trial.state.name) for trial in trials] == [(1e300, "FAIL"), (0.001, "COMPLETE")]
     assert "training diverged" in trials[0].user_attrs["diverged"]
-    client = MlflowClient(mlflow_server.url)
+    client = MlflowClient(tracking_uri)
     parent = client.get_run(optuna.load_study(study_name="diverging", storage=storage).user_attrs["mlflow_parent_run_id"])
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_complete"] == 1
 
@@ -315,20 +316,30 @@ def test_search_workers_started_together_share_one_study_and_parent_which_outliv
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
-RESOLVE_EXPERIMENT_AT = """
-import sys, time
+RESOLVE_EXPERIMENTS_AT = """
+import os, sys, time
 from mnist_mlflow import tracking
-time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
-print(tracking.current_experiment_id())
+prefix, times = sys.argv[1], sys.argv[2:]
+for round_number, at in enumerate(times):
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = f"{prefix}-{round_number}"
+    time.sleep(max(0.0, float(at) - time.time()))
+    print(tracking.current_experiment_id(), flush=True)
 """
 
 
 def test_entry_points_started_together_in_a_new_experiment_all_get_it(mlflow_server):
-    """Each resolves MLFLOW_EXPERIMENT_NAME, and all but one find that another just created it."""
-    for round_number in range(3):
-        env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=f"e2e-new-experiment-{round_number}")
-        at = time.time() + 5
-        processes = [start([sys.executable, "-c", RESOLVE_EXPERIMENT_AT, str(at)], env) for _ in range(4)]
-        outputs = [process.communicate(timeout=60) for process in processes]
-        assert [process.returncode for process in processes] == [0] * 4, [stderr[-1000:] for _, stderr in outputs]
-        assert len({stdout.strip() for stdout, _ in outputs}) == 1
+    """Each resolves MLFLOW_EXPERIMENT_NAME, and all but one find that another just created it.
+    Four processes meet three times, each time at a new experiment."""
+    first_meeting = time.time() + 5  # all four have imported MLflow by then
+    times = [str(first_meeting + 2 * round_number) for round_number in range(3)]
+    processes = [
+        start([sys.executable, "-c", RESOLVE_EXPERIMENTS_AT, "e2e-new-experiment", *times], python_env(mlflow_server.url))
+        for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=60) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 4, [stderr[-1000:] for _, stderr in outputs]
+    rounds = list(zip(*(stdout.split() for stdout, _ in outputs)))
+    assert len(rounds) == 3
+    # One experiment per round, the same for all four processes, and a new one each round.
+    assert [len(set(ids)) for ids in rounds] == [1, 1, 1]
+    assert len({ids[0] for ids in rounds}) == 3

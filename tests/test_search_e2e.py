@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_DIR, run_script
 from harness.servers import free_port, python_env
+from mnist_mlflow.studies.search_spaces import SearchConfig
 from mnist_mlflow.studies.study_storage import open_storage
 
 pytestmark = pytest.mark.e2e
@@ -57,6 +58,15 @@ def running_runs(client: MlflowClient, parent_run_id: str) -> list[str]:
 def search_env(tracking_uri, request):
     """A worker's environment, with an MLflow experiment named after the test."""
     return python_env(tracking_uri, MLFLOW_EXPERIMENT_NAME=f"search-{request.node.name}")
+
+
+@pytest.fixture()
+def in_process_experiment(request, monkeypatch):
+    """For a search run in this process, as its entry point would run it: an MLflow experiment
+    named after the test. These tests are about what the search records, not about its process
+    (each process costs about 5 s of CPU in imports); the cut-off and bad-input tests start real
+    workers."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"search-{request.node.name}")
 
 
 def _stop_at_running_child(
@@ -190,18 +200,18 @@ def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finishe
     assert client.get_run(parent_run_id).info.status == "FINISHED"
 
 
-def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_path, tracking_uri, search_env):
+def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_path, tracking_uri, in_process_experiment):
     space = space_file(
         tmp_path,
         "sampler: random\nparameters:\n  units: [8, 32, 128]\n  learning_rate: [0.00001, 0.001, 0.01]\n  dropout: [0.0, 0.3]\n",
     )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = [
-        sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "random-pruned", "--n_trials", "7",
-        "--pruner", "median", "--epochs", "4", "--max_train_examples", "500", "--register_as", "",
-    ]
-    result = run_script(command, search_env, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from mnist_mlflow.studies.search import run_search
+
+    run_search(SearchConfig(
+        space=space, storage=storage, study_name="random-pruned", n_trials=7, pruner="median", epochs=4,
+        max_train_examples=500, register_as="",
+    ))
     study = load_study(storage, "random-pruned")
     assert len(study.trials) == 7
     client = MlflowClient(tracking_uri)
@@ -259,16 +269,13 @@ def test_unreachable_tracking_server_is_reported_before_any_training(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_random_trial_that_repeats_a_finished_one_reuses_its_result(tmp_path, tracking_uri, search_env):
+def test_random_trial_that_repeats_a_finished_one_reuses_its_result(tmp_path, tracking_uri, in_process_experiment):
     """Two combinations and five draws: repeats take the earlier trial's result instead of training again."""
     space = space_file(tmp_path, "sampler: random\nparameters:\n  units: [16, 32]\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = [
-        sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", "repeats", "--n_trials", "5",
-        "--epochs", "1", "--max_train_examples", "500", "--register_as", "",
-    ]
-    result = run_script(command, search_env, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from mnist_mlflow.studies.search import run_search
+
+    run_search(SearchConfig(space=space, storage=storage, study_name="repeats", n_trials=5, epochs=1, max_train_examples=500, register_as=""))
     study = load_study(storage, "repeats")
     trials = study.trials
     assert len(trials) == 5 and all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
