@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_mlflow.cli import check_tracking_first, exit_process, parse_config, run_main  # noqa: E402
 from mnist_mlflow.studies.search_spaces import DEFAULT_SEARCH_STORAGE, SearchConfig  # noqa: E402
+from mnist_mlflow.studies.study_storage import open_storage  # noqa: E402
 
 HELP = {
     "space": "grid or random (EXPERIMENTS.md section 4), or the path of a YAML space file",
@@ -34,6 +35,9 @@ HELP = {
 def main(argv=None) -> None:
     config = parse_config(SearchConfig, __doc__.splitlines()[0], HELP, argv)
     check_tracking_first()
+    # A storage that cannot be opened is one line before TensorFlow is imported, too. The search
+    # opens it again when it starts (a few milliseconds once its tables exist).
+    open_storage(config.resolved_storage())
 
     from mnist_mlflow.studies.search import run_search
 

@@ -92,6 +92,19 @@ def run_script(args: list[str], env: dict[str, str], timeout: float = 600, cwd: 
     )
 
 
+# Runs an entry point as `python <script>` would, then says whether TensorFlow was imported. (An
+# entry point that imported TensorFlow ends with os._exit, and then prints nothing here.)
+RUN_AND_REPORT_IMPORTS = """
+import runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A real PostgreSQL server on a free loopback port, in a temporary folder, for the session."""

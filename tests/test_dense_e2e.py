@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
+from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from harness.servers import free_port, python_env
 
 pytestmark = pytest.mark.e2e
@@ -227,19 +227,6 @@ def test_bad_parameter_under_mlflow_run_ends_the_run_failed(mlflow_server):
     client = MlflowClient(mlflow_server.url)
     runs = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
-
-
-# Runs an entry point as `python <script>` would, then says whether TensorFlow was imported. (An
-# entry point that imported TensorFlow ends with os._exit, and then prints nothing here.)
-RUN_AND_REPORT_IMPORTS = """
-import runpy, sys
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(script, run_name="__main__")
-finally:
-    print("tensorflow imported:", "tensorflow" in sys.modules)
-"""
 
 
 @pytest.mark.parametrize("entry_point", ["dense", "cnn", "exercises", "weight_decay", "search"])

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
+from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from harness.servers import free_port, python_env
 from mnist_mlflow.studies.search_spaces import SearchConfig
 from mnist_mlflow.studies.study_storage import open_storage
@@ -249,12 +249,14 @@ def test_bad_input_fails_fast_and_creates_no_run(tmp_path, tracking_uri, args, e
     client = MlflowClient(tracking_uri)
     before = len(client.search_runs([experiment.experiment_id for experiment in client.search_experiments()]))
     start = time.monotonic()
-    result = run_script([sys.executable, SEARCH, *args, "--epochs", "1"], python_env(tracking_uri), timeout=120, cwd=tmp_path)
+    command = [sys.executable, "-c", RUN_AND_REPORT_IMPORTS, SEARCH, *args, "--epochs", "1"]
+    result = run_script(command, python_env(tracking_uri), timeout=120, cwd=tmp_path)
     elapsed = time.monotonic() - start
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    assert "tensorflow imported: False" in result.stdout
     assert elapsed < 60
     after = len(client.search_runs([experiment.experiment_id for experiment in client.search_experiments()]))
     assert after == before

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
+from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from harness.servers import PostgresServer, python_env, tracking_server
 from test_reliability_e2e import DENSE, PROMOTE, SEARCH, TWO_POINT_GRID, experiment_runs
 
@@ -39,13 +39,14 @@ def test_wrong_or_missing_credentials_are_one_line_before_any_data(auth_server, 
     env = python_env(auth_server.url, MLFLOW_EXPERIMENT_NAME="e2e-auth")
     if credentials == "wrong":
         env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="not-the-password")
-    result = run_script([sys.executable, DENSE, "--epochs", "1", "--max_train_examples", "500"], env, cwd=tmp_path)
+    result = run_script([sys.executable, "-c", RUN_AND_REPORT_IMPORTS, DENSE, "--epochs", "1", "--max_train_examples", "500"], env, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: the MLflow tracking server at {auth_server.url} refused the credentials (HTTP 401): set "
         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server"
     )
     assert "Traceback" not in result.stderr and "MLflow run" not in result.stdout and "Preparing" not in result.stdout
+    assert "tensorflow imported: False" in result.stdout
 
     # promote says the same, never "no registered model".
     promote = run_script([sys.executable, PROMOTE, "--model_name", "mnist-cnn"], env, cwd=tmp_path)
@@ -55,9 +56,11 @@ def test_wrong_or_missing_credentials_are_one_line_before_any_data(auth_server, 
     # A search with wrong credentials writes nothing to its study storage.
     storage = tmp_path / "optuna.db"
     search = run_script(
-        [sys.executable, SEARCH, "--space", "grid", "--storage", f"sqlite:///{storage}", "--epochs", "1"], env, cwd=tmp_path
+        [sys.executable, "-c", RUN_AND_REPORT_IMPORTS, SEARCH, "--space", "grid", "--storage", f"sqlite:///{storage}", "--epochs", "1"],
+        env, cwd=tmp_path,
     )
     assert search.returncode == 2 and "refused the credentials (HTTP 401)" in search.stderr
+    assert "tensorflow imported: False" in search.stdout
     assert not storage.exists()
 
 
