@@ -250,6 +250,7 @@ def test_a_diverging_trial_is_failed_and_never_retried(tracking_uri, tmp_path, m
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "e2e-diverging-trial")
     first = run_search(config)
     assert first.trained == 1  # the diverged trial is not counted as trained
+    assert "Traceback" not in capsys.readouterr().err
     again = run_search(config)
     assert again.trained == 0 and "0 trials trained by this worker" in capsys.readouterr().out
     trials = optuna.load_study(study_name="diverging", storage=storage).trials
