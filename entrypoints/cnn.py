@@ -12,7 +12,14 @@ from pathlib import Path
 # Started as `python entrypoints/cnn.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import TRAINING_HELP, check_tracking_first, exit_process, parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import (  # noqa: E402
+    TRAINING_HELP,
+    check_tracking_first,
+    exit_process,
+    import_training_libraries,
+    parse_config,
+    run_main,
+)
 from mnist_mlflow.config import CnnRunConfig  # noqa: E402
 
 HELP = {
@@ -32,6 +39,7 @@ def main(argv=None) -> None:
     defaults = {**CnnRunConfig().as_params(), "pooling": ""}
     config = parse_config(CnnRunConfig, __doc__.splitlines()[0], HELP, argv, defaults)
     check_tracking_first()
+    import_training_libraries()
 
     from mnist_mlflow.experiments import run_cnn
 

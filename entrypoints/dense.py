@@ -12,7 +12,14 @@ from pathlib import Path
 # Started as `python entrypoints/dense.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import TRAINING_HELP, check_tracking_first, exit_process, parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import (  # noqa: E402
+    TRAINING_HELP,
+    check_tracking_first,
+    exit_process,
+    import_training_libraries,
+    parse_config,
+    run_main,
+)
 from mnist_mlflow.config import DenseRunConfig  # noqa: E402
 
 HELP = {
@@ -28,6 +35,7 @@ HELP = {
 def main(argv=None) -> None:
     config = parse_config(DenseRunConfig, __doc__.splitlines()[0], HELP, argv)
     check_tracking_first()
+    import_training_libraries()
 
     from mnist_mlflow.experiments import run_dense
 

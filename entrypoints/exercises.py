@@ -12,7 +12,13 @@ from pathlib import Path
 # Started as `python entrypoints/exercises.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import check_tracking_first, exit_process, parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import (  # noqa: E402
+    check_tracking_first,
+    exit_process,
+    import_training_libraries,
+    parse_config,
+    run_main,
+)
 from mnist_mlflow.studies.exercises import ExercisesConfig, exercise_ids  # noqa: E402
 
 HELP = {
@@ -31,6 +37,7 @@ HELP = {
 def main(argv=None) -> None:
     config = parse_config(ExercisesConfig, __doc__.splitlines()[0], HELP, argv)
     check_tracking_first()
+    import_training_libraries()
 
     from mnist_mlflow.studies.exercises import run_exercises
 

@@ -14,7 +14,13 @@ from pathlib import Path
 # Started as `python entrypoints/search.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import check_tracking_first, exit_process, parse_config, run_main  # noqa: E402
+from mnist_mlflow.cli import (  # noqa: E402
+    check_tracking_first,
+    exit_process,
+    import_training_libraries,
+    parse_config,
+    run_main,
+)
 from mnist_mlflow.studies.search_spaces import DEFAULT_SEARCH_STORAGE, SearchConfig  # noqa: E402
 from mnist_mlflow.studies.study_storage import open_storage  # noqa: E402
 
@@ -38,6 +44,7 @@ def main(argv=None) -> None:
     # A storage that cannot be opened is one line before TensorFlow is imported, too. The search
     # opens it again when it starts (a few milliseconds once its tables exist).
     open_storage(config.resolved_storage())
+    import_training_libraries()
 
     from mnist_mlflow.studies.search import run_search
 

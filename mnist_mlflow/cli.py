@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from typing import Callable, Sequence
@@ -57,6 +58,23 @@ def check_tracking_first() -> None:
     from mnist_mlflow.tracking import check_tracking_server
 
     check_tracking_server()
+
+
+def import_training_libraries() -> None:
+    """Imports the training code (TensorFlow, Keras, scikit-learn, matplotlib, MLflow), then moves
+    what the imports left out of the garbage collector's sight.
+
+    Those are about 600,000 objects that live as long as the process, and every full collection
+    walks them all: about 0.35 s each time Keras's ``clear_session`` collects before a model,
+    and again whenever the collector decides to. Frozen, they are skipped (a 7-trial search took
+    8% less CPU). Objects are still freed by reference counting; only a reference cycle among
+    the frozen ones would outlive its use. Only the entry points do this, once: in a notebook,
+    the user's own objects would be frozen too.
+    """
+    import mnist_mlflow.experiments  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,6 @@ failure before training therefore creates no run when the script is started dire
 
 from __future__ import annotations
 
-import gc
 import platform
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -16,20 +15,6 @@ from mnist_mlflow import data, evaluation, models, plots, tracking, training
 from mnist_mlflow.config import CnnRunConfig, DataConfig, DenseRunConfig, TrainingConfig
 
 NUM_EXAMPLE_IMAGES = 5
-
-
-def _freeze_long_lived_objects() -> None:
-    """Moves what is alive now out of the garbage collector's sight, once per process.
-
-    By the first model, TensorFlow, Keras, MLflow and the data have left about 600,000 objects
-    that live as long as the process. Every full collection walks them all: about 0.35 s each
-    time Keras's ``clear_session`` collects, and again whenever the collector decides to. Frozen,
-    they are skipped, and a collection covers only what the runs create. Objects are still freed
-    by reference counting; only a reference cycle among the frozen ones would outlive its use.
-    """
-    if not gc.get_freeze_count():
-        gc.collect()
-        gc.freeze()
 
 
 @dataclass
@@ -169,7 +154,6 @@ def run_classifier(
 
     import keras
 
-    _freeze_long_lived_objects()
     # A study trains many models in one process; drop the graphs of the previous ones.
     keras.backend.clear_session()
     # Seeds Python, NumPy and TensorFlow. On CPU this makes runs repeatable without

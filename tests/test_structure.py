@@ -119,3 +119,23 @@ def test_the_confusion_matrix_is_scikit_learn_s_display_with_every_count():
     assert "accuracy 87.50%" in axes.get_title()
     assert ConfusionMatrixDisplay.__name__ in plots.confusion_matrix_figure.__code__.co_names
     plots.close(figure)
+
+
+def test_entry_points_freeze_what_the_training_libraries_leave():
+    """``import_training_libraries`` loads the training code and moves the objects its imports
+    left (hundreds of thousands) out of the garbage collector's sight; importing the package's
+    command-line plumbing alone does neither."""
+    code = (
+        "import gc, sys\n"
+        "from mnist_mlflow import cli\n"
+        "print('before', 'tensorflow' in sys.modules, gc.get_freeze_count())\n"
+        "cli.import_training_libraries()\n"
+        "print('after', 'tensorflow' in sys.modules, 'sklearn' in sys.modules, gc.get_freeze_count())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = result.stdout.splitlines()
+    assert before == "before False 0"
+    label, tensorflow, sklearn, frozen = after.split()
+    assert (label, tensorflow, sklearn) == ("after", "True", "True")
+    assert int(frozen) > 100_000
