@@ -14,6 +14,7 @@ pixel intensities.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -123,6 +124,10 @@ def load_arrays(
     Returns ``({"train": (images, labels), "test": (images, labels)}, version, prepared_dir)``.
     Results are kept for the life of the process; the arrays must not be modified. The first
     decoding on a machine also writes the array cache (see ``ARRAY_CACHE_FOLDER``).
+
+    Processes that start together (search workers on a new node, containers sharing a data
+    volume) take turns: preparing and caching happen under a lock file in the tfds data
+    directory, and a process that waited finds the work done when it gets the lock.
     """
     key = (dataset, tfds_data_dir, os.environ.get("TFDS_DATA_DIR"))
     if key not in _LOADED:
@@ -130,8 +135,12 @@ def load_arrays(
             raise DataUnavailableError(f"dataset={dataset!r} is not one of: {', '.join(CLASS_NAMES)}")
         cached = _read_array_cache(dataset, tfds_data_dir)
         if cached is None:
-            cached = _load_arrays(dataset, tfds_data_dir)
-            _write_array_cache(*cached)
+            with _preparation_lock(dataset, tfds_data_dir):
+                # Another process may have prepared and cached the data set while this one waited.
+                cached = _read_array_cache(dataset, tfds_data_dir, report_damage=False)
+                if cached is None:
+                    cached = _load_arrays(dataset, tfds_data_dir)
+                    _write_array_cache(*cached)
         _LOADED[key] = cached
     return _LOADED[key]
 
@@ -139,6 +148,41 @@ def load_arrays(
 def tfds_data_dir_of(tfds_data_dir: str | None) -> Path:
     """The folder tfds prepares data sets in: the one given, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
     return Path(tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets").expanduser()
+
+
+def preparation_lock_path(dataset: str, tfds_data_dir: str | None) -> Path:
+    """The lock file that processes preparing ``dataset`` in one tfds data directory share."""
+    return tfds_data_dir_of(tfds_data_dir) / f".{dataset}.mnist_mlflow.lock"
+
+
+@contextlib.contextmanager
+def _preparation_lock(dataset: str, tfds_data_dir: str | None):
+    """Holds the data set's lock file while preparing and caching it.
+
+    tfds's ``download_and_prepare`` renames its finished folder into place without a lock, so two
+    processes preparing at once make the second fail. The lock is an ``flock`` (the ``filelock``
+    package), which the kernel releases when its holder dies, and which NFS passes on to
+    processes of other machines. A folder where the lock file cannot be made (read-only, as a
+    shared volume mounted so) can hold no preparation either, so nothing is locked there.
+    """
+    from filelock import FileLock, Timeout
+
+    path = preparation_lock_path(dataset, tfds_data_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"Waiting for another process preparing {dataset} in {path.parent} (lock {path.name})...", flush=True)
+            lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _version_key(folder: Path) -> tuple[int, ...]:
@@ -156,7 +200,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_array_cache(dataset: str, tfds_data_dir: str | None):
+def _read_array_cache(dataset: str, tfds_data_dir: str | None, report_damage: bool = True):
     """The cached arrays of the newest prepared version, or None when absent or not intact."""
     manifests = sorted(
         tfds_data_dir_of(tfds_data_dir).glob(f"{dataset}/*/{ARRAY_CACHE_FOLDER}/{ARRAY_CACHE_MANIFEST}"),
@@ -164,42 +208,65 @@ def _read_array_cache(dataset: str, tfds_data_dir: str | None):
     )
     if not manifests:
         return None
-    folder = manifests[-1].parent
+    return _read_cache_folder(manifests[-1].parent, dataset, report_damage)
+
+
+def _read_cache_folder(folder: Path, dataset: str, report_damage: bool = True):
     try:
-        manifest = json.loads(manifests[-1].read_text())
+        manifest = json.loads((folder / ARRAY_CACHE_MANIFEST).read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("version"), str):
+            raise ValueError(f"{folder / ARRAY_CACHE_MANIFEST} is not a manifest of this cache")
         arrays = {}
         for name in ARRAY_CACHE_FILES:
             path = folder / f"{name}.npy"
             if _sha256(path) != manifest["sha256"][name]:
                 raise ValueError(f"{path} does not match its SHA-256 digest")
             arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, KeyError) as error:
-        print(f"Ignoring the decoded-array cache in {folder} ({error}); decoding {dataset} again", flush=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if report_damage:
+            print(f"Ignoring the decoded-array cache in {folder} ({error}); decoding {dataset} again", flush=True)
         return None
     splits = {split: (arrays[f"{split}_images"], arrays[f"{split}_labels"]) for split in ("train", "test")}
     return splits, manifest["version"], str(folder.parent)
 
 
 def _write_array_cache(arrays: dict[str, tuple[np.ndarray, np.ndarray]], version: str, prepared_dir: str) -> None:
-    """Writes the cache next to tfds's files, atomically; a folder that cannot be written is skipped."""
+    """Writes the cache next to tfds's files, atomically; a folder that cannot be written is skipped, saying so.
+
+    Called under the preparation lock, after the cache was found absent or damaged. An intact
+    cache found in its place all the same (written by a process that took no lock) is kept,
+    and a damaged one is replaced.
+    """
     folder = Path(prepared_dir) / ARRAY_CACHE_FOLDER
+    dataset = Path(prepared_dir).parent.name
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{ARRAY_CACHE_FOLDER}-", dir=prepared_dir))
-    except OSError:
-        return  # A read-only tfds folder: decode again next time.
+    except OSError as error:
+        print(
+            f"Not caching the decoded arrays: {prepared_dir} cannot be written ({error.strerror}); "
+            f"{dataset} is decoded from tfds's files on every run",
+            flush=True,
+        )
+        return
     try:
+        # mkdtemp makes a private folder; other users of a shared tfds folder should read the
+        # cache as they read tfds's own files, so it gets the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
         digests = {}
         for split, (images, labels) in arrays.items():
             for name, array in ((f"{split}_images", images), (f"{split}_labels", labels)):
                 np.save(staging / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
                 digests[name] = _sha256(staging / f"{name}.npy")
         (staging / ARRAY_CACHE_MANIFEST).write_text(json.dumps({"version": version, "sha256": digests}, indent=2))
-        # A cache that failed its check is replaced; if another process has just written one,
-        # the rename fails and that one is kept.
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            if _read_cache_folder(folder, dataset, report_damage=False) is not None:
+                return
+            shutil.rmtree(folder, ignore_errors=True)
         os.rename(staging, folder)
-    except OSError:
-        pass
+    except OSError as error:
+        print(f"Not caching the decoded arrays in {folder} ({error})", flush=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -5,20 +5,29 @@ MLflow copies this file into the logged model and runs it when the model is load
 the model needs only MLflow, NumPy, Keras and TensorFlow.
 
 Why not MLflow's Keras flavour: its `predict` calls `keras.Model.predict`, which sets up a
-tf.data pipeline and a new step function on every call (mlflow#5259), about 40 ms for one
-image. This model calls one compiled TensorFlow function of the Keras model instead, traced
+tf.data pipeline and a new step function on every call (mlflow#5259), slow for one
+image (benchmarks/results/serving.md). This model calls one compiled TensorFlow function of the Keras model instead, traced
 once for every batch size, and refuses what is not an image before it reaches the network.
 
-Why `predict` is type-hinted ``list[Any]``: MLflow's scoring server hands a model whose
-signature comes from type hints the request's ``inputs`` as parsed, instead of deep-copying
-every nested list and converting it against a tensor signature (150-175 ms for 100 images,
-against 17 ms for one parse of the same request with the collector frozen). ``check_images`` enforces the contract instead. In
-process, pass a list (``images.tolist()``), or load the Keras model itself.
+How it keeps MLflow's pyfunc contract and still serves fast. MLflow documents that a pyfunc
+model takes NumPy arrays and pandas DataFrames in process, and that its signature describes the
+input. MLflow's scoring server, though, converts a request against a tensor signature by deep-copying
+every nested list of its ``inputs``, which costs more than the network itself for a batch of images
+(see benchmarks/results/serving.md). MLflow skips that conversion for a model whose signature
+it marks as coming from type hints, and leaves checking the input to the model. So the model is
+logged with the image signature users expect to read, ``Tensor('float32', (-1, 28, 28, 1))`` in,
+``Tensor('float32', (-1, 10))`` out, marked that way (``tracking.registry.log_keras_model``), and
+``check_images`` is the one place that enforces it. In process, ``predict`` takes what MLflow's
+pyfunc takes for an image model: a NumPy array of (n, 28, 28, 1) or (n, 784) pixels of any numeric
+dtype, a pandas DataFrame of 784 pixel columns (or one column of images, as ``spark_udf`` gives),
+or nested lists; over HTTP, the request's ``inputs`` as parsed. That mark, MLflow's private
+``ModelSignature._is_signature_from_type_hint``, is the one MLflow internal the model relies on;
+``tests/test_served_model.py`` fails if MLflow stops honouring it.
 
 Why the garbage collector is frozen when `mlflow models serve` loads the model: a request of
 100 nested 28x28x1 images makes about 80,000 Python lists, which set off full collections
 over the half a million objects TensorFlow, Keras and MLflow keep alive; these took most of a
-batch request's time (about 380 against 50 ms in process). ``gc.freeze()`` after loading moves
+batch request's time. ``gc.freeze()`` after loading moves
 those long-lived objects out of the collector's sight. It is done only in the scoring server's
 process, never in a training process or a notebook, where frozen objects that later became
 garbage would never be freed.
@@ -27,8 +36,8 @@ Settings, read when the model is loaded (for example as variables of `mlflow mod
 - ``MNIST_MLFLOW_MAX_BATCH``: the largest batch one request may hold (default 1000 images).
 - ``MNIST_MLFLOW_SERVING_THREADS``: TensorFlow's threads for one operation (default 1), with
   one operation at a time. A request spends most of its time in MLflow's JSON decoding, on the
-  server's own thread; measured on 2 cores, one TensorFlow thread served single images faster
-  (p50 3.2 against 3.5 ms) and batches about as fast as two (spreads overlapping). Scale with `--workers`, not threads.
+  server's own thread, so one TensorFlow thread serves as well as more
+  (benchmarks/results/serving_threads2.md). Scale with `--workers`, not threads.
 - ``MNIST_MLFLOW_GC_FREEZE``: ``1`` freezes the collector after loading in any process, ``0``
   never; unset, only under `mlflow models serve`.
 """
@@ -38,11 +47,10 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import warnings
-from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -77,16 +85,35 @@ class ImageInputError(MlflowException):
         pass
 
 
+def _as_array(images) -> np.ndarray:
+    """The input as one NumPy array, before any check: a DataFrame's pixel columns, or one
+    column that holds an image per row (as ``spark_udf`` passes it), or nested lists."""
+    if isinstance(images, pd.DataFrame):
+        if images.shape[1] == 1 and images.shape[0] and np.ndim(images.iloc[0, 0]) > 0:
+            return np.stack([np.asarray(image) for image in images.iloc[:, 0]])
+        return images.to_numpy()
+    return np.asarray(images)
+
+
 def check_images(images, max_batch: int) -> np.ndarray:
     """The batch as float32 (n, 28, 28, 1) raw pixels, or ImageInputError naming what is wrong.
 
     Two shapes are accepted: images of (28, 28, 1), and the compact form, rows of 784 pixels
-    (each image flattened row by row), which is far cheaper to send and parse.
+    (each image flattened row by row), which is far cheaper to send and parse. Pixels may be
+    of any integer or floating-point type; strings and booleans are not pixels.
     """
     try:
-        images = np.asarray(images, dtype=np.float32)
+        images = _as_array(images)
     except (TypeError, ValueError):
-        raise ImageInputError("inputs must be numbers: raw pixel intensities 0-255") from None
+        images = None
+    if images is not None and images.dtype.kind == "O":
+        # Numbers mixed with JSON nulls: the nulls become NaN, refused below as not finite.
+        values = images.ravel()
+        if all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in values):
+            images = np.array([np.nan if value is None else value for value in values], dtype=np.float32).reshape(images.shape)
+    if images is None or images.dtype.kind not in "iuf":
+        raise ImageInputError("inputs must be numbers: raw pixel intensities 0-255")
+    images = images.astype(np.float32, copy=False)
     if images.ndim == 2 and images.shape[1] == PIXELS:
         images = images.reshape(-1, *IMAGE_SHAPE)
     if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
@@ -131,58 +158,44 @@ def should_freeze_garbage_collector() -> bool:
     return loaded_by_mlflow_scoring_server()
 
 
-def _without_notice_about_any(show_warning):
-    """``warnings.showwarning`` that drops MLflow's notice that it does not validate data typed Any."""
+class KerasImageClassifier(mlflow.pyfunc.PythonModel):
+    """Ten class probabilities for each 28x28x1 image of raw pixels."""
 
-    def show(message, *args, **kwargs):
-        if "Any type hint is inferred as AnyType" not in str(message):
-            show_warning(message, *args, **kwargs)
+    def load_context(self, context) -> None:
+        threads = int(os.environ.get(THREADS_ENV, "0") or 0) or 1
+        import tensorflow as tf
 
-    return show
+        # Set before TensorFlow starts its thread pools, that is before the model is loaded.
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            # Already started (say, in a process that trained the model): keep its settings.
+            pass
+        import keras
 
+        self.max_batch = int(os.environ.get(MAX_BATCH_ENV, "0") or 0) or DEFAULT_MAX_BATCH
+        self.keras_model = keras.saving.load_model(context.artifacts[KERAS_MODEL_ARTIFACT], compile=False)
+        model = self.keras_model
 
-# MLflow warns, when a class with a predict typed Any is defined, that it does not validate
-# such data; check_images does. Keep that notice out of every load's output. (A warnings filter
-# cannot: MLflow puts its own filter in front while it checks the type hint.)
-with warnings.catch_warnings():
-    warnings.showwarning = _without_notice_about_any(warnings.showwarning)
+        # One trace for any batch size: the batch dimension is left open.
+        @tf.function(input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE), tf.float32)], reduce_retracing=True)
+        def probabilities(images):
+            return model(images, training=False)
 
-    class KerasImageClassifier(mlflow.pyfunc.PythonModel):
-        """Ten class probabilities for each 28x28x1 image of raw pixels."""
+        self.probabilities = probabilities
+        if should_freeze_garbage_collector():
+            # Collect what loading left behind first, so that only live objects are frozen.
+            gc.collect()
+            gc.freeze()
+            print(f"mnist-mlflow: froze {gc.get_freeze_count()} loaded objects out of the garbage collector's sight", file=sys.stderr, flush=True)
 
-        def load_context(self, context) -> None:
-            threads = int(os.environ.get(THREADS_ENV, "0") or 0) or 1
-            import tensorflow as tf
-
-            # Set before TensorFlow starts its thread pools, that is before the model is loaded.
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(threads)
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:
-                # Already started (say, in a process that trained the model): keep its settings.
-                pass
-            import keras
-
-            self.max_batch = int(os.environ.get(MAX_BATCH_ENV, "0") or 0) or DEFAULT_MAX_BATCH
-            self.keras_model = keras.saving.load_model(context.artifacts[KERAS_MODEL_ARTIFACT], compile=False)
-            model = self.keras_model
-
-            # One trace for any batch size: the batch dimension is left open.
-            @tf.function(input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE), tf.float32)], reduce_retracing=True)
-            def probabilities(images):
-                return model(images, training=False)
-
-            self.probabilities = probabilities
-            if should_freeze_garbage_collector():
-                # Collect what loading left behind first, so that only live objects are frozen.
-                gc.collect()
-                gc.freeze()
-                print(f"mnist-mlflow: froze {gc.get_freeze_count()} loaded objects out of the garbage collector's sight", file=sys.stderr, flush=True)
-
-        # The type hint makes MLflow pass the request's "inputs" as parsed (see the module's docstring).
-        def predict(self, context, model_input: list[Any], params=None):
-            images = check_images(model_input, self.max_batch)
-            return self.probabilities(images).numpy()
+    # ``np.ndarray`` is a hint MLflow documents as one it neither validates nor infers a signature
+    # from; the signature is given when the model is logged, and check_images enforces it. The
+    # input may also be a DataFrame or nested lists (see the module's docstring).
+    def predict(self, context, model_input: np.ndarray, params=None):
+        images = check_images(model_input, self.max_batch)
+        return self.probabilities(images).numpy()
 
 
 mlflow.models.set_model(KerasImageClassifier())

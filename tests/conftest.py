@@ -44,6 +44,7 @@ LONGEST_FILES_FIRST = (
     "test_security_e2e.py",  # about 80 s
     "test_shared_server_e2e.py",  # about 45 s
     "test_dense_e2e.py",  # about 42 s
+    "test_fresh_machine_e2e.py",  # about 37 s
     "test_data.py",  # about 38 s
     "test_cnn_e2e.py",  # about 36 s
     "test_ui_e2e.py",  # a browser (slow)

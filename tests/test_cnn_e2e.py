@@ -140,6 +140,42 @@ def test_the_compact_request_form_gives_the_same_answers(champion_server, small_
     assert dataframe.status_code == 400 and "'inputs' key" in dataframe.json()["message"]
 
 
+def test_the_champion_keeps_mlflow_s_pyfunc_contract(registered_cnn, mlflow_server, small_splits, tmp_path):
+    """What users do with a registered model outside `mlflow models serve`: load it in a notebook
+    and predict on a NumPy array or a DataFrame, and `mlflow models predict` with the README's request."""
+    import mlflow
+    import pandas as pd
+
+    _, _, model_name, _ = registered_cnn
+    mlflow.set_tracking_uri(mlflow_server.url)
+    try:
+        champion = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+        images = small_splits.test_images[:200]
+        probabilities = np.asarray(champion.predict(images))
+        assert probabilities.shape == (200, 10)
+        assert np.mean(probabilities.argmax(axis=1) == small_splits.test_labels[:200]) >= 0.90
+        flat = pd.DataFrame(images.reshape(200, 784))
+        np.testing.assert_allclose(np.asarray(champion.predict(flat)), probabilities, atol=1e-5)
+    finally:
+        mlflow.set_tracking_uri(None)
+    # The README's request: one blank image, as JSON.
+    request = tmp_path / "input.json"
+    request.write_text(json.dumps({"inputs": np.zeros((1, 28, 28, 1)).tolist()}))
+    output = tmp_path / "predictions.json"
+    result = run_script(
+        [
+            sys.executable, "-m", "mlflow", "models", "predict", "-m", f"models:/{model_name}@champion",
+            "-i", str(request), "-t", "json", "-o", str(output), "--env-manager", "local",
+        ],
+        env=python_env(mlflow_server.url),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = np.asarray(json.loads(output.read_text())["predictions"])
+    assert predictions.shape == (1, 10)
+    np.testing.assert_allclose(predictions.sum(), 1.0, rtol=1e-4)
+
+
 def test_the_server_froze_the_garbage_collector_after_loading(champion_server):
     """What makes batches of nested images fast under `mlflow models serve` (served_model.py)."""
     assert re.search(r"mnist-mlflow: froze \d+ loaded objects", champion_server.log_path.read_text())

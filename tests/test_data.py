@@ -160,3 +160,100 @@ def test_a_damaged_cache_is_noticed_and_decoded_again(prepared_both):
     assert hashlib.sha256(arrays["train"][0].tobytes() + arrays["test"][1].tobytes()).hexdigest() in output
     # The cache was written again, whole: the next load reads it.
     assert "tfds imported: False" in _load_in_fresh_process(folder)
+
+
+def _copy_without_cache(prepared_both, tmp_path):
+    """A copy of the tfds folder with MNIST prepared but no decoded-array cache."""
+    import shutil
+
+    folder, _, version, _, _ = prepared_both
+    copy = tmp_path / "tfds"
+    shutil.copytree(folder / "mnist", copy / "mnist", ignore=shutil.ignore_patterns(data.ARRAY_CACHE_FOLDER, ".*"))
+    return copy, copy / "mnist" / version
+
+
+def test_a_cache_another_process_wrote_meanwhile_is_kept(prepared_both, tmp_path):
+    """The array cache is written under the preparation lock; one found in its place all the same
+    (an intact one) is kept rather than removed and replaced."""
+    import os
+
+    _, arrays, version, _, _ = prepared_both
+    _, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
+    data._write_array_cache(arrays, version, str(prepared_dir))
+    cache = prepared_dir / data.ARRAY_CACHE_FOLDER
+    before = {path.name: os.stat(path).st_ino for path in cache.iterdir()}
+    data._write_array_cache(arrays, version, str(prepared_dir))
+    assert {path.name: os.stat(path).st_ino for path in cache.iterdir()} == before
+    assert not [path for path in prepared_dir.iterdir() if path.name.startswith(".")]
+    # Readable by others sharing the tfds folder, as tfds's own files are (not mkdtemp's 0700).
+    assert os.stat(cache).st_mode & 0o055 == os.stat(prepared_dir).st_mode & 0o055
+
+
+@pytest.mark.parametrize("manifest", ["{}", "[]", '{"version": "3.0.1"}', '{"version": 3, "sha256": {}}', "not json"])
+def test_an_unreadable_manifest_is_one_line_and_the_data_is_decoded_again(prepared_both, tmp_path, capsys, manifest):
+    _, arrays, version, _, _ = prepared_both
+    copy, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
+    data._write_array_cache(arrays, version, str(prepared_dir))
+    (prepared_dir / data.ARRAY_CACHE_FOLDER / data.ARRAY_CACHE_MANIFEST).write_text(manifest)
+    assert data._read_array_cache("mnist", str(copy)) is None
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("Ignoring the decoded-array cache") and printed[0].endswith("decoding mnist again")
+
+
+def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_both, tmp_path):
+    """A shared volume mounted read-only: the data set loads from tfds's files, one line says the
+    cache cannot be written, and nothing is left behind. (Root writes through file modes, so the
+    folder is made read-only by a bind mount in a private mount namespace.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+        ["unshare", "--mount", "true"], capture_output=True
+    ).returncode != 0:
+        pytest.skip("needs `unshare --mount` to mount a folder read-only")
+    copy, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
+    code = (
+        "from mnist_mlflow import data\n"
+        f"arrays, version, _ = data.load_arrays('mnist', {str(copy)!r})\n"
+        "print('loaded', version, arrays['train'][0].shape)\n"
+    )
+    script = f'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$1" -c "$2"'
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, str(copy), sys.executable, code],
+        capture_output=True, text=True, cwd=data.Path(__file__).parent.parent, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "cach" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"Not caching the decoded arrays: {prepared_dir} cannot be written"), result.stdout
+    assert "Read-only file system" in lines[0]
+    assert "loaded 3.0.1 (60000, 28, 28, 1)" in result.stdout
+    assert not (prepared_dir / data.ARRAY_CACHE_FOLDER).exists()
+    assert not data.preparation_lock_path("mnist", str(copy)).exists()
+
+
+def test_a_process_waits_for_the_one_preparing_the_data_set(prepared_both, tmp_path):
+    """While another process holds the data set's lock, a loader waits, saying so, and goes on
+    once the lock is free, reading what the holder left (here: tfds's prepared files)."""
+    import subprocess
+    import sys
+    import time
+
+    from filelock import FileLock
+
+    copy, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
+    code = f"from mnist_mlflow import data\ndata.load_arrays('mnist', {str(copy)!r})\nprint('loaded')\n"
+    with FileLock(data.preparation_lock_path("mnist", str(copy))):
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=data.Path(__file__).parent.parent,
+        )
+        first_line = process.stdout.readline()
+        assert first_line.startswith("Waiting for another process preparing mnist in"), first_line
+        time.sleep(0.5)
+        assert process.poll() is None
+        assert not (prepared_dir / data.ARRAY_CACHE_FOLDER).exists()
+    output, errors = process.communicate(timeout=300)
+    assert process.returncode == 0, errors[-2000:]
+    assert output.strip().endswith("loaded")
+    assert (prepared_dir / data.ARRAY_CACHE_FOLDER / data.ARRAY_CACHE_MANIFEST).is_file()
