@@ -1,8 +1,8 @@
 """Serving speed: the project's logged model against MLflow's stock Keras flavour, both behind `mlflow models serve`.
 
-    MNIST_MLFLOW_DATA_DIR=../shared/data python benchmarks/bench_serving.py
+    python benchmarks/bench_serving.py
 
-One CNN of the default architecture (EXPERIMENTS.md section 3, trained for one epoch: speed does
+One CNN of the default architecture (docs/experiments.md section 3, trained for one epoch: speed does
 not depend on the weights) is logged twice into a throwaway store: as the project logs every
 model (`tracking.log_keras_model`, the models-from-code pyfunc of `served_model.py`) and with
 `mlflow.tensorflow.log_model`, MLflow's stock Keras flavour, with the same signature. Both are
@@ -102,17 +102,14 @@ def batch_images_per_s(url: str, body: bytes, batches: int, concurrency: int = 4
         return batches * 100 / (time.perf_counter() - start)
 
 
-def in_process(model_uri: str, images: np.ndarray, repeats: int, as_lists: bool) -> dict[str, float]:
-    """Each model's `predict` alone, given what it takes: lists for the project's model (its
-    type hint), a NumPy array for the stock one; the lists are made before the clock starts."""
+def in_process(model_uri: str, images: np.ndarray, repeats: int) -> dict[str, float]:
+    """Each model's `predict` alone, loaded with `mlflow.pyfunc.load_model` and given a NumPy
+    array, as MLflow's pyfunc contract says both take."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
     singles = [images[index % len(images):][:1] for index in range(repeats)]
     batch_of_100 = images[:100]
-    if as_lists:
-        singles = [single.tolist() for single in singles]
-        batch_of_100 = batch_of_100.tolist()
     for _ in range(5):
         model.predict(singles[0])
         model.predict(batch_of_100)
@@ -135,7 +132,7 @@ def request_decoding_ms(stock_body: bytes, project_body: bytes, repeats: int = 1
     stock server leaves it, and of the project's request, with the collector frozen as the
     project's model leaves it; then the stock model's input conversion,
     mlflow.pyfunc.scoring_server's infer_and_parse_data against its tensor signature, which the
-    project's model skips (its signature comes from a type hint)."""
+    project's model skips (its signature is marked as coming from a type hint, see served_model.py)."""
     import gc
 
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
@@ -233,7 +230,7 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-        local = {side: in_process(uris[side], test_images, args.single_requests, as_lists=side == "project") for side in SIDES}
+        local = {side: in_process(uris[side], test_images, args.single_requests) for side in SIDES}
         decoding = {
             "inputs": request_decoding_ms(batch_body, batch_body),
             "compact": request_decoding_ms(compact_bodies["stock"], compact_bodies["project"]),

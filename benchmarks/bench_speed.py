@@ -1,6 +1,6 @@
 """Training speed against the seeds' own code: four workloads and their floors, in one table.
 
-The baseline is ``../shared/bench/seed_reference.py``, the seeds' training code as written (the
+The baseline is ``seed_baseline.py`` beside this file, the seeds' training code as written (the
 course's tfds pipeline and a plain ``fit``, no tracking). The project side is this project's
 entry point with tracking to a real ``mlflow server`` on loopback. Each repeat runs both sides,
 each in a fresh process, alternating which goes first (seed, project; then project, seed), so
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from common import PROJECT_DIR, WORK_DIR, record_results
 
-SEED_REFERENCE = PROJECT_DIR.parent / "shared" / "bench" / "seed_reference.py"
+SEED_REFERENCE = PROJECT_DIR / "benchmarks" / "seed_baseline.py"
 CNN_STEPS_PER_EPOCH = 1688  # 54,000 training examples in batches of 32
 
 # What the issue measured for the seed code on this kind of machine, in quiet periods: a
@@ -81,9 +81,6 @@ def environment(tracking_uri: str | None = None, **extra: str) -> dict[str, str]
     from harness.servers import python_env
 
     env = python_env(tracking_uri, **extra)
-    data_dir = env.get("MNIST_MLFLOW_DATA_DIR") or str(PROJECT_DIR.parent / "shared" / "data")
-    env["MNIST_MLFLOW_DATA_DIR"] = data_dir
-    env["MNIST_MANUAL_DIR"] = str(Path(data_dir) / "mnist")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
@@ -240,8 +237,6 @@ def main() -> None:
     unknown = [name for name in chosen if name not in WORKLOADS]
     if unknown:
         parser.error(f"--only {','.join(unknown)}: not one of {', '.join(WORKLOADS)}")
-    if not SEED_REFERENCE.is_file():
-        parser.error(f"the seed reference {SEED_REFERENCE} is missing; it lies in ../shared/bench/ beside the project")
 
     from harness.servers import tracking_server
 

@@ -2,7 +2,7 @@
 
     pip install -e ".[docs]"               # the Playwright driver only; the browser is Debian's
     apt-get install chromium
-    MNIST_MLFLOW_DATA_DIR=../shared/data python docs/take_screenshots.py
+    python docs/take_screenshots.py
 
 It starts a throwaway `mlflow server` on 127.0.0.1, runs a small grid search (4 trials), a CNN
 registered twice as `mnist-cnn` and `promote`, then drives headless Chromium through the pages a user

@@ -25,7 +25,7 @@ from mnist_mlflow.studies.search_spaces import DEFAULT_SEARCH_STORAGE, SearchCon
 from mnist_mlflow.studies.study_storage import open_storage  # noqa: E402
 
 HELP = {
-    "space": "grid or random (EXPERIMENTS.md section 4), or the path of a YAML space file",
+    "space": "grid or random (docs/experiments.md section 4), or the path of a YAML space file",
     "sampler": "grid, random or tpe; empty: the space's default (grid for grid, random for random)",
     "n_trials": "cap on the trials of the study over all workers; 0: the grid size for grid, 50 otherwise",
     "epochs": "passes over the training data per trial",

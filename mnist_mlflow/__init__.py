@@ -1,6 +1,6 @@
 """mnist-mlflow: MNIST and Fashion-MNIST exercises as tracked, comparable, servable MLflow runs.
 
-Layers (every import points down; ``python ../shared/tools/import_cycles.py`` finds no cycle):
+Layers (every import points down; ``tests/test_structure.py`` finds no cycle):
 
 1. ``config``, ``lifecycle``, ``redaction``: typed configs and errors, signals and process
    identity, URLs without passwords. No TensorFlow, no MLflow.

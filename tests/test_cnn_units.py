@@ -47,7 +47,7 @@ def test_bad_cnn_parameters_are_named(params, named):
     "filters, pooling, dense_units, expected",
     [
         ((32, 32), (True, True), (64, 64), 65_642),  # the MNIST CNN
-        # The Fashion-MNIST variants of EXPERIMENTS.md section 3, with their reference counts.
+        # The Fashion-MNIST variants of docs/experiments.md section 3, with their reference counts.
         ((64, 64), (True, True), (128,), 243_786),
         ((16, 16), (True, True), (128,), 55_098),
         ((16,), (True,), (128,), 347_690),

@@ -49,7 +49,7 @@ def readme_defaults() -> dict[str, dict[str, str]]:
     A default cell reads ``x``, ``empty ...`` (the empty string) or ``as for `dense` `` (that
     entry point's default); a row may name several parameters with as many defaults.
     """
-    text = (PROJECT_DIR / "README.md").read_text()
+    text = "\n".join(page.read_text() for page in sorted((PROJECT_DIR / "docs").glob("*.md")))
     tables: dict[str, dict[str, str]] = {}
     for match in re.finditer(r"<!-- parameters: (\w+) .*?-->\n((?:\|.*\|\n)+)", text):
         entry, rows = match.group(1), match.group(2).splitlines()[2:]

@@ -75,7 +75,7 @@ def test_conv_exercises_have_the_reference_parameter_counts():
         else:
             model = models.build_dense_model(config.model.hidden_units, config.model.activations)
         counts[exercise.exercise_id] = models.count_trainable_parameters(model)
-    # The counts of EXPERIMENTS.md section 3.
+    # The counts of docs/experiments.md section 3.
     assert counts == {"dense": 101_770, "1": 243_786, "2": 55_098, "3": 347_690, "4": 43_578, "5": 693_962}
 
 

@@ -1,4 +1,4 @@
-"""How many random trials are enough? The exact best-of-N analysis of EXPERIMENTS.md section 4.
+"""How many random trials are enough? The exact best-of-N analysis of docs/experiments.md section 4.
 
 From ONE pool of M finished random-search trials, the best score among N trials drawn from the
 pool without replacement has an exact distribution: with the pool sorted ascending,

@@ -1,5 +1,5 @@
 """The course exercises as studies: the ten dense-network exercises on MNIST and the
-Fashion-MNIST convolution exercises (EXPERIMENTS.md sections 1 and 3).
+Fashion-MNIST convolution exercises (docs/experiments.md sections 1 and 3).
 
 Each exercise is one change to its suite's reference network. This module holds the study's
 config (:class:`ExercisesConfig`), the exercises as configs, and the summary (the comparison
@@ -164,13 +164,13 @@ SUITES = {"dense": DENSE_EXERCISES, "conv": CONV_EXERCISES}
 REFERENCE_IDS = {"dense": "baseline", "conv": "dense"}
 SUITE_DESCRIPTIONS = {
     "dense": (
-        "The ten dense-network exercises on MNIST (EXPERIMENTS.md section 1). Varies: one change per "
+        "The ten dense-network exercises on MNIST (docs/experiments.md section 1). Varies: one change per "
         "exercise to the baseline 784-50-50-10 relu network (width, depth, activations, batch size, "
         "learning rate, and a combination). Repeats: nothing, one run per exercise. Holds fixed: "
         "Adam 0.001, batch 100, the epochs, the seed and the 54,000/6,000 split, unless the exercise changes it."
     ),
     "conv": (
-        "The Fashion-MNIST convolution exercises (EXPERIMENTS.md section 3). Varies: the convolution "
+        "The Fashion-MNIST convolution exercises (docs/experiments.md section 3). Varies: the convolution "
         "layers (filters, count, pooling) before a Dense(128) layer, plus a dense reference network. "
         "Repeats: nothing, one run per variant. Holds fixed: Adam 0.001, batch 32, the epochs, the seed "
         "and the split."

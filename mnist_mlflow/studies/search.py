@@ -68,7 +68,7 @@ MAX_RETRIES = 2
 PRUNER_STARTUP_TRIALS = 5
 PRUNER_WARMUP_EPOCHS = 2
 BEST_OF_N = (1, 5, 10, 20, 50, 100)
-# EXPERIMENTS.md section 4: the reference's expected best accuracy, from re-running the search.
+# docs/experiments.md section 4: the reference's expected best accuracy, from re-running the search.
 REFERENCE_BEST_OF_N = {10: 0.975, 20: 0.980, 50: 0.982, 100: 0.981}
 
 # Heartbeats, stale-trial detection and retries are "experimental" in Optuna; say so once, here.

@@ -1,5 +1,5 @@
 """The hyperparameter search's definition: its config (:class:`SearchConfig`) and its spaces
-(EXPERIMENTS.md section 4), built in or read from YAML.
+(docs/experiments.md section 4), built in or read from YAML.
 
 A space lists, for each hyperparameter it varies, either the values to choose from or a range,
 and holds every other hyperparameter fixed. The model is always the one of section 4:
@@ -120,7 +120,7 @@ class SearchSpace:
         }
 
 
-# EXPERIMENTS.md section 4: a 5 x 5 grid over dropout and units, batch 32; and the random space.
+# docs/experiments.md section 4: a 5 x 5 grid over dropout and units, batch 32; and the random space.
 GRID_SPACE = SearchSpace(
     name="grid",
     parameters={"dropout": (0.0, 0.1, 0.3, 0.5, 0.8), "units": (16, 32, 64, 128, 256)},

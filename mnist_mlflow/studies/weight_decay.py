@@ -1,4 +1,4 @@
-"""The weight-decay replicate sweep (EXPERIMENTS.md section 2) as a study.
+"""The weight-decay replicate sweep (docs/experiments.md section 2) as a study.
 
 784-500(relu)-300(relu)-10 trained with plain SGD; L2 weight decay on the first hidden kernel
 (or on all of them); one child run per (factor, replicate). Replicate ``r`` of every factor
@@ -52,7 +52,7 @@ def linspace(start: float, stop: float, count: int) -> tuple[float, ...]:
     return tuple(start + (stop - start) * index / (count - 1) for index in range(count))
 
 
-# numpy.linspace(1e-6, 1e-3, 5), the factors of EXPERIMENTS.md section 2, to the ten digits
+# numpy.linspace(1e-6, 1e-3, 5), the factors of docs/experiments.md section 2, to the ten digits
 # every parameter, tag and child key writes them with: a factor read back from MLproject or a
 # resumed study's parameters is then exactly the default one.
 WEIGHT_DECAY_FACTORS = tuple(float(f"{factor:.10g}") for factor in linspace(1e-6, 1e-3, 5))
@@ -158,7 +158,7 @@ def child_config(config: WeightDecayConfig, factor: float, replicate: int) -> De
 def describe(config: WeightDecayConfig) -> str:
     layers = "the first hidden kernel" if config.regularized_layers == "first" else "every hidden kernel"
     return (
-        f"Weight-decay replicate sweep (EXPERIMENTS.md section 2). Varies: the L2 factor on {layers} "
+        f"Weight-decay replicate sweep (docs/experiments.md section 2). Varies: the L2 factor on {layers} "
         f"({len(config.factors)} factors). Repeats: {config.replicates} replicate networks per factor, "
         f"replicate r seeded {config.seed}+r for every factor. Holds fixed: 784-500-300-10 relu, SGD "
         f"learning rate {config.learning_rate:g}, batch {config.batch_size}, {config.epochs} epochs, "
@@ -196,7 +196,7 @@ def weight_decay_tables(records: Sequence[ChildRecord], factors: Sequence[float]
                 "val_accuracy_ci95_low": low,
                 "val_accuracy_ci95_high": high,
                 "test_accuracy_mean": float(group["test_accuracy"].mean()),
-                # EXPERIMENTS.md's reference reports the means after one epoch.
+                # docs/experiments.md's reference reports the means after one epoch.
                 "val_accuracy_epoch_1_mean": float(group["val_accuracy_epoch_1"].mean()),
                 "test_accuracies": ", ".join(f"{value:.4f}" for value in group["test_accuracy"]),
             }
