@@ -43,18 +43,23 @@ def main() -> None:
             times = results.setdefault(name, {})
             model.fit(
                 training_dataset(splits.train_images, splits.train_labels, 32, repeat),
-                epochs=args.epochs, verbose=0, callbacks=[epoch_timer(times)],
+                epochs=args.epochs,
+                verbose=0,
+                callbacks=[epoch_timer(times)],
             )
             # Epoch 1 holds compilation; keep epochs 2.. of this run.
             for key in ("wall", "cpu"):
                 del times[key][len(times[key]) - args.epochs]
-            print(f"repeat {repeat + 1}: {name}: {times['wall'][-(args.epochs - 1):]}", flush=True)
+            print(f"repeat {repeat + 1}: {name}: {times['wall'][-(args.epochs - 1) :]}", flush=True)
 
     rows = {name: {key: statistics.median(values) for key, values in times.items()} for name, times in results.items()}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "dropout_xla.json").write_text(json.dumps({"epochs": args.epochs, "repeats": args.repeats, "raw": results}, indent=2))
+    (RESULTS_DIR / "dropout_xla.json").write_text(
+        json.dumps({"epochs": args.epochs, "repeats": args.repeats, "raw": results}, indent=2)
+    )
     lines = [
-        f"784-256-10 at batch 32, full MNIST, median seconds per epoch of epochs 2-{args.epochs} over {args.repeats} runs each",
+        "784-256-10 at batch 32, full MNIST, median seconds per epoch "
+        f"of epochs 2-{args.epochs} over {args.repeats} runs each",
         "",
         "| variant | wall s per epoch | CPU s per epoch |",
         "|---|---|---|",

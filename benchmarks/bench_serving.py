@@ -60,8 +60,14 @@ def log_both_models(images: np.ndarray, labels: np.ndarray, tracking_uri: str) -
         uris["project"] = tracking.log_keras_model(model, images[:5], name="project")
         signature = mlflow.models.infer_signature(images[:5].astype(np.float32), model.predict(images[:5], verbose=0))
         info = mlflow.tensorflow.log_model(
-            model, name="stock", signature=signature,
-            pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+            model,
+            name="stock",
+            signature=signature,
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+            ],
         )
         uris["stock"] = info.model_uri
     return uris
@@ -72,8 +78,21 @@ def serve(model_uri: str, tracking_uri: str, name: str, threads: int = 0):
 
     port = free_port()
     command = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-        "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
     ]
     env = python_env(tracking_uri, **({"MNIST_MLFLOW_SERVING_THREADS": str(threads)} if threads else {}))
     return ServerProcess(command, port, WORK_DIR / name, "/ping", env=env).start(timeout_s=300)
@@ -108,7 +127,7 @@ def in_process(model_uri: str, images: np.ndarray, repeats: int) -> dict[str, fl
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
-    singles = [images[index % len(images):][:1] for index in range(repeats)]
+    singles = [images[index % len(images) :][:1] for index in range(repeats)]
     batch_of_100 = images[:100]
     for _ in range(5):
         model.predict(singles[0])
@@ -156,7 +175,11 @@ def request_decoding_ms(stock_body: bytes, project_body: bytes, repeats: int = 1
         frozen_parse_ms = timed(lambda: json.loads(project_body))
     finally:
         gc.unfreeze()
-    return {"json_parse_ms": parse_ms, "json_parse_frozen_gc_ms": frozen_parse_ms, "mlflow_input_conversion_ms": convert_ms}
+    return {
+        "json_parse_ms": parse_ms,
+        "json_parse_frozen_gc_ms": frozen_parse_ms,
+        "mlflow_input_conversion_ms": convert_ms,
+    }
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -168,7 +191,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds, each measuring both sides in turn")
     parser.add_argument("--single-requests", type=int, default=100, help="single-image requests per side and round")
     parser.add_argument("--batches", type=int, default=12, help="batches of 100 per side and round")
-    parser.add_argument("--threads", type=int, default=0, help="TensorFlow threads per operation of the project's server (0: its default, 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="TensorFlow threads per operation of the project's server (0: its default, 1)",
+    )
     args = parser.parse_args()
 
     import requests
@@ -182,11 +210,16 @@ def main() -> None:
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     with tracking_server(WORK_DIR / "tracking") as tracking:
         uris = log_both_models(splits.train_images, splits.train_labels, tracking.url)
-        servers = {side: serve(uris[side], tracking.url, side, args.threads if side == "project" else 0) for side in SIDES}
+        servers = {
+            side: serve(uris[side], tracking.url, side, args.threads if side == "project" else 0) for side in SIDES
+        }
         try:
             urls = {side: servers[side].url + "/invocations" for side in SIDES}
             sessions = {side: requests.Session() for side in SIDES}
-            single_bodies = [json.dumps({"inputs": test_images[index:index + 1].tolist()}).encode() for index in range(args.single_requests)]
+            single_bodies = [
+                json.dumps({"inputs": test_images[index : index + 1].tolist()}).encode()
+                for index in range(args.single_requests)
+            ]
             batch_body = json.dumps({"inputs": test_images[:100].tolist()}).encode()
             # The compact forms: flat 784-pixel rows, which spare the JSON parser 78,400
             # one-element lists per batch. The project takes them in `inputs`; the stock server
@@ -194,18 +227,30 @@ def main() -> None:
             flat_rows = test_images[:100].reshape(100, 784).tolist()
             compact_bodies = {
                 "project": json.dumps({"inputs": flat_rows}).encode(),
-                "stock": json.dumps({"dataframe_split": {"columns": ["image"], "data": [[row] for row in flat_rows]}}).encode(),
+                "stock": json.dumps(
+                    {"dataframe_split": {"columns": ["image"], "data": [[row] for row in flat_rows]}}
+                ).encode(),
             }
             # Both answer the same: the benchmark compares like with like.
             answers = {
-                (side, form): np.asarray(sessions[side].post(urls[side], data=body, headers={"Content-Type": "application/json"}).json()["predictions"])
-                for side in SIDES for form, body in (("inputs", batch_body), ("compact", compact_bodies[side]))
+                (side, form): np.asarray(
+                    sessions[side]
+                    .post(urls[side], data=body, headers={"Content-Type": "application/json"})
+                    .json()["predictions"]
+                )
+                for side in SIDES
+                for form, body in (("inputs", batch_body), ("compact", compact_bodies[side]))
             }
-            difference = max(float(np.abs(answer - answers[("project", "inputs")]).max()) for answer in answers.values())
+            difference = max(
+                float(np.abs(answer - answers[("project", "inputs")]).max()) for answer in answers.values()
+            )
             for side in SIDES:  # warm-up
                 single_latencies_ms(sessions[side], urls[side], single_bodies[:20])
                 batch_images_per_s(urls[side], batch_body, 4)
-            rounds = {side: {"p50": [], "p99": [], "batch_p50": [], "images_per_s": [], "images_per_s_compact": []} for side in SIDES}
+            rounds = {
+                side: {"p50": [], "p99": [], "batch_p50": [], "images_per_s": [], "images_per_s_compact": []}
+                for side in SIDES
+            }
             for round_number in range(args.rounds):
                 order = SIDES if round_number % 2 == 0 else SIDES[::-1]
                 for side in order:
@@ -213,15 +258,20 @@ def main() -> None:
                     rounds[side]["p50"].append(float(np.percentile(latencies, 50)))
                     rounds[side]["p99"].append(float(np.percentile(latencies, 99)))
                     # One batch of 100 at a time: the cost of one request, with nothing waiting.
-                    rounds[side]["batch_p50"].append(float(np.percentile(single_latencies_ms(sessions[side], urls[side], [batch_body] * 10), 50)))
+                    rounds[side]["batch_p50"].append(
+                        float(np.percentile(single_latencies_ms(sessions[side], urls[side], [batch_body] * 10), 50))
+                    )
                 for side in order:
                     rounds[side]["images_per_s"].append(batch_images_per_s(urls[side], batch_body, args.batches))
                 for side in order:
-                    rounds[side]["images_per_s_compact"].append(batch_images_per_s(urls[side], compact_bodies[side], args.batches))
+                    rounds[side]["images_per_s_compact"].append(
+                        batch_images_per_s(urls[side], compact_bodies[side], args.batches)
+                    )
                 print(
                     f"round {round_number + 1}: "
                     + "; ".join(
-                        f"{side} p50 {rounds[side]['p50'][-1]:.1f} ms, {rounds[side]['images_per_s'][-1]:.0f} images/s, "
+                        f"{side} p50 {rounds[side]['p50'][-1]:.1f} ms, "
+                        f"{rounds[side]['images_per_s'][-1]:.0f} images/s, "
                         f"compact {rounds[side]['images_per_s_compact'][-1]:.0f} images/s"
                         for side in SIDES
                     ),
@@ -238,16 +288,23 @@ def main() -> None:
 
     summary = {side: {name: spread(values) for name, values in rounds[side].items()} | local[side] for side in SIDES}
     result = {
-        "machine": {"host": platform.node(), "processor": platform.processor(), "cpu_count": __import__("os").cpu_count()},
+        "machine": {
+            "host": platform.node(),
+            "processor": platform.processor(),
+            "cpu_count": __import__("os").cpu_count(),
+        },
         "settings": vars(args),
         "max_abs_difference_of_answers": difference,
         "batch100_decoding_in_process_ms": decoding,
         "sides": summary,
         "speed_up": {
             "single_image_p50": summary["stock"]["p50"]["median"] / summary["project"]["p50"]["median"],
-            "batch100_concurrency4": summary["project"]["images_per_s"]["median"] / summary["stock"]["images_per_s"]["median"],
-            "batch100_concurrency4_compact": summary["project"]["images_per_s_compact"]["median"] / summary["stock"]["images_per_s_compact"]["median"],
-            "batch100_project_compact_over_stock_inputs": summary["project"]["images_per_s_compact"]["median"] / summary["stock"]["images_per_s"]["median"],
+            "batch100_concurrency4": summary["project"]["images_per_s"]["median"]
+            / summary["stock"]["images_per_s"]["median"],
+            "batch100_concurrency4_compact": summary["project"]["images_per_s_compact"]["median"]
+            / summary["stock"]["images_per_s_compact"]["median"],
+            "batch100_project_compact_over_stock_inputs": summary["project"]["images_per_s_compact"]["median"]
+            / summary["stock"]["images_per_s"]["median"],
         },
         "rounds": rounds,
     }
@@ -263,7 +320,11 @@ def main() -> None:
         ("p99", "single image, p99 latency", "ms"),
         ("batch_p50", "one batch of 100 (`inputs`) at a time, p50 latency", "ms"),
         ("images_per_s", "batches of 100 at concurrency 4, `inputs`", "images/s"),
-        ("images_per_s_compact", "batches of 100 at concurrency 4, compact: flat rows (project: in `inputs`; stock: `dataframe_split`)", "images/s"),
+        (
+            "images_per_s_compact",
+            "batches of 100 at concurrency 4, compact: flat rows (project: in `inputs`; stock: `dataframe_split`)",
+            "images/s",
+        ),
     ):
         ours, stock = summary["project"][name], summary["stock"][name]
         ratio = stock["median"] / ours["median"] if unit == "ms" else ours["median"] / stock["median"]

@@ -106,7 +106,10 @@ def run_project(workload: str, epochs: int, tracking_uri: str) -> dict:
     subprocess.run(
         [sys.executable, str(PROJECT_DIR / "entrypoints" / script), *arguments],
         env=environment(tracking_uri, MLFLOW_EXPERIMENT_NAME=experiment),
-        cwd=WORK_DIR, capture_output=True, text=True, check=True,
+        cwd=WORK_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     client = MlflowClient(tracking_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -123,8 +126,19 @@ def run_project(workload: str, epochs: int, tracking_uri: str) -> dict:
 def run_project_command(epochs: int, tracking_uri: str) -> dict:
     """A whole `mlflow run . -e dense --env-manager local`, timed from start to exit."""
     command = [
-        sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense", "--env-manager", "local",
-        "--experiment-name", "benchmark-speed-command", "-P", f"epochs={epochs}",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(PROJECT_DIR),
+        "-e",
+        "dense",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "benchmark-speed-command",
+        "-P",
+        f"epochs={epochs}",
     ]
     start = time.perf_counter()
     subprocess.run(command, env=environment(tracking_uri), cwd=WORK_DIR, capture_output=True, text=True, check=True)
@@ -140,7 +154,10 @@ def cnn_step_floor() -> float:
     in the fastest form this machine has (bfloat16 where the CPU has bfloat16 matrix units)."""
     output = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("floor_cnn_step.py"))],
-        env=environment(), capture_output=True, text=True, check=True,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(output.splitlines()[-1])["s_per_epoch"]
 
@@ -151,13 +168,25 @@ def command_floor(tracking_uri: str) -> dict:
     subprocess.run([sys.executable, "-c", "import tensorflow, keras, mlflow"], env=environment(), check=True)
     imports = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="noop-project-") as folder:
-        Path(folder, "MLproject").write_text(
-            "name: noop\nentry_points:\n  main:\n    command: python -c pass\n"
-        )
+        Path(folder, "MLproject").write_text("name: noop\nentry_points:\n  main:\n    command: python -c pass\n")
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "mlflow", "run", folder, "--env-manager", "local", "--experiment-name", "benchmark-speed-noop"],
-            env=environment(tracking_uri), cwd=WORK_DIR, capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "run",
+                folder,
+                "--env-manager",
+                "local",
+                "--experiment-name",
+                "benchmark-speed-noop",
+            ],
+            env=environment(tracking_uri),
+            cwd=WORK_DIR,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         noop = time.perf_counter() - start
     return {"imports_s": imports, "noop_mlflow_run_s": noop, "floor_s": imports + noop}
@@ -213,7 +242,12 @@ def table(results: dict, floors: dict, repeats: int) -> str:
             target_text = "at most 0.6 of the seed's time"
             met = statistics.median(ratios) <= 0.6
             floor = floors.get("command")
-            floor_text = f"{floor['floor_s']:.1f} s (imports {floor['imports_s']:.1f} + no-op run {floor['noop_mlflow_run_s']:.1f})" if floor else ""
+            floor_text = (
+                f"{floor['floor_s']:.1f} s (imports {floor['imports_s']:.1f} "
+                f"+ no-op run {floor['noop_mlflow_run_s']:.1f})"
+                if floor
+                else ""
+            )
         else:
             shown = f"{spread(result['speedups'])}x"
             target_text = f"{target:g}x"
@@ -221,15 +255,19 @@ def table(results: dict, floors: dict, repeats: int) -> str:
             floor = floors.get(workload)
             floor_text = f"{floor:.2f} {unit}" if floor else ""
         lines.append(
-            f"| {WORKLOADS[workload]['label']} | {spread(result['seed'])} {unit} | {KNOWN_SEED_FIGURES[workload]} {unit} "
-            f"| {spread(result['project'])} {unit} | {shown} | {target_text} | {'yes' if met else 'no'} | {floor_text} |"
+            f"| {WORKLOADS[workload]['label']} | {spread(result['seed'])} "
+            f"{unit} | {KNOWN_SEED_FIGURES[workload]} {unit} "
+            f"| {spread(result['project'])} {unit} | {shown} | "
+            f"{target_text} | {'yes' if met else 'no'} | {floor_text} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads: " + ", ".join(WORKLOADS))
+    parser.add_argument(
+        "--only", default=",".join(WORKLOADS), help="comma-separated workloads: " + ", ".join(WORKLOADS)
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side")
     parser.add_argument("--name", default="speed", help="results file name under benchmarks/results/")
     args = parser.parse_args()
@@ -251,6 +289,7 @@ def main() -> None:
             floors["command"] = command_floor(server.url)
     text = table(results, floors, args.repeats)
     record_results(args.name, {"results": results, "floors": floors, "repeats": args.repeats}, text)
+
 
 if __name__ == "__main__":
     main()

@@ -42,23 +42,35 @@ def main() -> None:
             print(f"== seed {seed}", flush=True)
             start = time.perf_counter()
             subprocess.run(
-                [sys.executable, str(PROJECT_DIR / "entrypoints" / "cnn.py"), "--seed", str(seed), "--register_as", "", *args.extra],
-                env=python_env(server.url, MLFLOW_EXPERIMENT_NAME="cnn-seeds"), cwd=WORK_DIR, check=True,
+                [
+                    sys.executable,
+                    str(PROJECT_DIR / "entrypoints" / "cnn.py"),
+                    "--seed",
+                    str(seed),
+                    "--register_as",
+                    "",
+                    *args.extra,
+                ],
+                env=python_env(server.url, MLFLOW_EXPERIMENT_NAME="cnn-seeds"),
+                cwd=WORK_DIR,
+                check=True,
             )
             wall = time.perf_counter() - start
             experiment_id = client.get_experiment_by_name("cnn-seeds").experiment_id
             run = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
             metrics = run.data.metrics
-            runs.append({
-                "seed": seed,
-                "best_epoch": int(metrics["best_epoch"]) + 1,
-                "val_accuracy": metrics["best_val_accuracy"],
-                "test_accuracy": metrics["test_accuracy"],
-                "mean_epoch_time_s": metrics["mean_epoch_time_s"],
-                "train_time_s": metrics["train_time_s"],
-                "process_s": wall,
-                "params": dict(run.data.params),
-            })
+            runs.append(
+                {
+                    "seed": seed,
+                    "best_epoch": int(metrics["best_epoch"]) + 1,
+                    "val_accuracy": metrics["best_val_accuracy"],
+                    "test_accuracy": metrics["test_accuracy"],
+                    "mean_epoch_time_s": metrics["mean_epoch_time_s"],
+                    "train_time_s": metrics["train_time_s"],
+                    "process_s": wall,
+                    "params": dict(run.data.params),
+                }
+            )
     tests = [run["test_accuracy"] for run in runs]
     lines = [
         "| seed | selected epoch | val accuracy | test accuracy | s per epoch | training s |",
@@ -75,6 +87,7 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     record_results(args.name, {"runs": runs, "extra_flags": args.extra}, text)
+
 
 if __name__ == "__main__":
     main()

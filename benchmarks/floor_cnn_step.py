@@ -68,13 +68,19 @@ def main() -> None:
     float32_best = min(timings.values())
     if models.cpu_multiplies_bfloat16():
         keras.utils.set_random_seed(0)
-        timings["onednn_bfloat16"] = seconds_per_step(models.build_cnn_model((32, 32), precision="bfloat16"), jit_compile=False)
+        timings["onednn_bfloat16"] = seconds_per_step(
+            models.build_cnn_model((32, 32), precision="bfloat16"), jit_compile=False
+        )
     best = min(timings.values())
-    print(json.dumps({
-        "s_per_step": timings,
-        "s_per_epoch": best * STEPS_PER_EPOCH,
-        "s_per_epoch_float32": float32_best * STEPS_PER_EPOCH,
-    }))
+    print(
+        json.dumps(
+            {
+                "s_per_step": timings,
+                "s_per_epoch": best * STEPS_PER_EPOCH,
+                "s_per_epoch_float32": float32_best * STEPS_PER_EPOCH,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ import tensorflow_datasets as tfds
 
 DATA_DIR = os.environ.get("MNIST_MLFLOW_DATA_DIR", "").strip()
 LOAD_OPTIONS = (
-    {"download_and_prepare_kwargs": {"download_config": tfds.download.DownloadConfig(manual_dir=os.path.join(DATA_DIR, "mnist"))}}
+    {
+        "download_and_prepare_kwargs": {
+            "download_config": tfds.download.DownloadConfig(manual_dir=os.path.join(DATA_DIR, "mnist"))
+        }
+    }
     if DATA_DIR
     else {}
 )
@@ -63,18 +67,22 @@ def dense_with_tfds_pipeline(batch_size: int, epochs: int, steps: int | None = N
     train = shuffled.skip(validation_size).batch(batch_size)
     test = datasets["test"].map(scale).batch(test_size)
     validation_images, validation_labels = next(iter(validation))
-    model = tf.keras.Sequential([
-        layers.Input((28, 28, 1)),
-        layers.Flatten(),
-        layers.Dense(50, activation="relu"),
-        layers.Dense(50, activation="relu"),
-        layers.Dense(10, activation="softmax"),
-    ])
+    model = tf.keras.Sequential(
+        [
+            layers.Input((28, 28, 1)),
+            layers.Flatten(),
+            layers.Dense(50, activation="relu"),
+            layers.Dense(50, activation="relu"),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     timer = EpochTimer()
     if steps:
         train = train.take(steps)
-    history = model.fit(train, epochs=epochs, validation_data=(validation_images, validation_labels), verbose=0, callbacks=[timer])
+    history = model.fit(
+        train, epochs=epochs, validation_data=(validation_images, validation_labels), verbose=0, callbacks=[timer]
+    )
     _, test_accuracy = model.evaluate(test, verbose=0)
     return {"epoch_s": timer.times, "val_accuracy": history.history["val_accuracy"][-1], "test_accuracy": test_accuracy}
 
@@ -95,40 +103,52 @@ def arrays_scaled_one_hot():
 def fit_arrays(model, epochs: int) -> dict:
     """Plain fit on NumPy arrays, batch 32, SGD 0.1, validating on the test split every epoch."""
     images, labels, test_images, test_labels = arrays_scaled_one_hot()
-    model.compile(loss="categorical_crossentropy", optimizer=tf.keras.optimizers.SGD(learning_rate=0.1), metrics=["accuracy"])
+    model.compile(
+        loss="categorical_crossentropy", optimizer=tf.keras.optimizers.SGD(learning_rate=0.1), metrics=["accuracy"]
+    )
     timer = EpochTimer()
     history = model.fit(
-        images, labels, batch_size=32, epochs=epochs, verbose=0, validation_data=(test_images, test_labels), callbacks=[timer]
+        images,
+        labels,
+        batch_size=32,
+        epochs=epochs,
+        verbose=0,
+        validation_data=(test_images, test_labels),
+        callbacks=[timer],
     )
     return {"epoch_s": timer.times, "val_accuracy": history.history["val_accuracy"][-1]}
 
 
 def cnn(epochs: int) -> dict:
     return fit_arrays(
-        tf.keras.Sequential([
-            layers.Input((28, 28, 1)),
-            layers.Conv2D(32, (3, 3), activation="relu"),
-            layers.MaxPooling2D((2, 2), strides=2),
-            layers.Conv2D(32, (3, 3), activation="relu"),
-            layers.MaxPooling2D((2, 2), strides=2),
-            layers.Flatten(),
-            layers.Dense(64, activation="relu"),
-            layers.Dense(64, activation="relu"),
-            layers.Dense(10, activation="softmax"),
-        ]),
+        tf.keras.Sequential(
+            [
+                layers.Input((28, 28, 1)),
+                layers.Conv2D(32, (3, 3), activation="relu"),
+                layers.MaxPooling2D((2, 2), strides=2),
+                layers.Conv2D(32, (3, 3), activation="relu"),
+                layers.MaxPooling2D((2, 2), strides=2),
+                layers.Flatten(),
+                layers.Dense(64, activation="relu"),
+                layers.Dense(64, activation="relu"),
+                layers.Dense(10, activation="softmax"),
+            ]
+        ),
         epochs,
     )
 
 
 def weight_decay(epochs: int) -> dict:
     return fit_arrays(
-        tf.keras.Sequential([
-            layers.Input((28, 28, 1)),
-            layers.Flatten(),
-            layers.Dense(500, activation="relu", kernel_regularizer=tf.keras.regularizers.l2(1e-6)),
-            layers.Dense(300, activation="relu"),
-            layers.Dense(10, activation="softmax"),
-        ]),
+        tf.keras.Sequential(
+            [
+                layers.Input((28, 28, 1)),
+                layers.Flatten(),
+                layers.Dense(500, activation="relu", kernel_regularizer=tf.keras.regularizers.l2(1e-6)),
+                layers.Dense(300, activation="relu"),
+                layers.Dense(10, activation="softmax"),
+            ]
+        ),
         epochs,
     )
 

@@ -29,7 +29,12 @@ from harness.servers import python_env, tracking_server  # noqa: E402
 IMAGES_DIR = PROJECT_DIR / "docs" / "images"
 # As the machine's probe starts Chromium: no sandbox as root, no background connections.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 VIEWPORT = {"width": 1500, "height": 850}
 TIMEOUT_MS = 60_000
@@ -39,7 +44,11 @@ def run_entry_point(script: str, arguments: list[str], env: dict[str, str], cwd:
     """Runs one entry point to the end; returns what it printed."""
     print(f"Running {script} {' '.join(arguments)}", flush=True)
     result = subprocess.run(
-        [sys.executable, str(PROJECT_DIR / "entrypoints" / script), *arguments], env=env, cwd=cwd, capture_output=True, text=True
+        [sys.executable, str(PROJECT_DIR / "entrypoints" / script), *arguments],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise SystemExit(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -63,13 +72,30 @@ def make_runs(server_url: str, work_dir: Path) -> dict[str, str]:
     space.write_text("parameters:\n  units: [32, 128]\n  learning_rate: [0.001, 0.01]\n")
     search = run_entry_point(
         "search.py",
-        ["--space", str(space), "--storage", f"sqlite:///{work_dir / 'optuna.db'}", "--study_name", "grid-units-lr",
-         "--epochs", "5", "--max_train_examples", "6000", "--register_as", ""],
-        env, work_dir,
+        [
+            "--space",
+            str(space),
+            "--storage",
+            f"sqlite:///{work_dir / 'optuna.db'}",
+            "--study_name",
+            "grid-units-lr",
+            "--epochs",
+            "5",
+            "--max_train_examples",
+            "6000",
+            "--register_as",
+            "",
+        ],
+        env,
+        work_dir,
     )
     # Two versions, so that the registry page shows which one promote made the champion.
-    run_entry_point("cnn.py", ["--epochs", "1", "--max_train_examples", "3000", "--register_as", "mnist-cnn"], env, work_dir)
-    cnn = run_entry_point("cnn.py", ["--epochs", "2", "--max_train_examples", "6000", "--register_as", "mnist-cnn"], env, work_dir)
+    run_entry_point(
+        "cnn.py", ["--epochs", "1", "--max_train_examples", "3000", "--register_as", "mnist-cnn"], env, work_dir
+    )
+    cnn = run_entry_point(
+        "cnn.py", ["--epochs", "2", "--max_train_examples", "6000", "--register_as", "mnist-cnn"], env, work_dir
+    )
     run_entry_point("promote.py", ["--model_name", "mnist-cnn"], env, work_dir)
     return {
         "search": printed_link(search, "the runs"),
@@ -127,7 +153,9 @@ def take_screenshots(links: dict[str, str], chromium: str) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium", help="the Chromium binary to drive")
+    parser.add_argument(
+        "--chromium", default=shutil.which("chromium") or "/usr/bin/chromium", help="the Chromium binary to drive"
+    )
     args = parser.parse_args()
     if not Path(args.chromium).exists():
         raise SystemExit(f"--chromium={args.chromium!r}: no such browser; install it with `apt-get install chromium`")

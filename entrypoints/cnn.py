@@ -1,7 +1,7 @@
 """The `cnn` entry point: a convolutional network on MNIST or Fashion-MNIST, tracked and registered.
 
-    python entrypoints/cnn.py --epochs 4
-    mlflow run . -e cnn -P filters=64,64 -P dense_units=128 --env-manager local
+python entrypoints/cnn.py --epochs 4
+mlflow run . -e cnn -P filters=64,64 -P dense_units=128 --env-manager local
 """
 
 from __future__ import annotations

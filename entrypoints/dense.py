@@ -1,7 +1,7 @@
 """The `dense` entry point: a fully connected network on MNIST or Fashion-MNIST, tracked in MLflow.
 
-    python entrypoints/dense.py --hidden_units 200,200 --epochs 5
-    mlflow run . -e dense -P hidden_units=200,200 --env-manager local
+python entrypoints/dense.py --hidden_units 200,200 --epochs 5
+mlflow run . -e dense -P hidden_units=200,200 --env-manager local
 """
 
 from __future__ import annotations

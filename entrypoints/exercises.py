@@ -1,7 +1,7 @@
 """The `exercises` entry point: a suite of course exercises as one parent run with a child run per exercise.
 
-    python entrypoints/exercises.py --suite dense --only 1,4 --epochs 1
-    mlflow run . -e exercises -P suite=conv --env-manager local
+python entrypoints/exercises.py --suite dense --only 1,4 --epochs 1
+mlflow run . -e exercises -P suite=conv --env-manager local
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ HELP = {
     "suite": "dense (the ten dense exercises on MNIST) or conv (the Fashion-MNIST convolution exercises)",
     "only": (
         "comma list of exercise ids to run; empty runs the whole suite. dense: "
-        + ", ".join(exercise_ids("dense")) + "; conv: " + ", ".join(exercise_ids("conv"))
+        + ", ".join(exercise_ids("dense"))
+        + "; conv: "
+        + ", ".join(exercise_ids("conv"))
     ),
     "epochs": "passes over the training data, for every exercise",
     "max_train_examples": "cap on training examples for quick runs; 0 means all",

@@ -1,7 +1,7 @@
 """The `promote` entry point: point the `champion` alias at the best version of a registered model.
 
-    python entrypoints/promote.py --model_name mnist-cnn
-    mlflow run . -e promote -P model_name=mnist-cnn --env-manager local
+python entrypoints/promote.py --model_name mnist-cnn
+mlflow run . -e promote -P model_name=mnist-cnn --env-manager local
 """
 
 from __future__ import annotations
@@ -38,12 +38,19 @@ def main(argv=None) -> None:
         shown = "no score" if value is None else f"{value:.4f}"
         marker = "  <- chosen" if number == promotion.version else ""
         print(f"  version {number}: {shown}{marker}")
-    moved = "" if promotion.previous_version in (None, promotion.version) else f" (was version {promotion.previous_version})"
+    moved = (
+        ""
+        if promotion.previous_version in (None, promotion.version)
+        else f" (was version {promotion.previous_version})"
+    )
     print(
         f"Alias '{promotion.alias}' -> {promotion.model_name} version {promotion.version}{moved}: "
         f"the highest {promotion.metric}, {promotion.value:.4f}."
     )
-    print(f"Serve it: mlflow models serve -m \"models:/{promotion.model_name}@{promotion.alias}\" --env-manager local -p 5001")
+    print(
+        "Serve it: mlflow models serve -m "
+        f'"models:/{promotion.model_name}@{promotion.alias}" --env-manager local -p 5001'
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The `search` entry point: grid, random or TPE hyperparameter search with Optuna, one child run per trial.
 
-    python entrypoints/search.py --space grid --epochs 1 --max_train_examples 2000
-    mlflow run . -e search --env-manager local -P space=random -P pruner=median
-    # More workers (on this or other machines) join with the same storage and study_name:
-    mlflow run . -e search -P storage=postgresql://user:password@host/optuna -P study_name=X
+python entrypoints/search.py --space grid --epochs 1 --max_train_examples 2000
+mlflow run . -e search --env-manager local -P space=random -P pruner=median
+# More workers (on this or other machines) join with the same storage and study_name:
+mlflow run . -e search -P storage=postgresql://user:password@host/optuna -P study_name=X
 """
 
 from __future__ import annotations

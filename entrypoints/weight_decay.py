@@ -1,7 +1,7 @@
 """The `weight_decay` entry point: the L2 replicate sweep of a 784-500-300-10 network as one parent run.
 
-    python entrypoints/weight_decay.py --factors 1e-5,1e-3 --replicates 2 --epochs 1
-    mlflow run . -e weight_decay --env-manager local
+python entrypoints/weight_decay.py --factors 1e-5,1e-3 --replicates 2 --epochs 1
+mlflow run . -e weight_decay --env-manager local
 """
 
 from __future__ import annotations

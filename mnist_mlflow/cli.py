@@ -6,11 +6,10 @@ import argparse
 import gc
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mnist_mlflow import lifecycle
 from mnist_mlflow.config import RunFailedError, UserInputError
-
 
 # Help for the parameters every training entry point shares.
 TRAINING_HELP = {
@@ -50,10 +49,10 @@ def parse_config(config_class, description: str, help_texts: dict[str, str], arg
 def check_tracking_first() -> None:
     """Checks the tracking server and the credentials before a training entry point imports TensorFlow.
 
-    Importing TensorFlow, Keras and scikit-learn costs about 3 s of CPU, and MLflow alone about 1 s.
-    The library checks the server again when it starts work (one request of a few milliseconds), so
-    this only brings forward the answer to a wrong address or password: one line within about a
-    second, instead of after the imports.
+    Importing TensorFlow, Keras and scikit-learn takes seconds of CPU, far longer than asking the
+    server. The library checks the server again when it starts work (one more small request), so
+    this only brings forward the answer to a wrong address or password: one line before the
+    imports instead of after them.
     """
     from mnist_mlflow.tracking import check_tracking_server
 
@@ -64,12 +63,12 @@ def import_training_libraries() -> None:
     """Imports the training code (TensorFlow, Keras, scikit-learn, matplotlib, MLflow), then moves
     what the imports left out of the garbage collector's sight.
 
-    Those are about 600,000 objects that live as long as the process, and every full collection
-    walks them all: about 0.35 s each time Keras's ``clear_session`` collects before a model,
-    and again whenever the collector decides to. Frozen, they are skipped (a 7-trial search took
-    8% less CPU). Objects are still freed by reference counting; only a reference cycle among
-    the frozen ones would outlive its use. Only the entry points do this, once: in a notebook,
-    the user's own objects would be frozen too.
+    Those are hundreds of thousands of objects that live as long as the process, and every full
+    collection walks them all: each time Keras's ``clear_session`` collects before a model, and
+    again whenever the collector decides to. Frozen, they are skipped, which saves a search a
+    noticeable share of its CPU (docs/performance.md). Objects are still freed by reference
+    counting; only a reference cycle among the frozen ones would outlive its use. Only the entry
+    points do this, once: in a notebook, the user's own objects would be frozen too.
     """
     import mnist_mlflow.experiments  # noqa: F401
 

@@ -11,8 +11,9 @@ within a fraction of a second.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class UserInputError(ValueError):
@@ -54,10 +55,10 @@ def parse_int(name: str, text: Any, minimum: int | None = None) -> int:
 
 # Seeds go to NumPy's and TensorFlow's generators, which take 32-bit unsigned seeds.
 MAX_SEED = 2**32 - 1
-# The largest model the entry points build, in trainable parameters. Exercise 10's 1024-1024
-# network has 1.9 million; 50 million float32 weights take 200 MB, and about 800 MB with
-# Adam's moments and the gradients: enough for any exercise, and a clear refusal of a typo
-# such as hidden_units=100000000 before TensorFlow runs out of memory.
+# The largest model the entry points build, in trainable parameters: many times the largest
+# exercise (10's 1024-1024 network), and still a few hundred megabytes with Adam's moments and
+# the gradients, so a typo such as hidden_units=100000000 is refused before TensorFlow runs out
+# of memory.
 MAX_PARAMETERS = 50_000_000
 # Images per split of MNIST and Fashion-MNIST (both: 60,000 training, 10,000 test, 28x28x1).
 TRAIN_SPLIT_EXAMPLES = 60_000
@@ -131,7 +132,9 @@ def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not one of: {', '.join(choices)}")
 
 
-def require_range(name: str, value: float, low: float, high: float, *, low_inclusive: bool, high_inclusive: bool) -> None:
+def require_range(
+    name: str, value: float, low: float, high: float, *, low_inclusive: bool, high_inclusive: bool
+) -> None:
     above_low = value >= low if low_inclusive else value > low
     below_high = value <= high if high_inclusive else value < high
     if not (above_low and below_high):
@@ -157,7 +160,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require_choice("dataset", self.dataset, DATASETS)
-        require_range("validation_fraction", self.validation_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        require_range(
+            "validation_fraction", self.validation_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False
+        )
         check_seed("seed", self.seed)
         require_non_negative("max_train_examples", self.max_train_examples, " (all)")
         validation = round(TRAIN_SPLIT_EXAMPLES * self.validation_fraction)
@@ -228,7 +233,9 @@ class TrainingConfig:
         if self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
         if not 0 <= self.max_shift <= MAX_SHIFT_LIMIT:
-            raise ConfigError(f"max_shift={self.max_shift!r} must be a whole number of pixels from 0 to {MAX_SHIFT_LIMIT}")
+            raise ConfigError(
+                f"max_shift={self.max_shift!r} must be a whole number of pixels from 0 to {MAX_SHIFT_LIMIT}"
+            )
         check_seed("seed", self.seed)
 
 
@@ -295,7 +302,9 @@ class DenseRunConfig:
         return {
             "hidden_units": ",".join(str(width) for width in self.model.hidden_units),
             # One name when every layer shares it, as the MLproject default ("relu") is written.
-            "activation": ",".join(sorted(set(self.model.activations)) if len(set(self.model.activations)) == 1 else self.model.activations),
+            "activation": ",".join(
+                sorted(set(self.model.activations)) if len(set(self.model.activations)) == 1 else self.model.activations
+            ),
             "dropout": self.model.dropout_rate,
             "l2": self.model.l2_factor,
             "regularized_layers": self.model.regularized_layers,
@@ -303,7 +312,7 @@ class DenseRunConfig:
         }
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "DenseRunConfig":
+    def from_params(cls, params: Mapping[str, Any]) -> DenseRunConfig:
         """Builds a config from entry-point parameters given as strings (or values)."""
         raw = merge_params(cls().as_params(), params)
         hidden_units = parse_positive_int_list("hidden_units", raw["hidden_units"])
@@ -380,7 +389,9 @@ class CnnModelConfig:
         )
 
 
-def cnn_parameter_count(filters: tuple[int, ...], kernel_size: int, pooling: tuple[bool, ...], dense_units: tuple[int, ...]) -> int:
+def cnn_parameter_count(
+    filters: tuple[int, ...], kernel_size: int, pooling: tuple[bool, ...], dense_units: tuple[int, ...]
+) -> int:
     """Trainable parameters of the convolutional classifier (valid convolutions, 2x2 pools)."""
     count, channels, size = 0, 1, IMAGE_SIZE
     for count_filters, pooled in zip(filters, pooling):
@@ -392,10 +403,10 @@ def cnn_parameter_count(filters: tuple[int, ...], kernel_size: int, pooling: tup
     return count + sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))
 
 
-# The default CNN trains 15 epochs on images moved by up to 2 pixels. Three seeds all cleared
-# 99.2% test accuracy this way, in bfloat16 (99.25-99.35%) and in float32; with 12 epochs the
-# lowest bfloat16 seed had 99.22%, and without the shifts one seed in three stayed below 99.2%
-# (measured with benchmarks/cnn_seeds.py; see the README's CNN section).
+# The default CNN trains 15 epochs on images moved by up to 2 pixels: the shortest setting
+# with which every seed tried cleared 99.2% test accuracy, in bfloat16 and in float32
+# (benchmarks/cnn_seeds.py; the figures are in benchmarks/results/cnn_seeds_*.md and
+# docs/training.md).
 CNN_DEFAULT_EPOCHS = 15
 CNN_DEFAULT_MAX_SHIFT = 2
 
@@ -434,7 +445,7 @@ class CnnRunConfig:
         }
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "CnnRunConfig":
+    def from_params(cls, params: Mapping[str, Any]) -> CnnRunConfig:
         defaults = cls().as_params()
         raw = merge_params(defaults, params)
         filters = parse_positive_int_list("filters", raw["filters"])

@@ -33,8 +33,16 @@ DATA_DIR_ENV = "MNIST_MLFLOW_DATA_DIR"
 CLASS_NAMES = {
     "mnist": [str(digit) for digit in range(10)],
     "fashion_mnist": [
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     ],
 }
 
@@ -310,7 +318,8 @@ def split_train_validation(
     num_validation = int(round(num_examples * validation_fraction))
     if num_validation < 1 or num_validation >= num_examples:
         raise UserInputError(
-            f"validation_fraction={validation_fraction!r} leaves {num_validation} of {num_examples} examples for validation"
+            f"validation_fraction={validation_fraction!r} leaves "
+            f"{num_validation} of {num_examples} examples for validation"
         )
     order = np.random.default_rng(seed).permutation(num_examples)
     validation_indices = np.sort(order[:num_validation])

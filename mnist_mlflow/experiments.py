@@ -8,8 +8,9 @@ failure before training therefore creates no run when the script is started dire
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from mnist_mlflow import data, evaluation, models, plots, tracking, training
 from mnist_mlflow.config import CnnRunConfig, DataConfig, DenseRunConfig, TrainingConfig
@@ -65,7 +66,9 @@ def _placement(
     }
 
 
-def run_dense(config: DenseRunConfig, study: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
+def run_dense(
+    config: DenseRunConfig, study: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()
+) -> RunResult:
     """Trains the dense network ``config`` describes and records everything in MLflow.
 
     With ``study``, the run is a child of a study's parent run: a mapping with the keys
@@ -84,7 +87,9 @@ def run_dense(config: DenseRunConfig, study: Mapping[str, Any] | None = None, ca
         training_config=config.training,
         data_config=config.data,
         callbacks=callbacks,
-        **_placement(dense_run_name(config), {"entry_point": "dense", "model_family": "dense"}, config.as_params(), study),
+        **_placement(
+            dense_run_name(config), {"entry_point": "dense", "model_family": "dense"}, config.as_params(), study
+        ),
     )
 
 
@@ -149,7 +154,9 @@ def run_classifier(
     with the run in the MLflow UI. ``callbacks`` are extra Keras callbacks for the fit.
     """
     # A study's child: the study has checked the server and reconciled the experiment already.
-    tracking_uri = tracking.prepare_tracking(tags["entry_point"]) if parent_run_id is None else tracking.tracking_uri_shown()
+    tracking_uri = (
+        tracking.prepare_tracking(tags["entry_point"]) if parent_run_id is None else tracking.tracking_uri_shown()
+    )
     splits = data.load_splits(data_config)
 
     import keras
@@ -163,7 +170,9 @@ def run_classifier(
     steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
     # XLA for every model without dropout (see models.use_xla for the measurements).
     jit_compile = models.use_xla(model)
-    total_steps = training_config.epochs * training.steps_per_epoch(len(splits.train_labels), training_config.batch_size)
+    total_steps = training_config.epochs * training.steps_per_epoch(
+        len(splits.train_labels), training_config.batch_size
+    )
     optimizer = models.make_optimizer(
         training_config.optimizer, training_config.learning_rate, training_config.lr_schedule, total_steps
     )
@@ -210,7 +219,8 @@ def run_classifier(
             models.prepare_for_inference(model), splits.test_images[:NUM_EXAMPLE_IMAGES]
         )
         print(
-            f"Selected epoch {result.best_epoch + 1} (step {result.best_epoch}): val_accuracy {result.best_val_accuracy:.4f}, "
+            f"Selected epoch {result.best_epoch + 1} (step {result.best_epoch}): "
+            f"val_accuracy {result.best_val_accuracy:.4f}, "
             f"test_accuracy {result.test_accuracy:.4f}; {result.mean_epoch_time_s:.2f} s per epoch",
             flush=True,
         )

@@ -7,8 +7,8 @@ so the logged and served model needs no preprocessing from its callers.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import keras
 import tensorflow as tf
@@ -98,9 +98,9 @@ class ReshapeMaxPooling2D(keras.layers.MaxPooling2D):
     """2x2 max pooling with stride 2 as a reshape and a maximum; same results as MaxPooling2D.
 
     Like MaxPooling2D with "valid" padding, an odd last row or column is dropped. Under XLA
-    on a CPU, MaxPooling2D's gradient is slow enough to triple the CNN's training time; this
-    form's gradient is a cheap elementwise mask, and the whole CNN trains about twice as fast
-    as with TensorFlow's own kernels (measured: benchmarks/bench_cnn.py).
+    on a CPU, MaxPooling2D's gradient is slow enough to dominate the CNN's training step; this
+    form's gradient is a cheap elementwise mask, and the whole CNN trains much faster than with
+    TensorFlow's own kernels (docs/performance.md).
     """
 
     def __init__(self, **kwargs):
@@ -190,7 +190,12 @@ def build_cnn_model(
     for index, (count, pooled) in enumerate(zip(filters, pooling, strict=True), start=1):
         layers.append(
             keras.layers.Conv2D(
-                count, kernel_size, activation="relu", kernel_initializer=RELU_INITIALIZER, name=f"conv_{index}", dtype=policy
+                count,
+                kernel_size,
+                activation="relu",
+                kernel_initializer=RELU_INITIALIZER,
+                name=f"conv_{index}",
+                dtype=policy,
             )
         )
         if pooled:
@@ -272,11 +277,10 @@ def prepare_for_inference(model: keras.Model) -> keras.Model:
 def use_xla(model: keras.Model) -> bool:
     """Whether to compile ``model`` with XLA: yes, unless it has dropout or computes in bfloat16.
 
-    On this CPU, XLA makes the small dense networks about twice as fast and the convolutional
-    ones much faster (with ReshapeMaxPooling2D), but its dropout is about five times slower:
-    784-256-10 at batch 32 on full MNIST took 18.7 s per epoch with dropout 0.1 under XLA and
-    3.5 s without XLA, against 1.9 s with XLA and no dropout
-    (``benchmarks/bench_dropout_xla.py``, all four variants side by side).
+    On a CPU, XLA makes the small dense networks and the convolutional ones (with
+    ReshapeMaxPooling2D) faster, but its dropout is several times slower than TensorFlow's own
+    (``benchmarks/bench_dropout_xla.py`` measures all four variants side by side; the figures are
+    in ``benchmarks/results/dropout_xla.md``).
     """
     has_dropout = any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
     return not has_dropout and not computes_in_bfloat16(model)

@@ -79,8 +79,12 @@ def misclassified_figure(
         axes.text(
             2 + column * (images.shape[2] + 2) + images.shape[2] / 2,
             2 + row * (tile + 2) + 6,
-            f"true {class_names[labels[index]]}\npred {class_names[predicted[index]]} ({probabilities[index].max():.0%})",
-            ha="center", va="center", fontsize=8, color="firebrick",
+            f"true {class_names[labels[index]]}\npred "
+            f"{class_names[predicted[index]]} ({probabilities[index].max():.0%})",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="firebrick",
         )
     total_wrong = int(np.sum(predicted != labels))
     axes.set_title(f"Misclassified test images: first {len(wrong)} of {total_wrong}")
@@ -93,8 +97,9 @@ def predictions_figure(
 ):
     """The first test images, each next to a bar chart of its predicted class probabilities."""
     count = min(count, len(images))
-    figure, axes_grid = plt.subplots(count, 2, figsize=(8, count * 1.6), squeeze=False,
-                                     gridspec_kw={"width_ratios": [1, 3]})
+    figure, axes_grid = plt.subplots(
+        count, 2, figsize=(8, count * 1.6), squeeze=False, gridspec_kw={"width_ratios": [1, 3]}
+    )
     positions = np.arange(len(class_names))
     for row in range(count):
         image_axes, bar_axes = axes_grid[row]
@@ -109,13 +114,16 @@ def predictions_figure(
         bar_axes.set_xticks(positions, labels=class_names, fontsize=7, rotation=30 if len(class_names[0]) > 2 else 0)
         bar_axes.set_ylabel("p", fontsize=8)
         bar_axes.set_title(f"predicted {class_names[predicted]} ({probabilities[row, predicted]:.1%})", fontsize=8)
-    # Fixed margins: tight_layout measured every label of twelve plots, a third of a second.
+    # Fixed margins: tight_layout would measure every label of twelve plots, which is slow.
     figure.subplots_adjust(left=0.04, right=0.98, bottom=0.05, top=0.95, hspace=0.9, wspace=0.15)
     return figure
 
 
 def accuracy_vs_time_figure(
-    labels: list[str], seconds_per_epoch: list[float], accuracies: list[float], highlight: str | None = None,
+    labels: list[str],
+    seconds_per_epoch: list[float],
+    accuracies: list[float],
+    highlight: str | None = None,
     title: str = "Validation accuracy against training time",
 ):
     """One labelled point per run: validation accuracy against mean seconds per epoch.
@@ -127,8 +135,12 @@ def accuracy_vs_time_figure(
     for label, seconds, accuracy in zip(labels, seconds_per_epoch, accuracies, strict=True):
         is_highlight = label == highlight
         axes.scatter(
-            seconds, accuracy * 100, s=120 if is_highlight else 50, zorder=3,
-            color="tab:red" if is_highlight else "tab:blue", edgecolor="black" if is_highlight else None,
+            seconds,
+            accuracy * 100,
+            s=120 if is_highlight else 50,
+            zorder=3,
+            color="tab:red" if is_highlight else "tab:blue",
+            edgecolor="black" if is_highlight else None,
             label=f"{label} (reference)" if is_highlight else None,
         )
         axes.annotate(label, (seconds, accuracy * 100), textcoords="offset points", xytext=(6, 4), fontsize=9)
@@ -146,8 +158,13 @@ def accuracy_vs_time_figure(
 
 
 def error_bar_figure(
-    factors: list[float], means: list[float], standard_deviations: list[float], reference: float | None = None,
-    reference_label: str = "", log_x: bool = False, title: str = "Validation accuracy against weight decay",
+    factors: list[float],
+    means: list[float],
+    standard_deviations: list[float],
+    reference: float | None = None,
+    reference_label: str = "",
+    log_x: bool = False,
+    title: str = "Validation accuracy against weight decay",
 ):
     """Mean validation accuracy per factor with one-standard-deviation bars and a reference line."""
     figure, axes = plt.subplots(figsize=(8, 5))
@@ -168,7 +185,11 @@ def error_bar_figure(
 
 
 def heatmap_figure(
-    row_name: str, row_values: list, column_name: str, column_values: list, matrix: np.ndarray,
+    row_name: str,
+    row_values: list,
+    column_name: str,
+    column_values: list,
+    matrix: np.ndarray,
     title: str = "Validation accuracy over the grid",
 ):
     """Validation accuracy (%) per grid cell, annotated; empty cells (not finished) are left blank."""
@@ -186,15 +207,25 @@ def heatmap_figure(
         for column in range(percent.shape[1]):
             value = percent[row, column]
             if np.isfinite(value):
-                axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=9,
-                          color="black" if value > threshold else "white")
+                axes.text(
+                    column,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="black" if value > threshold else "white",
+                )
     axes.set_title(title)
     figure.tight_layout()
     return figure
 
 
 def best_so_far_figure(
-    trial_numbers: list[int], values: list[float], pruned: list[bool], title: str = "Best validation accuracy so far",
+    trial_numbers: list[int],
+    values: list[float],
+    pruned: list[bool],
+    title: str = "Best validation accuracy so far",
 ):
     """Every trial's validation accuracy (pruned ones hollow) and the best so far, by trial number."""
     figure, axes = plt.subplots(figsize=(9, 5))
@@ -205,14 +236,25 @@ def best_so_far_figure(
     complete = ~pruned_mask
     axes.scatter(numbers[complete], percent[complete], color="tab:blue", s=25, label="finished trial")
     if pruned_mask.any():
-        axes.scatter(numbers[pruned_mask], percent[pruned_mask], facecolors="none", edgecolors="tab:gray", s=25,
-                     label="pruned trial (accuracy when stopped)")
+        axes.scatter(
+            numbers[pruned_mask],
+            percent[pruned_mask],
+            facecolors="none",
+            edgecolors="tab:gray",
+            s=25,
+            label="pruned trial (accuracy when stopped)",
+        )
     best = np.maximum.accumulate(np.where(complete, percent, -np.inf)) if complete.any() else np.array([])
     if best.size:
         shown = np.isfinite(best)
-        axes.step(numbers[shown], best[shown], where="post", color="tab:orange", linewidth=2, label="best finished so far")
+        axes.step(
+            numbers[shown], best[shown], where="post", color="tab:orange", linewidth=2, label="best finished so far"
+        )
     if percent.size:
-        axes.set_ylim(max(percent.min() - 1, np.percentile(percent, 10) - 5), 100.5 if percent.max() > 99.5 else percent.max() + 0.5)
+        axes.set_ylim(
+            max(percent.min() - 1, np.percentile(percent, 10) - 5),
+            100.5 if percent.max() > 99.5 else percent.max() + 0.5,
+        )
     axes.set_xlabel("Trial number")
     axes.set_ylabel("Validation accuracy (%)")
     axes.set_title(title)
@@ -222,16 +264,36 @@ def best_so_far_figure(
     return figure
 
 
-def best_of_n_figure(ns: list[int], expected: list[float], low: list[float], high: list[float], pool_size: int,
-                     reference: dict[int, float] | None = None, title: str = "Expected best of N trials"):
+def best_of_n_figure(
+    ns: list[int],
+    expected: list[float],
+    low: list[float],
+    high: list[float],
+    pool_size: int,
+    reference: dict[int, float] | None = None,
+    title: str = "Expected best of N trials",
+):
     """The exact expected best validation accuracy of N trials, with its 10-90% band and any reference points."""
     figure, axes = plt.subplots(figsize=(8, 5))
-    axes.fill_between(ns, np.asarray(low) * 100, np.asarray(high) * 100, color="tab:blue", alpha=0.2,
-                      label="10th-90th percentile of the best")
-    axes.plot(ns, np.asarray(expected) * 100, "o-", color="tab:blue", label=f"expected best (exact, pool of {pool_size})")
+    axes.fill_between(
+        ns,
+        np.asarray(low) * 100,
+        np.asarray(high) * 100,
+        color="tab:blue",
+        alpha=0.2,
+        label="10th-90th percentile of the best",
+    )
+    axes.plot(
+        ns, np.asarray(expected) * 100, "o-", color="tab:blue", label=f"expected best (exact, pool of {pool_size})"
+    )
     if reference:
-        axes.plot(list(reference), [value * 100 for value in reference.values()], "s--", color="tab:red",
-                  label="reference (3 re-runs per N)")
+        axes.plot(
+            list(reference),
+            [value * 100 for value in reference.values()],
+            "s--",
+            color="tab:red",
+            label="reference (3 re-runs per N)",
+        )
     axes.set_xscale("log")
     axes.set_xticks(ns, labels=[str(n) for n in ns])
     axes.set_xlabel("N, trials drawn without replacement (log scale)")

@@ -40,7 +40,7 @@ def image_to_mnist(path: str | Path) -> np.ndarray:
     digit = np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize(size, Image.LANCZOS), dtype=np.float32)
     canvas = np.zeros((28, 28), dtype=np.float32)
     top, left = (28 - digit.shape[0]) // 2, (28 - digit.shape[1]) // 2
-    canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
     if canvas.sum() > 0:
         rows, columns = np.indices(canvas.shape)
         shift_rows = int(round(14 - (rows * canvas).sum() / canvas.sum()))
@@ -69,7 +69,9 @@ def predict_images(url: str, images: np.ndarray, timeout_s: float = 60.0) -> np.
     try:
         predictions = response.json()["predictions"]
     except (ValueError, KeyError, TypeError):
-        raise BadAnswerError(f"{url} answered something that is not JSON with a 'predictions' list: {response.text[:200]!r}") from None
+        raise BadAnswerError(
+            f"{url} answered something that is not JSON with a 'predictions' list: {response.text[:200]!r}"
+        ) from None
     if not isinstance(predictions, list):
         raise BadAnswerError(f"{url} answered 'predictions' that is not a list: {str(predictions)[:200]!r}")
     return predictions
@@ -122,7 +124,10 @@ def main(argv=None) -> int:
             return 2
         for index, path in enumerate(readable):
             if index >= len(rows):
-                print(f"{path}: no answer (the server returned {len(rows)} rows for {len(readable)} images)", file=sys.stderr)
+                print(
+                    f"{path}: no answer (the server returned {len(rows)} rows for {len(readable)} images)",
+                    file=sys.stderr,
+                )
                 failed += 1
                 continue
             try:

@@ -54,7 +54,9 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(key.lower() in SECRET_QUERY_KEYS for key, _ in pairs):
-            query = urlencode([(key, MASK if key.lower() in SECRET_QUERY_KEYS else value) for key, value in pairs], safe="*")
+            query = urlencode(
+                [(key, MASK if key.lower() in SECRET_QUERY_KEYS else value) for key, value in pairs], safe="*"
+            )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -71,7 +73,12 @@ def server_identity(url: str) -> tuple[str, str, int | None, str]:
     except ValueError:
         port = None
     default_ports = {"http": 80, "https": 443}
-    return (parts.scheme.lower(), (parts.hostname or "").lower(), port or default_ports.get(parts.scheme.lower()), parts.path.rstrip("/"))
+    return (
+        parts.scheme.lower(),
+        (parts.hostname or "").lower(),
+        port or default_ports.get(parts.scheme.lower()),
+        parts.path.rstrip("/"),
+    )
 
 
 def without_credentials(url: str) -> str:

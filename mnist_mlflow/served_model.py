@@ -5,9 +5,10 @@ MLflow copies this file into the logged model and runs it when the model is load
 the model needs only MLflow, NumPy, Keras and TensorFlow.
 
 Why not MLflow's Keras flavour: its `predict` calls `keras.Model.predict`, which sets up a
-tf.data pipeline and a new step function on every call (mlflow#5259), slow for one
-image (benchmarks/results/serving.md). This model calls one compiled TensorFlow function of the Keras model instead, traced
-once for every batch size, and refuses what is not an image before it reaches the network.
+tf.data pipeline and a new step function on every call (mlflow#5259), slow for one image
+(benchmarks/results/serving.md). This model calls one compiled TensorFlow function of the Keras
+model instead, traced once for every batch size, and refuses what is not an image before it
+reaches the network.
 
 How it keeps MLflow's pyfunc contract and still serves fast. MLflow documents that a pyfunc
 model takes NumPy arrays and pandas DataFrames in process, and that its signature describes the
@@ -110,7 +111,9 @@ def check_images(images, max_batch: int) -> np.ndarray:
         # Numbers mixed with JSON nulls: the nulls become NaN, refused below as not finite.
         values = images.ravel()
         if all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in values):
-            images = np.array([np.nan if value is None else value for value in values], dtype=np.float32).reshape(images.shape)
+            images = np.array([np.nan if value is None else value for value in values], dtype=np.float32).reshape(
+                images.shape
+            )
     if images is None or images.dtype.kind not in "iuf":
         raise ImageInputError("inputs must be numbers: raw pixel intensities 0-255")
     images = images.astype(np.float32, copy=False)
@@ -125,7 +128,8 @@ def check_images(images, max_batch: int) -> np.ndarray:
         raise ImageInputError("inputs hold no image")
     if count > max_batch:
         raise ImageInputError(
-            f"a request may hold at most {max_batch} images; got {count} (split the batch, or serve with {MAX_BATCH_ENV} set higher)"
+            f"a request may hold at most {max_batch} images; got {count} "
+            f"(split the batch, or serve with {MAX_BATCH_ENV} set higher)"
         )
     finite = np.isfinite(images)
     if not finite.all():
@@ -188,7 +192,11 @@ class KerasImageClassifier(mlflow.pyfunc.PythonModel):
             # Collect what loading left behind first, so that only live objects are frozen.
             gc.collect()
             gc.freeze()
-            print(f"mnist-mlflow: froze {gc.get_freeze_count()} loaded objects out of the garbage collector's sight", file=sys.stderr, flush=True)
+            print(
+                f"mnist-mlflow: froze {gc.get_freeze_count()} loaded objects out of the garbage collector's sight",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # ``np.ndarray`` is a hint MLflow documents as one it neither validates nor infers a signature
     # from; the signature is given when the model is logged, and check_images enforces it. The

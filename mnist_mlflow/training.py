@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import keras
 import numpy as np
@@ -21,7 +21,7 @@ from mnist_mlflow.models import MultiStepSequential, computes_in_bfloat16, with_
 # Batches run per compiled call at most; amortises Python and dispatch overhead per step.
 MAX_STEPS_PER_EXECUTION = 200
 # A MultiStepSequential takes up to this many batches per step, and at most this many
-# examples (the images of one step are a float32 copy: 10,000 of them take 31 MB).
+# examples (the images of one step are a float32 copy, so this bounds its memory).
 MAX_BATCHES_PER_STEP = 200
 MAX_EXAMPLES_PER_STEP = 10_000
 
@@ -174,9 +174,8 @@ def batches_per_step_for(model: keras.Model, num_examples: int, batch_size: int)
     - the batch size divides the training examples, so every batch is whole (a smaller last
       batch would need a step of another shape inside the compiled loop);
     - it is not a convolutional network compiled with XLA: XLA on CPU runs convolutions
-      inside a loop about ten times slower per step (49 ms against 3.9 ms, measured with the
-      default CNN), while dense networks gain: 0.27 ms against 0.8 ms per step at batch 100,
-      0.035 ms against 0.25 ms at batch 1 (``benchmarks/bench_speed.py`` has the whole runs).
+      inside a loop many times slower per step, while dense networks gain, most at small
+      batches (``benchmarks/bench_speed.py`` has the whole runs; docs/performance.md explains).
     """
     if not isinstance(model, MultiStepSequential) or num_examples % batch_size:
         return 1
@@ -212,7 +211,12 @@ def train_and_evaluate(
     if isinstance(model, MultiStepSequential):
         model.step_batch_size = batch_size if batches_per_step > 1 else None
     train_data = training_dataset(
-        splits.train_images, splits.train_labels, batch_size, seed, max_shift=max_shift, batches_per_step=batches_per_step
+        splits.train_images,
+        splits.train_labels,
+        batch_size,
+        seed,
+        max_shift=max_shift,
+        batches_per_step=batches_per_step,
     )
     validation_data = evaluation_dataset(splits.validation_images, splits.validation_labels)
 

@@ -32,23 +32,23 @@ SMALL_TRAIN_EXAMPLES = 2000
 
 # The longest files first. The suite runs on xdist workers that take one file at a time, in
 # collection order; a long file taken last keeps one worker busy while the others sit idle.
-# (Longest first is the classic rule for sharing jobs between machines.) Figures: the sum of
-# each file's times in `--durations=0` of `-m "not slow"`, three workers on 2 cores; the order
-# within each file is kept.
+# (Longest first is the classic rule for sharing jobs between machines.) The order comes from
+# the sum of each file's times in `--durations=0` of `-m "not slow"`, on three workers; the
+# order within each file is kept.
 LONGEST_FILES_FIRST = (
     "test_environments_e2e.py",  # builds uv environments (slow)
-    "test_reliability_e2e.py",  # about 170 s
-    "test_search_e2e.py",  # about 165 s
-    "test_studies_e2e.py",  # about 130 s
-    "test_search_workers_e2e.py",  # about 90 s
-    "test_security_e2e.py",  # about 80 s
-    "test_shared_server_e2e.py",  # about 45 s
-    "test_dense_e2e.py",  # about 42 s
-    "test_fresh_machine_e2e.py",  # about 37 s
-    "test_data.py",  # about 38 s
-    "test_cnn_e2e.py",  # about 36 s
+    "test_reliability_e2e.py",
+    "test_search_e2e.py",
+    "test_studies_e2e.py",
+    "test_search_workers_e2e.py",
+    "test_security_e2e.py",
+    "test_shared_server_e2e.py",
+    "test_dense_e2e.py",
+    "test_fresh_machine_e2e.py",
+    "test_data.py",
+    "test_cnn_e2e.py",
     "test_ui_e2e.py",  # a browser (slow)
-    "test_training.py",  # about 31 s
+    "test_training.py",
 )
 
 
@@ -89,9 +89,7 @@ def small_splits():
 
 
 def run_script(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Path = PROJECT_DIR):
-    return subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # Runs an entry point as `python <script>` would, then says whether TensorFlow was imported. (An

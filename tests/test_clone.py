@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-
 from conftest import PROJECT_DIR
 
 # Where the offline data folder beside the project may be looked for, and nowhere else.
@@ -20,7 +19,9 @@ MAY_NAME_THE_SHARED_DATA = {".ci/run", "tests/conftest.py"}
 
 
 def tracked_text_files() -> list[Path]:
-    names = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True).stdout.split()
+    names = subprocess.run(
+        ["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+    ).stdout.split()
     files = []
     for name in names:
         path = PROJECT_DIR / name
@@ -70,8 +71,19 @@ def test_the_benchmarks_seed_baseline_runs_from_the_clone(tmp_path):
     # Prepared under the project's lock first: the seeds' code prepares without one, as written.
     data.load_arrays("mnist")
     result = subprocess.run(
-        [sys.executable, str(PROJECT_DIR / "benchmarks" / "seed_baseline.py"), "dense_bs1", "--epochs", "1", "--steps", "20"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(PROJECT_DIR / "benchmarks" / "seed_baseline.py"),
+            "dense_bs1",
+            "--epochs",
+            "1",
+            "--steps",
+            "20",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -90,7 +102,7 @@ def test_figures_quoted_from_the_benchmark_results_match_them():
             results = (PROJECT_DIR / match.group(1)).read_text()
             table = match.group(2).strip().splitlines()
             lines = results.splitlines()
-            assert any(lines[start:start + len(table)] == table for start in range(len(lines))), (
+            assert any(lines[start : start + len(table)] == table for start in range(len(lines))), (
                 f"{page.relative_to(PROJECT_DIR)}: the table quoted from {match.group(1)} differs from it"
             )
             quoted += 1

@@ -11,9 +11,9 @@ import uuid
 import numpy as np
 import pytest
 import requests
+from conftest import PROJECT_DIR, run_script
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
 from harness.servers import ServerProcess, free_port, python_env
 
 pytestmark = pytest.mark.e2e
@@ -30,9 +30,23 @@ def registered_cnn(mlflow_server):
     env = python_env(mlflow_server.url)
     result = run_script(
         [
-            sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "cnn",
-            "--env-manager", "local", "--experiment-name", experiment_name,
-            "-P", "epochs=1", "-P", "max_train_examples=3000", "-P", f"register_as={model_name}",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(PROJECT_DIR),
+            "-e",
+            "cnn",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            experiment_name,
+            "-P",
+            "epochs=1",
+            "-P",
+            "max_train_examples=3000",
+            "-P",
+            f"register_as={model_name}",
         ],
         env=env,
     )
@@ -50,9 +64,19 @@ def champion_server(registered_cnn, mlflow_server, tmp_path_factory):
     _, _, model_name, _ = registered_cnn
     port = free_port()
     command = [
-        sys.executable, "-m", "mlflow", "models", "serve",
-        "-m", f"models:/{model_name}@champion",
-        "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"models:/{model_name}@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
     ]
     # A batch limit set at serve time, so that the oversized-batch check stays small.
     env = python_env(mlflow_server.url, MNIST_MLFLOW_MAX_BATCH=str(MAX_BATCH))
@@ -129,14 +153,19 @@ def test_the_compact_request_form_gives_the_same_answers(champion_server, small_
     nested = _post(champion_server, {"inputs": images.tolist()})
     compact = _post(champion_server, {"inputs": images.reshape(50, 784).tolist()})
     assert compact.status_code == 200, compact.text[:300]
-    np.testing.assert_allclose(np.asarray(compact.json()["predictions"]), np.asarray(nested.json()["predictions"]), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(compact.json()["predictions"]), np.asarray(nested.json()["predictions"]), atol=1e-6
+    )
     # The checks apply to this form too.
     bad = images.reshape(50, 784).tolist()
     bad[3][100] = 999.0
     refused = _post(champion_server, {"inputs": bad})
     assert refused.status_code == 400 and refused.json()["message"].startswith("image 3 holds a pixel outside 0..255")
     # MLflow's dataframe forms are refused with a message that names the key to use.
-    dataframe = _post(champion_server, {"dataframe_split": {"columns": ["image"], "data": [[row] for row in images[:2].reshape(2, 784).tolist()]}})
+    dataframe = _post(
+        champion_server,
+        {"dataframe_split": {"columns": ["image"], "data": [[row] for row in images[:2].reshape(2, 784).tolist()]}},
+    )
     assert dataframe.status_code == 400 and "'inputs' key" in dataframe.json()["message"]
 
 
@@ -164,8 +193,21 @@ def test_the_champion_keeps_mlflow_s_pyfunc_contract(registered_cnn, mlflow_serv
     output = tmp_path / "predictions.json"
     result = run_script(
         [
-            sys.executable, "-m", "mlflow", "models", "predict", "-m", f"models:/{model_name}@champion",
-            "-i", str(request), "-t", "json", "-o", str(output), "--env-manager", "local",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "predict",
+            "-m",
+            f"models:/{model_name}@champion",
+            "-i",
+            str(request),
+            "-t",
+            "json",
+            "-o",
+            str(output),
+            "--env-manager",
+            "local",
         ],
         env=python_env(mlflow_server.url),
         timeout=300,
@@ -215,11 +257,16 @@ def _image_with(value) -> list:
         (_image_with(float("inf")), "image 0 holds a value that is not a finite number"),
         (_image_with(1e30), "image 0 holds a pixel outside 0..255"),
         (_image_with(-3.0), "image 0 holds a pixel outside 0..255"),
-        (np.zeros((MAX_BATCH + 1, 28, 28, 1)).tolist(), f"a request may hold at most {MAX_BATCH} images; got {MAX_BATCH + 1}"),
+        (
+            np.zeros((MAX_BATCH + 1, 28, 28, 1)).tolist(),
+            f"a request may hold at most {MAX_BATCH} images; got {MAX_BATCH + 1}",
+        ),
     ],
     ids=["nan", "infinity", "1e30", "negative", "oversized-batch"],
 )
-def test_what_is_not_an_image_gets_400_with_a_message_that_does_not_echo_it(champion_server, small_splits, inputs, message):
+def test_what_is_not_an_image_gets_400_with_a_message_that_does_not_echo_it(
+    champion_server, small_splits, inputs, message
+):
     # Python's json writes NaN and Infinity as the bare words that JavaScript's JSON.stringify
     # would not, but that many clients send; MLflow's parser reads them.
     response = _post(champion_server, data=json.dumps({"inputs": inputs}).encode())
@@ -245,7 +292,8 @@ def test_predict_client_reads_png_files_and_reports_unreadable_ones(champion_ser
     response = _post(champion_server, {"inputs": small_splits.test_images[:50].astype(np.float32).tolist()})
     probabilities = np.asarray(response.json()["predictions"])
     confident = [
-        index for index in range(50)
+        index
+        for index in range(50)
         if probabilities[index].argmax() == small_splits.test_labels[index] and probabilities[index].max() > 0.9
     ][:6]
     assert len(confident) >= 3
@@ -285,10 +333,14 @@ def test_promote_chooses_by_validation_never_by_test(registered_cnn, tracking_ur
 
 def test_promote_refuses_unknown_models_and_test_metrics(mlflow_server):
     env = python_env(mlflow_server.url)
-    missing = run_script([sys.executable, "entrypoints/promote.py", "--model_name", "no-such-model"], env=env, timeout=60)
+    missing = run_script(
+        [sys.executable, "entrypoints/promote.py", "--model_name", "no-such-model"], env=env, timeout=60
+    )
     assert missing.returncode == 2
     assert "no-such-model" in missing.stderr and "Traceback" not in missing.stderr
     leaky = run_script(
-        [sys.executable, "entrypoints/promote.py", "--model_name", "x", "--metric", "test_accuracy"], env=env, timeout=60
+        [sys.executable, "entrypoints/promote.py", "--model_name", "x", "--metric", "test_accuracy"],
+        env=env,
+        timeout=60,
     )
     assert leaky.returncode == 2 and "test_accuracy" in leaky.stderr

@@ -22,7 +22,11 @@ def test_empty_pooling_means_pool_after_every_convolution_and_empty_register_mea
     config = CnnRunConfig.from_params({"filters": "64,32,16", "pooling": "", "register_as": ""})
     assert config.model.pooling == (True, True, True)
     assert config.register_as == ""
-    assert CnnRunConfig.from_params({"filters": "64,32,16", "pooling": "true,yes,false"}).model.pooling == (True, True, False)
+    assert CnnRunConfig.from_params({"filters": "64,32,16", "pooling": "true,yes,false"}).model.pooling == (
+        True,
+        True,
+        False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,7 +77,9 @@ def test_reshape_pooling_matches_max_pooling_in_values_and_gradients_including_o
     import tensorflow as tf
 
     # Distinct values, so that no window has a tie and the gradients are unique.
-    inputs = tf.constant(np.random.default_rng(1).permutation(3 * np.prod(input_shape)).reshape(3, *input_shape).astype("float32"))
+    inputs = tf.constant(
+        np.random.default_rng(1).permutation(3 * np.prod(input_shape)).reshape(3, *input_shape).astype("float32")
+    )
     results = []
     for layer in (keras.layers.MaxPooling2D(2, 2), models.ReshapeMaxPooling2D()):
         with tf.GradientTape() as tape:

@@ -54,7 +54,9 @@ def test_the_race_is_real_with_plain_set_tag(tracking_uri):
     failures = []
     for _ in range(5):
         run_id = client.create_run(experiment_id).info.run_id
-        failures += _write_tags_together(run_id, lambda client, run_id, name, value: client.set_tag(run_id, name, value))
+        failures += _write_tags_together(
+            run_id, lambda client, run_id, name, value: client.set_tag(run_id, name, value)
+        )
         if failures:
             break
     assert any("UNIQUE constraint" in str(error) for error in failures)

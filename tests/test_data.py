@@ -128,7 +128,9 @@ def _load_in_fresh_process(folder) -> str:
         "print('tfds imported:', 'tensorflow_datasets' in sys.modules, version)\n"
         "print(hashlib.sha256(arrays['train'][0].tobytes() + arrays['test'][1].tobytes()).hexdigest())\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=data.Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=data.Path(__file__).parent.parent
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -197,7 +199,11 @@ def test_an_unreadable_manifest_is_one_line_and_the_data_is_decoded_again(prepar
     (prepared_dir / data.ARRAY_CACHE_FOLDER / data.ARRAY_CACHE_MANIFEST).write_text(manifest)
     assert data._read_array_cache("mnist", str(copy)) is None
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and printed[0].startswith("Ignoring the decoded-array cache") and printed[0].endswith("decoding mnist again")
+    assert (
+        len(printed) == 1
+        and printed[0].startswith("Ignoring the decoded-array cache")
+        and printed[0].endswith("decoding mnist again")
+    )
 
 
 def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_both, tmp_path):
@@ -208,9 +214,10 @@ def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_b
     import subprocess
     import sys
 
-    if shutil.which("unshare") is None or subprocess.run(
-        ["unshare", "--mount", "true"], capture_output=True
-    ).returncode != 0:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0
+    ):
         pytest.skip("needs `unshare --mount` to mount a folder read-only")
     copy, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
     code = (
@@ -218,14 +225,19 @@ def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_b
         f"arrays, version, _ = data.load_arrays('mnist', {str(copy)!r})\n"
         "print('loaded', version, arrays['train'][0].shape)\n"
     )
-    script = f'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$1" -c "$2"'
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$1" -c "$2"'
     result = subprocess.run(
         ["unshare", "--mount", "sh", "-c", script, str(copy), sys.executable, code],
-        capture_output=True, text=True, cwd=data.Path(__file__).parent.parent, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=data.Path(__file__).parent.parent,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if "cach" in line]
-    assert len(lines) == 1 and lines[0].startswith(f"Not caching the decoded arrays: {prepared_dir} cannot be written"), result.stdout
+    assert len(lines) == 1 and lines[0].startswith(
+        f"Not caching the decoded arrays: {prepared_dir} cannot be written"
+    ), result.stdout
     assert "Read-only file system" in lines[0]
     assert "loaded 3.0.1 (60000, 28, 28, 1)" in result.stdout
     assert not (prepared_dir / data.ARRAY_CACHE_FOLDER).exists()
@@ -245,7 +257,10 @@ def test_a_process_waits_for_the_one_preparing_the_data_set(prepared_both, tmp_p
     code = f"from mnist_mlflow import data\ndata.load_arrays('mnist', {str(copy)!r})\nprint('loaded')\n"
     with FileLock(data.preparation_lock_path("mnist", str(copy))):
         process = subprocess.Popen(
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             cwd=data.Path(__file__).parent.parent,
         )
         first_line = process.stdout.readline()

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import PROJECT_DIR
+
 from mnist_mlflow.config import CnnRunConfig, ConfigError, DenseRunConfig
 from mnist_mlflow.studies.exercises import ExercisesConfig
 from mnist_mlflow.studies.search_spaces import SearchConfig
@@ -74,7 +74,10 @@ def flag_defaults(entry: str) -> dict[str, str]:
     """The defaults ``python entrypoints/<entry>.py --help`` shows, flag by flag."""
     result = subprocess.run(
         [sys.executable, str(PROJECT_DIR / "entrypoints" / f"{entry}.py"), "--help"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "10000"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "10000"},
     )
     assert result.returncode == 0, result.stderr
     return dict(re.findall(r"^\s+--(\w+) \S+\s.*\(default: (.*?)\)$", result.stdout, flags=re.MULTILINE))

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from harness.servers import free_port, python_env
 
 pytestmark = pytest.mark.e2e
@@ -47,14 +47,29 @@ def dense_launch(mlflow_server):
     """
     result = run_script(
         [
-            sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense",
-            "--env-manager", "local", "-P", "epochs=2", "-P", "max_train_examples=2000",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(PROJECT_DIR),
+            "-e",
+            "dense",
+            "--env-manager",
+            "local",
+            "-P",
+            "epochs=2",
+            "-P",
+            "max_train_examples=2000",
         ],
         env=python_env(mlflow_server.url),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     # The run ends with a link that opens it in the UI's model-training view.
-    link = re.search(rf"View this run in the MLflow UI: {re.escape(mlflow_server.url)}/#/experiments/(\d+)/runs/(\w+)\?workflowType=machine_learning\n", result.stdout)
+    link = re.search(
+        rf"View this run in the MLflow UI: "
+        rf"{re.escape(mlflow_server.url)}/#/experiments/(\d+)/runs/(\w+)\?workflowType=machine_learning\n",
+        result.stdout,
+    )
     assert link, result.stdout[-3000:]
     client = MlflowClient(mlflow_server.url)
     run = client.get_run(link.group(2))
@@ -71,7 +86,10 @@ def dense_run(dense_launch):
 def test_mlflow_run_without_an_experiment_name_says_where_the_run_went(dense_launch):
     """The launcher puts the run in Default before any project code runs: the entry point says so."""
     _, run, result = dense_launch
-    assert "note: mlflow run put this run in MLflow's Default experiment; add --experiment-name mnist-dense" in result.stdout
+    assert (
+        "note: mlflow run put this run in MLflow's Default experiment; add --experiment-name mnist-dense"
+        in result.stdout
+    )
     assert run.info.experiment_id == "0"
 
 
@@ -109,7 +127,9 @@ def test_per_epoch_histories_and_summary_metrics(dense_run):
     assert 0.5 < metrics["test_accuracy"] <= 1.0
     assert metrics["train_time_s"] >= sum(epoch_times) * 0.99
     assert metrics["examples_per_s"] == pytest.approx(2000 * 2 / metrics["train_time_s"], rel=1e-6)
-    val_history = [p.value for p in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"), key=lambda p: p.step)]
+    val_history = [
+        p.value for p in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"), key=lambda p: p.step)
+    ]
     assert metrics["best_val_accuracy"] == pytest.approx(max(val_history))
 
 
@@ -217,8 +237,19 @@ def test_bad_parameter_under_mlflow_run_ends_the_run_failed(mlflow_server):
     experiment_name = "e2e-dense-bad"
     result = run_script(
         [
-            sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense", "--env-manager", "local",
-            "--experiment-name", experiment_name, "-P", "hidden_units=50,abc",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(PROJECT_DIR),
+            "-e",
+            "dense",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            experiment_name,
+            "-P",
+            "hidden_units=50,abc",
         ],
         env=python_env(mlflow_server.url),
     )
@@ -234,7 +265,12 @@ def test_unreachable_tracking_server_is_one_line_before_tensorflow_is_imported(e
     uri = f"http://127.0.0.1:{free_port()}"
     script = str(PROJECT_DIR / "entrypoints" / f"{entry_point}.py")
     start = time.monotonic()
-    result = run_script([sys.executable, "-c", RUN_AND_REPORT_IMPORTS, script, "--epochs", "1"], env=python_env(uri), timeout=120, cwd=tmp_path)
+    result = run_script(
+        [sys.executable, "-c", RUN_AND_REPORT_IMPORTS, script, "--epochs", "1"],
+        env=python_env(uri),
+        timeout=120,
+        cwd=tmp_path,
+    )
     elapsed = time.monotonic() - start
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [

@@ -11,7 +11,6 @@ import tomllib
 
 import pytest
 import yaml
-
 from conftest import PROJECT_DIR
 
 
@@ -38,7 +37,11 @@ def test_pyproject_and_conda_yaml_read_the_one_requirements_file():
 
 def test_the_installed_project_declares_what_requirements_txt_lists():
     """Fails when requirements.txt changed without reinstalling (pip install -e .)."""
-    installed = sorted(distribution_name(requirement) for requirement in importlib.metadata.requires("mnist-mlflow") if "extra ==" not in requirement)
+    installed = sorted(
+        distribution_name(requirement)
+        for requirement in importlib.metadata.requires("mnist-mlflow")
+        if "extra ==" not in requirement
+    )
     assert installed == sorted(distribution_name(requirement) for requirement in declared_requirements())
 
 
@@ -68,7 +71,10 @@ def dev_requirements() -> list[str]:
     ids=["the package: requirements.txt", "the test harness: requirements.txt and the dev extra"],
 )
 def test_every_third_party_module_is_declared(folder, extra):
-    declared = {distribution_name(requirement) for requirement in declared_requirements() + (dev_requirements() if extra else [])}
+    declared = {
+        distribution_name(requirement)
+        for requirement in declared_requirements() + (dev_requirements() if extra else [])
+    }
     providers = importlib.metadata.packages_distributions()
     undeclared = []
     for module, where in imported_top_level_modules(folder).items():

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import PROJECT_DIR, run_script
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
 from harness.servers import python_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -21,8 +21,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def mlflow_run_uv(entry_point: str, experiment: str, parameters: dict[str, str], tracking_uri: str, cwd):
     command = [
-        sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "uv",
-        "--experiment-name", experiment,
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(PROJECT_DIR),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "uv",
+        "--experiment-name",
+        experiment,
     ]
     for name, value in parameters.items():
         command += ["-P", f"{name}={value}"]
@@ -39,9 +48,17 @@ def test_search_runs_in_the_environment_built_from_conda_yaml(mlflow_server, tmp
     space = tmp_path / "space.yaml"
     space.write_text("parameters:\n  units: [8, 16]\n")
     result = mlflow_run_uv(
-        "search", "e2e-uv-search",
-        {"space": str(space), "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "epochs": "1", "max_train_examples": "300", "register_as": ""},
-        mlflow_server.url, tmp_path,
+        "search",
+        "e2e-uv-search",
+        {
+            "space": str(space),
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+            "epochs": "1",
+            "max_train_examples": "300",
+            "register_as": "",
+        },
+        mlflow_server.url,
+        tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 trials trained by this worker" in result.stdout
@@ -54,7 +71,11 @@ def test_search_runs_in_the_environment_built_from_conda_yaml(mlflow_server, tmp
 
 def test_cnn_runs_in_the_environment_built_from_conda_yaml(mlflow_server, tmp_path):
     result = mlflow_run_uv(
-        "cnn", "e2e-uv-cnn", {"epochs": "1", "max_train_examples": "300", "register_as": ""}, mlflow_server.url, tmp_path,
+        "cnn",
+        "e2e-uv-cnn",
+        {"epochs": "1", "max_train_examples": "300", "register_as": ""},
+        mlflow_server.url,
+        tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(mlflow_server.url)
@@ -74,7 +95,17 @@ def test_the_champion_serves_from_its_own_logged_requirements(mlflow_server, tmp
     model_name = "uv-served-cnn"
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="e2e-uv-serve")
     trained = run_script(
-        [sys.executable, "entrypoints/cnn.py", "--epochs", "1", "--max_train_examples", "1000", "--register_as", model_name], env,
+        [
+            sys.executable,
+            "entrypoints/cnn.py",
+            "--epochs",
+            "1",
+            "--max_train_examples",
+            "1000",
+            "--register_as",
+            model_name,
+        ],
+        env,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     promoted = run_script([sys.executable, "entrypoints/promote.py", "--model_name", model_name], env)
@@ -95,11 +126,24 @@ def test_the_champion_serves_from_its_own_logged_requirements(mlflow_server, tmp
     expected = np.asarray(in_process.predict(images.tolist()))
     port = free_port()
     command = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "uv",
-        "--host", "127.0.0.1", "-p", str(port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "uv",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
     ]
     # The first build of the model's environment downloads TensorFlow: allow it time.
-    server = ServerProcess(command, port, tmp_path / "serve", "/ping", env=python_env(mlflow_server.url)).start(timeout_s=1200)
+    server = ServerProcess(command, port, tmp_path / "serve", "/ping", env=python_env(mlflow_server.url)).start(
+        timeout_s=1200
+    )
     try:
         response = requests.post(server.url + "/invocations", json={"inputs": images.tolist()}, timeout=120)
     finally:

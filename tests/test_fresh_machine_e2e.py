@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PROJECT_DIR
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR
 from harness.servers import python_env
 from mnist_mlflow import data
 
@@ -28,11 +28,26 @@ def test_three_entry_points_started_together_on_an_empty_tfds_folder_all_finish(
     commands = {
         "dense": ["entrypoints/dense.py", "--epochs", "1", "--max_train_examples", "300", "--hidden_units", "16"],
         "cnn": ["entrypoints/cnn.py", "--epochs", "1", "--max_train_examples", "300"],
-        "dense seed 1": ["entrypoints/dense.py", "--epochs", "1", "--max_train_examples", "300", "--hidden_units", "16", "--seed", "1"],
+        "dense seed 1": [
+            "entrypoints/dense.py",
+            "--epochs",
+            "1",
+            "--max_train_examples",
+            "300",
+            "--hidden_units",
+            "16",
+            "--seed",
+            "1",
+        ],
     }
     processes = {
         name: subprocess.Popen(
-            [sys.executable, *command], cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, *command],
+            cwd=PROJECT_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name, command in commands.items()
     }

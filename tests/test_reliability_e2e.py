@@ -14,9 +14,9 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+from conftest import PROJECT_DIR, run_script
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
 from harness.servers import python_env
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +40,9 @@ def wait_for(condition, what: str, timeout_s: float = 300, process: subprocess.P
             return value
         if process is not None and process.poll() is not None:
             stdout, stderr = process.communicate()
-            pytest.fail(f"the process ended (status {process.returncode}) before {what}:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+            pytest.fail(
+                f"the process ended (status {process.returncode}) before {what}:\n{stdout[-2000:]}\n{stderr[-3000:]}"
+            )
         time.sleep(0.3)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
@@ -52,7 +54,11 @@ def experiment_runs(client: MlflowClient, experiment: str):
 
 def running_with_an_epoch(client: MlflowClient, experiment: str):
     """The experiment's RUNNING runs that have logged at least one epoch."""
-    return [run for run in experiment_runs(client, experiment) if run.info.status == "RUNNING" and "val_accuracy" in run.data.metrics]
+    return [
+        run
+        for run in experiment_runs(client, experiment)
+        if run.info.status == "RUNNING" and "val_accuracy" in run.data.metrics
+    ]
 
 
 def start(command: list[str], env: dict[str, str], cwd: Path = PROJECT_DIR) -> subprocess.Popen:
@@ -75,7 +81,9 @@ def test_sigterm_ends_a_dense_run_killed_at_once_with_one_line(mlflow_server):
     experiment = "e2e-sigterm-dense"
     client = MlflowClient(mlflow_server.url)
     process = start([sys.executable, *LONG_DENSE], python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment))
-    (run,), stderr = signal_when(process, lambda: running_with_an_epoch(client, experiment), "a running run", signal.SIGTERM)
+    (run,), stderr = signal_when(
+        process, lambda: running_with_an_epoch(client, experiment), "a running run", signal.SIGTERM
+    )
     assert process.returncode == 143, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "stopped: terminated by SIGTERM; the runs of this process ended KILLED"
     assert "Traceback" not in stderr
@@ -116,7 +124,12 @@ def test_a_killed_process_leaves_a_run_that_the_next_start_closes(mlflow_server)
 
     # The reconcile entry point does the same on demand; a dry run changes nothing.
     dead = client.create_run(
-        experiment_id, tags={"process_host": closed.data.tags["process_host"], "process_id": str(process.pid), "process_start_time": "1.00"}
+        experiment_id,
+        tags={
+            "process_host": closed.data.tags["process_host"],
+            "process_id": str(process.pid),
+            "process_start_time": "1.00",
+        },
     ).info.run_id
     dry = run_script([sys.executable, RECONCILE, "--experiment", experiment, "--dry_run", "true"], env)
     assert dry.returncode == 0 and f"run {dead}: would be closed" in dry.stdout, dry.stderr
@@ -135,8 +148,21 @@ def test_when_the_mlflow_run_launcher_dies_the_entry_point_closes_its_run(mlflow
     experiment = "e2e-launcher-dies"
     client = MlflowClient(mlflow_server.url)
     command = [
-        sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "dense", "--env-manager", "local",
-        "--experiment-name", experiment, "-P", "epochs=200", "-P", "max_train_examples=2000",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(PROJECT_DIR),
+        "-e",
+        "dense",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+        "-P",
+        "epochs=200",
+        "-P",
+        "max_train_examples=2000",
     ]
     launcher = start(command, python_env(mlflow_server.url), cwd=tmp_path)
     try:
@@ -159,8 +185,18 @@ def test_sigterm_to_a_study_kills_the_parent_and_the_current_child_and_keeps_the
     experiment = "e2e-sigterm-study"
     client = MlflowClient(mlflow_server.url)
     command = [
-        sys.executable, WEIGHT_DECAY, "--factors", "1e-4", "--replicates", "2", "--epochs", "8",
-        "--max_train_examples", "1000", "--sweep_id", "wd-sigterm",
+        sys.executable,
+        WEIGHT_DECAY,
+        "--factors",
+        "1e-4",
+        "--replicates",
+        "2",
+        "--epochs",
+        "8",
+        "--max_train_examples",
+        "1000",
+        "--sweep_id",
+        "wd-sigterm",
     ]
     process = start(command, python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment))
 
@@ -187,7 +223,7 @@ def test_scripts_started_together_on_a_fresh_sqlite_store_both_finish(tmp_path):
     command = [sys.executable, DENSE, "--epochs", "1", "--max_train_examples", "300"]
     processes = [start(command, env, cwd=tmp_path) for _ in range(2)]
     outputs = [process.communicate(timeout=600) for process in processes]
-    for process, (stdout, stderr) in zip(processes, outputs):
+    for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert sorted(run.info.status for run in experiment_runs(client, "together")) == ["FINISHED", "FINISHED"]
@@ -204,9 +240,7 @@ print("opened")
 
 
 # The race is repeated five times; the repeats are slow (`-m "not slow"` keeps the first round).
-@pytest.mark.parametrize(
-    "round_number", [0, *(pytest.param(number, marks=pytest.mark.slow) for number in range(1, 5))]
-)
+@pytest.mark.parametrize("round_number", [0, *(pytest.param(number, marks=pytest.mark.slow) for number in range(1, 5))])
 def test_workers_opening_a_fresh_postgres_database_together_all_get_in(postgres, round_number):
     """optuna#1092: workers that create the tables of a fresh database at the same moment."""
     database = f"fresh_{round_number}_{os.getpid()}"
@@ -246,7 +280,9 @@ def test_a_diverging_trial_is_failed_and_never_retried(tracking_uri, tmp_path, m
     space = tmp_path / "space.yaml"
     space.write_text("parameters:\n  units: [16]\n  learning_rate: [0.001, 1.0e+300]\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    config = SearchConfig(space=str(space), storage=storage, study_name="diverging", epochs=1, max_train_examples=500, register_as="")
+    config = SearchConfig(
+        space=str(space), storage=storage, study_name="diverging", epochs=1, max_train_examples=500, register_as=""
+    )
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "e2e-diverging-trial")
     first = run_search(config)
     assert first.trained == 1  # the diverged trial is not counted as trained
@@ -254,10 +290,15 @@ def test_a_diverging_trial_is_failed_and_never_retried(tracking_uri, tmp_path, m
     again = run_search(config)
     assert again.trained == 0 and "0 trials trained by this worker" in capsys.readouterr().out
     trials = optuna.load_study(study_name="diverging", storage=storage).trials
-    assert [(trial.params["learning_rate"], trial.state.name) for trial in trials] == [(1e300, "FAIL"), (0.001, "COMPLETE")]
+    assert [(trial.params["learning_rate"], trial.state.name) for trial in trials] == [
+        (1e300, "FAIL"),
+        (0.001, "COMPLETE"),
+    ]
     assert "training diverged" in trials[0].user_attrs["diverged"]
     client = MlflowClient(tracking_uri)
-    parent = client.get_run(optuna.load_study(study_name="diverging", storage=storage).user_attrs["mlflow_parent_run_id"])
+    parent = client.get_run(
+        optuna.load_study(study_name="diverging", storage=storage).user_attrs["mlflow_parent_run_id"]
+    )
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_complete"] == 1
 
 
@@ -268,25 +309,42 @@ def postgres_search(postgres, mlflow_server, tmp_path, study_name: str, units: l
     space = tmp_path / "space.yaml"
     space.write_text(f"parameters:\n  units: {units}\n")
     command = [
-        sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", study_name, "--epochs", str(epochs),
-        "--max_train_examples", str(examples), "--register_as", "",
+        sys.executable,
+        SEARCH,
+        "--space",
+        str(space),
+        "--storage",
+        storage,
+        "--study_name",
+        study_name,
+        "--epochs",
+        str(epochs),
+        "--max_train_examples",
+        str(examples),
+        "--register_as",
+        "",
     ]
     return storage, command, python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=f"e2e-{study_name}")
 
 
-def test_search_workers_started_together_share_one_study_and_parent_which_outlives_a_stopped_worker(mlflow_server, postgres, tmp_path):
+def test_search_workers_started_together_share_one_study_and_parent_which_outlives_a_stopped_worker(
+    mlflow_server, postgres, tmp_path
+):
     """Three workers at the same moment on a fresh database: one creates the study (and keeps
     its parent run), the others discard the parent they made and join. Then one of them gets
     SIGTERM mid-trial: its trial is failed and queued again at once, the parent stays RUNNING
     for the others, they train the queued trial, and the last to finish closes the parent."""
     experiment = "e2e-together"
-    storage, command, env = postgres_search(postgres, mlflow_server, tmp_path, "together", [8, 16, 32, 64], epochs=3, examples=1000)
+    storage, command, env = postgres_search(
+        postgres, mlflow_server, tmp_path, "together", [8, 16, 32, 64], epochs=3, examples=1000
+    )
     client = MlflowClient(mlflow_server.url)
     stopped, *others = [start(command, env, cwd=tmp_path) for _ in range(3)]
 
     def training_beside_another():
         running = [
-            run for run in experiment_runs(client, experiment)
+            run
+            for run in experiment_runs(client, experiment)
             if run.info.status == "RUNNING" and run.data.tags.get("study_role") == "child"
         ]
         workers = {run.data.tags["worker"]: run for run in running}
@@ -294,7 +352,9 @@ def test_search_workers_started_together_share_one_study_and_parent_which_outliv
         return mine if mine is not None and len(workers) >= 2 else None
 
     try:
-        cut, stderr = signal_when(stopped, training_beside_another, "the first worker training beside another", signal.SIGTERM)
+        cut, stderr = signal_when(
+            stopped, training_beside_another, "the first worker training beside another", signal.SIGTERM
+        )
         assert stopped.returncode == 143, stderr[-2000:]
         trial_number = int(cut.data.tags["optuna_trial_number"])
         trials = optuna.load_study(study_name="together", storage=storage).trials
@@ -334,7 +394,9 @@ def test_entry_points_started_together_in_a_new_experiment_all_get_it(mlflow_ser
     first_meeting = time.time() + 5  # all four have imported MLflow by then
     times = [str(first_meeting + 2 * round_number) for round_number in range(3)]
     processes = [
-        start([sys.executable, "-c", RESOLVE_EXPERIMENTS_AT, "e2e-new-experiment", *times], python_env(mlflow_server.url))
+        start(
+            [sys.executable, "-c", RESOLVE_EXPERIMENTS_AT, "e2e-new-experiment", *times], python_env(mlflow_server.url)
+        )
         for _ in range(4)
     ]
     outputs = [process.communicate(timeout=60) for process in processes]

@@ -12,8 +12,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import PROJECT_DIR, run_script
+
 from mnist_mlflow import lifecycle
 from mnist_mlflow.config import (
     MAX_PARAMETERS,
@@ -23,9 +23,9 @@ from mnist_mlflow.config import (
     cnn_parameter_count,
     dense_parameter_count,
 )
+from mnist_mlflow.redaction import redact_url, server_identity, url_has_secret
 from mnist_mlflow.studies.search_spaces import SearchConfig
 from mnist_mlflow.studies.weight_decay import WeightDecayConfig
-from mnist_mlflow.redaction import redact_url, server_identity, url_has_secret
 
 
 def test_one_hidden_layer_without_an_activation_takes_the_default():
@@ -61,7 +61,11 @@ def test_seed_cap_holds_for_the_last_weight_decay_replicate():
 def test_cnn_model_size_cap_and_one_name_rule():
     with pytest.raises(ConfigError, match="cap of"):
         CnnRunConfig.from_params({"filters": "4096,4096", "dense_units": "100000"})
-    for config_class, name in ((CnnRunConfig, "register_as"), (SearchConfig, "register_as"), (SearchConfig, "study_name")):
+    for config_class, name in (
+        (CnnRunConfig, "register_as"),
+        (SearchConfig, "register_as"),
+        (SearchConfig, "study_name"),
+    ):
         with pytest.raises(ConfigError, match="at most 64"):
             config_class.from_params({name: "a" * 65})
         config_class.from_params({name: "a" * 64})
@@ -86,7 +90,10 @@ def test_the_size_counted_before_tensorflow_is_what_keras_builds(kind, arguments
         expected = dense_parameter_count(units)
     else:
         model = models.build_cnn_model(
-            arguments["filters"], kernel_size=arguments["kernel_size"], pooling=arguments["pooling"], dense_units=arguments["dense_units"]
+            arguments["filters"],
+            kernel_size=arguments["kernel_size"],
+            pooling=arguments["pooling"],
+            dense_units=arguments["dense_units"],
         )
         expected = cnn_parameter_count(**arguments)
     assert models.count_trainable_parameters(model) == expected
@@ -112,7 +119,9 @@ def test_bad_values_stop_the_script_before_tensorflow_is_imported(arguments, nam
         "    print('tensorflow imported' if 'tensorflow' in sys.modules else 'tensorflow not imported')\n"
         "    raise\n"
     )
-    result = run_script([sys.executable, "-c", probe], dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"), cwd=tmp_path)
+    result = run_script(
+        [sys.executable, "-c", probe], dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"), cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and named in result.stderr
     assert "tensorflow not imported" in result.stdout
@@ -150,7 +159,9 @@ def test_a_diverging_loss_stops_training_at_once(small_splits):
     from mnist_mlflow.config import TrainingDivergedError
 
     model = models.build_dense_model((50,), ("relu",))
-    models.compile_model(model, models.make_optimizer("sgd", 1e308, "constant", 100), steps_per_execution=5, jit_compile=False)
+    models.compile_model(
+        model, models.make_optimizer("sgd", 1e308, "constant", 100), steps_per_execution=5, jit_compile=False
+    )
     with pytest.raises(TrainingDivergedError, match="epoch 1") as error:
         training.train_and_evaluate(model, small_splits, batch_size=100, epochs=3, seed=0, verbose=0)
     assert "\n" not in str(error.value)
@@ -197,7 +208,10 @@ def _digit_files(tmp_path, count):
 def _predict(url, paths):
     return subprocess.run(
         [sys.executable, "-m", "mnist_mlflow.predict", "--url", url, *paths],
-        capture_output=True, text=True, timeout=120, cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PROJECT_DIR,
     )
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from harness.servers import free_port, python_env
 from mnist_mlflow.studies.search_spaces import SearchConfig
 from mnist_mlflow.studies.study_storage import open_storage
@@ -70,7 +70,12 @@ def in_process_experiment(request, monkeypatch):
 
 
 def _stop_at_running_child(
-    client: MlflowClient, storage: str, study_name: str, finished_before: int, process: subprocess.Popen, timeout_s: float = 300
+    client: MlflowClient,
+    storage: str,
+    study_name: str,
+    finished_before: int,
+    process: subprocess.Popen,
+    timeout_s: float = 300,
 ):
     """Waits until ``finished_before`` trials are finished and another trial is training, and
     leaves the worker stopped (SIGSTOP) right there; the caller signals it, then sends SIGCONT.
@@ -113,7 +118,9 @@ def _stop_at_running_child(
                 return parent_run_id, finished, current[0]
             process.send_signal(signal.SIGCONT)
         time.sleep(0.05)
-    raise AssertionError(f"no trial was running after {finished_before} finished within {timeout_s} s; last seen: {seen}")
+    raise AssertionError(
+        f"no trial was running after {finished_before} finished within {timeout_s} s; last seen: {seen}"
+    )
 
 
 def start_worker(command: list[str], env: dict[str, str], cwd) -> subprocess.Popen:
@@ -121,7 +128,12 @@ def start_worker(command: list[str], env: dict[str, str], cwd) -> subprocess.Pop
     job of a non-interactive shell): Python turns SIGINT into KeyboardInterrupt only if the
     signal was left at its default by the parent."""
     return subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
@@ -130,7 +142,9 @@ SIGNALS = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": sign
 EXIT_STATUS = {"kill": -signal.SIGKILL, "interrupt": 130, "terminate": 143}
 
 
-def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finished_trials(tmp_path, tracking_uri, search_env):
+def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finished_trials(
+    tmp_path, tracking_uri, search_env
+):
     """One study, cut off mid-trial three times, each time after one more trial has finished,
     and started again with the same command after each cut: Ctrl-C and SIGTERM (Optuna fails the
     trial and queues it again at once), then SIGKILL (the next worker's heartbeat check finds
@@ -139,15 +153,29 @@ def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finishe
     study_name = "resume-three-ways"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [
-        sys.executable, SEARCH, "--space", space, "--storage", storage, "--study_name", study_name,
-        "--epochs", "2", "--max_train_examples", "1000", "--register_as", "",
+        sys.executable,
+        SEARCH,
+        "--space",
+        space,
+        "--storage",
+        storage,
+        "--study_name",
+        study_name,
+        "--epochs",
+        "2",
+        "--max_train_examples",
+        "1000",
+        "--register_as",
+        "",
     ]
     client = MlflowClient(tracking_uri)
     finished_ids, cut_trials, cut_run_ids = set(), [], []
     for finished_before, how in enumerate(("interrupt", "terminate", "kill"), start=1):
         worker = start_worker(command, search_env, tmp_path)
         try:
-            parent_run_id, finished, cut = _stop_at_running_child(client, storage, study_name, finished_before, process=worker)
+            parent_run_id, finished, cut = _stop_at_running_child(
+                client, storage, study_name, finished_before, process=worker
+            )
             worker.send_signal(SIGNALS[how])
             worker.send_signal(signal.SIGCONT)
             output = worker.communicate(timeout=120)[0]
@@ -163,15 +191,20 @@ def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finishe
             # which no other worker uses, ends KILLED with the reason; so does the trial's run.
             trials = load_study(storage, study_name).trials
             assert trials[cut_trial].state == optuna.trial.TrialState.FAIL, how
-            assert [trial.state for trial in trials if trial.system_attrs.get("failed_trial") == cut_trial] == [optuna.trial.TrialState.WAITING]
+            assert [trial.state for trial in trials if trial.system_attrs.get("failed_trial") == cut_trial] == [
+                optuna.trial.TrialState.WAITING
+            ]
             reason = "interrupted by Ctrl-C (SIGINT)" if how == "interrupt" else "terminated by SIGTERM"
             for run_id in (parent_run_id, cut.info.run_id):
                 run = client.get_run(run_id)
                 assert (run.info.status, run.data.tags.get("killed_reason")) == ("KILLED", reason), how
-        finished_ids |= {run.info.run_id for run in client.search_runs(
-            [client.get_run(parent_run_id).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
-        )}
+        finished_ids |= {
+            run.info.run_id
+            for run in client.search_runs(
+                [client.get_run(parent_run_id).info.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+            )
+        }
         assert len(finished_ids) >= finished_before
 
     again = run_script(command, search_env, timeout=600, cwd=tmp_path)
@@ -200,25 +233,38 @@ def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finishe
     assert client.get_run(parent_run_id).info.status == "FINISHED"
 
 
-def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_path, tracking_uri, in_process_experiment):
+def test_random_search_with_median_pruning_logs_best_so_far_and_importance(
+    tmp_path, tracking_uri, in_process_experiment
+):
     space = space_file(
         tmp_path,
-        "sampler: random\nparameters:\n  units: [8, 32, 128]\n  learning_rate: [0.00001, 0.001, 0.01]\n  dropout: [0.0, 0.3]\n",
+        "sampler: random\nparameters:\n  units: [8, 32, 128]\n  "
+        "learning_rate: [0.00001, 0.001, 0.01]\n  dropout: [0.0, 0.3]\n",
     )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     from mnist_mlflow.studies.search import run_search
 
-    run_search(SearchConfig(
-        space=space, storage=storage, study_name="random-pruned", n_trials=7, pruner="median", epochs=4,
-        max_train_examples=500, register_as="",
-    ))
+    run_search(
+        SearchConfig(
+            space=space,
+            storage=storage,
+            study_name="random-pruned",
+            n_trials=7,
+            pruner="median",
+            epochs=4,
+            max_train_examples=500,
+            register_as="",
+        )
+    )
     study = load_study(storage, "random-pruned")
     assert len(study.trials) == 7
     client = MlflowClient(tracking_uri)
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     runs = children(client, parent.info.run_id)
     pruned_trials = {trial.number for trial in study.trials if trial.state == optuna.trial.TrialState.PRUNED}
-    tagged_pruned = {int(run.data.tags["optuna_trial_number"]) for run in runs if run.data.tags["optuna_trial_state"] == "PRUNED"}
+    tagged_pruned = {
+        int(run.data.tags["optuna_trial_number"]) for run in runs if run.data.tags["optuna_trial_state"] == "PRUNED"
+    }
     # Pruning starts once 5 trials have finished; a later trial below the median at its third
     # epoch is pruned (with this seed, some are: a learning rate of 1e-5 barely learns).
     assert pruned_trials and tagged_pruned == pruned_trials
@@ -245,7 +291,10 @@ def test_random_search_with_median_pruning_logs_best_so_far_and_importance(tmp_p
 )
 def test_bad_input_fails_fast_and_creates_no_run(tmp_path, tracking_uri, args, expected):
     (tmp_path / "broken.yaml").write_text("parameters:\n  units: [16, 32\n")
-    args = [arg.replace("SPACE_FILE", str(tmp_path / "broken.yaml")).replace("UNUSED_PORT", str(free_port())) for arg in args]
+    args = [
+        arg.replace("SPACE_FILE", str(tmp_path / "broken.yaml")).replace("UNUSED_PORT", str(free_port()))
+        for arg in args
+    ]
     client = MlflowClient(tracking_uri)
     before = len(client.search_runs([experiment.experiment_id for experiment in client.search_experiments()]))
     start = time.monotonic()
@@ -264,7 +313,12 @@ def test_bad_input_fails_fast_and_creates_no_run(tmp_path, tracking_uri, args, e
 
 def test_unreachable_tracking_server_is_reported_before_any_training(tmp_path):
     env = python_env(f"http://127.0.0.1:{free_port()}")
-    result = run_script([sys.executable, SEARCH, "--epochs", "1", "--storage", f"sqlite:///{tmp_path / 'o.db'}"], env, timeout=120, cwd=tmp_path)
+    result = run_script(
+        [sys.executable, SEARCH, "--epochs", "1", "--storage", f"sqlite:///{tmp_path / 'o.db'}"],
+        env,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "cannot be reached" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
     assert not (tmp_path / "o.db").exists()
@@ -277,7 +331,17 @@ def test_random_trial_that_repeats_a_finished_one_reuses_its_result(tmp_path, tr
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     from mnist_mlflow.studies.search import run_search
 
-    run_search(SearchConfig(space=space, storage=storage, study_name="repeats", n_trials=5, epochs=1, max_train_examples=500, register_as=""))
+    run_search(
+        SearchConfig(
+            space=space,
+            storage=storage,
+            study_name="repeats",
+            n_trials=5,
+            epochs=1,
+            max_train_examples=500,
+            register_as="",
+        )
+    )
     study = load_study(storage, "repeats")
     trials = study.trials
     assert len(trials) == 5 and all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)

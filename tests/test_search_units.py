@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 
 from mnist_mlflow.config import ConfigError
-from mnist_mlflow.studies.search_spaces import SearchConfig
-from mnist_mlflow.studies.search_spaces import GRID_SPACE, RANDOM_SPACE, load_space
+from mnist_mlflow.studies.search_spaces import GRID_SPACE, RANDOM_SPACE, SearchConfig, load_space
 
 
 def write(tmp_path, text: str, name: str = "space.yaml") -> str:
@@ -31,9 +30,17 @@ def test_built_in_spaces_are_those_of_experiments_section_4():
 
 def test_defaults_follow_the_space():
     grid = SearchConfig(space="grid")
-    assert (grid.resolved_sampler(), grid.resolved_n_trials(), grid.resolved_study_name()) == ("grid", 25, "search-grid")
+    assert (grid.resolved_sampler(), grid.resolved_n_trials(), grid.resolved_study_name()) == (
+        "grid",
+        25,
+        "search-grid",
+    )
     random = SearchConfig(space="random")
-    assert (random.resolved_sampler(), random.resolved_n_trials(), random.resolved_study_name()) == ("random", 50, "search-random")
+    assert (random.resolved_sampler(), random.resolved_n_trials(), random.resolved_study_name()) == (
+        "random",
+        50,
+        "search-random",
+    )
     tpe = SearchConfig(space="random", sampler="tpe")
     assert tpe.resolved_study_name() == "search-random-tpe"
     assert SearchConfig(space="grid", sampler="random").resolved_n_trials() == 50

@@ -10,10 +10,8 @@ import sys
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import PROJECT_DIR
-from harness.servers import python_env
+from mlflow.tracking import MlflowClient
 from test_search_e2e import (
     FOUR_POINT_GRID,
     SEARCH,
@@ -25,6 +23,8 @@ from test_search_e2e import (
     space_file,
     start_worker,
 )
+
+from harness.servers import python_env
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +40,29 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
     space = space_file(tmp_path, SIX_POINT_GRID)
     study_name = "two-workers"
     command = [
-        sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "search", "--env-manager", "local",
-        "--experiment-name", "search-two-workers",
-        "-P", f"space={space}", "-P", f"storage={postgres.url}", "-P", f"study_name={study_name}",
-        "-P", "epochs=1", "-P", "max_train_examples=1500", "-P", "register_as=search-two-workers",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(PROJECT_DIR),
+        "-e",
+        "search",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "search-two-workers",
+        "-P",
+        f"space={space}",
+        "-P",
+        f"storage={postgres.url}",
+        "-P",
+        f"study_name={study_name}",
+        "-P",
+        "epochs=1",
+        "-P",
+        "max_train_examples=1500",
+        "-P",
+        "register_as=search-two-workers",
     ]
     env = python_env(tracking_uri)
     # MLflow's launcher creates a missing --experiment-name without handling a second launcher
@@ -79,7 +98,9 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
     assert running_runs(client, parent_run_id) == []
 
     # The parent's summary agrees with the children's own metrics.
-    best = max(runs, key=lambda run: (run.data.metrics["best_val_accuracy"], -int(run.data.tags["optuna_trial_number"])))
+    best = max(
+        runs, key=lambda run: (run.data.metrics["best_val_accuracy"], -int(run.data.tags["optuna_trial_number"]))
+    )
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.data.metrics["best_val_accuracy"])
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
@@ -90,7 +111,12 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
     assert parent.data.metrics["expected_best_at_5"] == pytest.approx((values[5] * 5 + values[4]) / 6)
     assert "expected_best_at_10" not in parent.data.metrics
     artifacts = {item.path for item in client.list_artifacts(parent_run_id, "search")}
-    assert {"search/trials.json", "search/heatmap_val_accuracy.png", "search/best_of_n.png", "search/best_of_n.json"} <= artifacts
+    assert {
+        "search/trials.json",
+        "search/heatmap_val_accuracy.png",
+        "search/best_of_n.png",
+        "search/best_of_n.json",
+    } <= artifacts
     assert best.data.tags["study_winner"] == "true"
 
     # The best trial's model is registered exactly once, although both workers summarised.
@@ -98,13 +124,28 @@ def test_two_workers_share_one_grid_study_through_postgres(tmp_path, tracking_ur
     assert [version.tags["run_id"] for version in versions] == [best.info.run_id]
 
 
-def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_the_study(tmp_path, tracking_uri, postgres, search_env):
-    """Two workers share a PostgreSQL study; one is SIGKILLed mid-trial; the other fails its trial, retries it, finishes."""
+def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_the_study(
+    tmp_path, tracking_uri, postgres, search_env
+):
+    """Two workers share a PostgreSQL study; one is SIGKILLed "
+    "mid-trial; the other fails its trial, retries it, finishes."""
     space = space_file(tmp_path, FOUR_POINT_GRID)
     study_name = "dead-worker"
     command = [
-        sys.executable, SEARCH, "--space", space, "--storage", postgres.url, "--study_name", study_name,
-        "--epochs", "2", "--max_train_examples", "2000", "--register_as", "",
+        sys.executable,
+        SEARCH,
+        "--space",
+        space,
+        "--storage",
+        postgres.url,
+        "--study_name",
+        study_name,
+        "--epochs",
+        "2",
+        "--max_train_examples",
+        "2000",
+        "--register_as",
+        "",
     ]
     env = search_env
     client = MlflowClient(tracking_uri)
@@ -112,7 +153,9 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
     survivor = None
     try:
         # The doomed worker's first trial is running; start the survivor, then kill the doomed one.
-        parent_run_id, _, cut = _stop_at_running_child(client, postgres.url, study_name, finished_before=0, process=doomed)
+        parent_run_id, _, cut = _stop_at_running_child(
+            client, postgres.url, study_name, finished_before=0, process=doomed
+        )
         survivor = start_worker(command, env, tmp_path)
         doomed.send_signal(signal.SIGKILL)
         doomed.communicate(timeout=60)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
-from harness.servers import PostgresServer, python_env, tracking_server
+from mlflow.tracking import MlflowClient
 from test_reliability_e2e import DENSE, PROMOTE, SEARCH, TWO_POINT_GRID, experiment_runs
+
+from harness.servers import PostgresServer, python_env, tracking_server
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,11 @@ def test_wrong_or_missing_credentials_are_one_line_before_any_data(auth_server, 
     env = python_env(auth_server.url, MLFLOW_EXPERIMENT_NAME="e2e-auth")
     if credentials == "wrong":
         env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="not-the-password")
-    result = run_script([sys.executable, "-c", RUN_AND_REPORT_IMPORTS, DENSE, "--epochs", "1", "--max_train_examples", "500"], env, cwd=tmp_path)
+    result = run_script(
+        [sys.executable, "-c", RUN_AND_REPORT_IMPORTS, DENSE, "--epochs", "1", "--max_train_examples", "500"],
+        env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: the MLflow tracking server at {auth_server.url} refused the credentials (HTTP 401): set "
@@ -56,8 +60,20 @@ def test_wrong_or_missing_credentials_are_one_line_before_any_data(auth_server, 
     # A search with wrong credentials writes nothing to its study storage.
     storage = tmp_path / "optuna.db"
     search = run_script(
-        [sys.executable, "-c", RUN_AND_REPORT_IMPORTS, SEARCH, "--space", "grid", "--storage", f"sqlite:///{storage}", "--epochs", "1"],
-        env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-c",
+            RUN_AND_REPORT_IMPORTS,
+            SEARCH,
+            "--space",
+            "grid",
+            "--storage",
+            f"sqlite:///{storage}",
+            "--epochs",
+            "1",
+        ],
+        env,
+        cwd=tmp_path,
     )
     assert search.returncode == 2 and "refused the credentials (HTTP 401)" in search.stderr
     assert "tensorflow imported: False" in search.stdout
@@ -71,18 +87,38 @@ def test_a_search_recovers_a_study_left_without_parent_at_once(auth_server, tmp_
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(storage=storage, study_name="orphan", direction="maximize")
     env = python_env(
-        auth_server.url, MLFLOW_EXPERIMENT_NAME="e2e-orphan", MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD
+        auth_server.url,
+        MLFLOW_EXPERIMENT_NAME="e2e-orphan",
+        MLFLOW_TRACKING_USERNAME="admin",
+        MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD,
     )
     started = time.monotonic()
     result = run_script(
-        [sys.executable, SEARCH, "--space", str(space), "--storage", storage, "--study_name", "orphan", "--epochs", "1",
-         "--max_train_examples", "500", "--register_as", ""],
-        env, cwd=tmp_path,
+        [
+            sys.executable,
+            SEARCH,
+            "--space",
+            str(space),
+            "--storage",
+            storage,
+            "--study_name",
+            "orphan",
+            "--epochs",
+            "1",
+            "--max_train_examples",
+            "500",
+            "--register_as",
+            "",
+        ],
+        env,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Study orphan has no parent run recorded" in result.stdout
     study = optuna.load_study(study_name="orphan", storage=storage)
-    parent = MlflowClient(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD)).get_run(study.user_attrs["mlflow_parent_run_id"])
+    parent = MlflowClient(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD)).get_run(
+        study.user_attrs["mlflow_parent_run_id"]
+    )
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 1
     # The recovery did not wait for the old 60 s.
     assert time.monotonic() - started < 120
@@ -97,7 +133,9 @@ def _everything_recorded(client: MlflowClient, experiment: str, download_to: Pat
         texts.append(json.dumps({"params": run.data.params, "tags": run.data.tags, "name": run.info.run_name}))
         target = download_to / run.info.run_id
         target.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(target), tracking_uri=client.tracking_uri)
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, dst_path=str(target), tracking_uri=client.tracking_uri
+        )
         for path in target.rglob("*"):
             if path.is_file():
                 texts.append(path.read_bytes().decode("utf-8", errors="replace"))
@@ -119,32 +157,74 @@ def test_no_password_is_recorded_or_printed(auth_server, tmp_path):
         careless_storage = postgres.url.replace("search@", f"search:{PG_PASSWORD}@")
         careless_env = python_env(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD))
         careless = run_script(
-            [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "search", "--env-manager", "local",
-             "--experiment-name", experiment, "-P", f"space={space}", "-P", f"storage={careless_storage}",
-             "-P", "study_name=secrets", "-P", "epochs=1", "-P", "max_train_examples=500", "-P", "register_as=secrets-model"],
-            careless_env, cwd=tmp_path,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "run",
+                str(PROJECT_DIR),
+                "-e",
+                "search",
+                "--env-manager",
+                "local",
+                "--experiment-name",
+                experiment,
+                "-P",
+                f"space={space}",
+                "-P",
+                f"storage={careless_storage}",
+                "-P",
+                "study_name=secrets",
+                "-P",
+                "epochs=1",
+                "-P",
+                "max_train_examples=500",
+                "-P",
+                "register_as=secrets-model",
+            ],
+            careless_env,
+            cwd=tmp_path,
         )
         assert careless.returncode == 0, careless.stdout[-3000:] + careless.stderr[-3000:]
         assert "warning: mlflow run recorded a password given in -P storage" in careless.stdout
 
         careful_env = python_env(
-            auth_server.url, MLFLOW_EXPERIMENT_NAME=experiment, MLFLOW_TRACKING_USERNAME="admin",
-            MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD, **postgres.client_env(),
+            auth_server.url,
+            MLFLOW_EXPERIMENT_NAME=experiment,
+            MLFLOW_TRACKING_USERNAME="admin",
+            MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD,
+            **postgres.client_env(),
         )
         # Another way of logging in to the same server is not another server.
         careful = run_script(
-            [sys.executable, SEARCH, "--space", str(space), "--storage", postgres.url, "--study_name", "secrets",
-             "--epochs", "1", "--max_train_examples", "500", "--register_as", "secrets-model"],
-            careful_env, cwd=tmp_path,
+            [
+                sys.executable,
+                SEARCH,
+                "--space",
+                str(space),
+                "--storage",
+                postgres.url,
+                "--study_name",
+                "secrets",
+                "--epochs",
+                "1",
+                "--max_train_examples",
+                "500",
+                "--register_as",
+                "secrets-model",
+            ],
+            careful_env,
+            cwd=tmp_path,
         )
         assert careful.returncode == 0, careful.stdout[-3000:] + careful.stderr[-3000:]
         assert "Joined search secrets" in careful.stdout
 
-        study = optuna.load_study(study_name="secrets", storage=postgres.url.replace("search@", f"search:{PG_PASSWORD}@"))
+        study = optuna.load_study(
+            study_name="secrets", storage=postgres.url.replace("search@", f"search:{PG_PASSWORD}@")
+        )
         parent_id = study.user_attrs["mlflow_parent_run_id"]
         study_text = json.dumps(
-            [study.user_attrs]
-            + [[trial.user_attrs, trial.system_attrs, trial.params] for trial in study.trials],
+            [study.user_attrs] + [[trial.user_attrs, trial.system_attrs, trial.params] for trial in study.trials],
             default=str,
         )
 
@@ -157,7 +237,9 @@ def test_no_password_is_recorded_or_printed(auth_server, tmp_path):
     assert client.get_run(parent_id).data.params["storage"] == postgres.url.replace("search@", "search:***@")
 
     texts, _ = _everything_recorded(client, experiment, tmp_path / "artifacts")
-    without_mlflows_own = [text.replace(json.dumps(careless_storage)[1:-1], "<mlflow's own -P record>") for text in texts]
+    without_mlflows_own = [
+        text.replace(json.dumps(careless_storage)[1:-1], "<mlflow's own -P record>") for text in texts
+    ]
     for secret in (PG_PASSWORD, ADMIN_PASSWORD):
         assert not [text[:300] for text in without_mlflows_own if secret in text]
         assert secret not in study_text
@@ -166,8 +248,13 @@ def test_no_password_is_recorded_or_printed(auth_server, tmp_path):
             # own run's URL built from MLFLOW_TRACKING_URI: those lines are MLflow's, not the project's.
             launcher_id = launcher[0].info.run_id
             ours = [
-                line for line in output.splitlines()
-                if "INFO mlflow.projects" not in line and not (line.startswith(("🏃 View run", "🧪 View experiment")) and (launcher_id in line or "/runs/" not in line))
+                line
+                for line in output.splitlines()
+                if "INFO mlflow.projects" not in line
+                and not (
+                    line.startswith(("🏃 View run", "🧪 View experiment"))
+                    and (launcher_id in line or "/runs/" not in line)
+                )
             ]
             assert not [line for line in ours if secret in line]
     assert len(runs) >= 4  # launcher, parent, two trials

@@ -26,7 +26,9 @@ def logged_model(tmp_path_factory, small_splits):
     try:
         keras.utils.set_random_seed(0)
         model = models.build_cnn_model((8, 8), kernel_size=3, pooling=(True, True), dense_units=(16,), dropout_rate=0.0)
-        models.compile_model(model, models.make_optimizer("adam", 0.001, "constant", 100), steps_per_execution=1, jit_compile=False)
+        models.compile_model(
+            model, models.make_optimizer("adam", 0.001, "constant", 100), steps_per_execution=1, jit_compile=False
+        )
         model.fit(small_splits.train_images, small_splits.train_labels, batch_size=64, epochs=1, verbose=0)
         model = models.prepare_for_inference(model)
         # Artifacts in the test's folder too, not in ./mlruns of the working directory.
@@ -81,11 +83,15 @@ def test_predict_takes_what_mlflow_documents_for_a_pyfunc_model(logged_model, sm
 def test_the_signature_shows_the_image_shape(logged_model):
     _, model_uri = logged_model
     signature = mlflow.models.get_model_info(model_uri).signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 28, 28, 1)}}]
+    assert signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 28, 28, 1)}}
+    ]
     assert signature.outputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 10)}}]
     folder = mlflow.artifacts.download_artifacts(model_uri)
     mlmodel = yaml.safe_load(open(f"{folder}/MLmodel"))
-    assert json.loads(mlmodel["signature"]["inputs"]) == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 28, 28, 1]}}]
+    assert json.loads(mlmodel["signature"]["inputs"]) == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 28, 28, 1]}}
+    ]
     example = json.load(open(f"{folder}/serving_input_example.json"))
     assert np.asarray(example["inputs"]).shape == (5, 28, 28, 1)
 
@@ -124,7 +130,10 @@ def test_mlflow_evaluate_scores_the_model_as_a_classifier(logged_model, small_sp
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("served-model").experiment_id):
         result = mlflow.models.evaluate(
             lambda features: pyfunc.predict(features).argmax(axis=1),
-            data=data, targets="label", model_type="classifier", evaluators=["default"],
+            data=data,
+            targets="label",
+            model_type="classifier",
+            evaluators=["default"],
         )
     expected = float((model.predict(images.astype(np.float32), verbose=0).argmax(axis=1) == labels).mean())
     assert result.metrics["example_count"] == 400
@@ -146,11 +155,15 @@ def test_the_keras_model_loads_for_further_training(logged_model, small_splits):
     model, model_uri = logged_model
     keras_model = tracking.load_keras_model(model_uri)
     np.testing.assert_allclose(
-        keras_model.predict(small_splits.test_images[:50], verbose=0), model.predict(small_splits.test_images[:50], verbose=0), atol=1e-6
+        keras_model.predict(small_splits.test_images[:50], verbose=0),
+        model.predict(small_splits.test_images[:50], verbose=0),
+        atol=1e-6,
     )
     # Compiled with its optimizer: one more epoch of fine-tuning runs and changes the weights.
     before = [weight.copy() for weight in keras_model.get_weights()]
-    keras_model.fit(small_splits.train_images[:256], small_splits.train_labels[:256], batch_size=64, epochs=1, verbose=0)
+    keras_model.fit(
+        small_splits.train_images[:256], small_splits.train_labels[:256], batch_size=64, epochs=1, verbose=0
+    )
     assert any(not np.array_equal(old, new) for old, new in zip(before, keras_model.get_weights()))
 
 
@@ -158,7 +171,10 @@ def test_the_keras_model_loads_for_further_training(logged_model, small_splits):
     "images, message",
     [
         (np.full((2, 28, 28, 1), np.nan), "image 0 holds a value that is not a finite number"),
-        (np.concatenate([np.zeros((1, 28, 28, 1)), np.full((1, 28, 28, 1), np.inf)]), "image 1 holds a value that is not a finite number"),
+        (
+            np.concatenate([np.zeros((1, 28, 28, 1)), np.full((1, 28, 28, 1), np.inf)]),
+            "image 1 holds a value that is not a finite number",
+        ),
         (np.full((1, 28, 28, 1), 1e30), "image 0 holds a pixel outside 0..255"),
         (np.full((1, 28, 28, 1), -1.0), "image 0 holds a pixel outside 0..255"),
         (np.zeros((3, 28, 28, 1)), "a request may hold at most 2 images; got 3"),
@@ -170,7 +186,20 @@ def test_the_keras_model_loads_for_further_training(logged_model, small_splits):
         (np.ones((1, 784), dtype=bool), "inputs must be numbers"),
         ([[None] + [0.0] * 783], "image 0 holds a value that is not a finite number"),
     ],
-    ids=["nan", "infinity", "1e30", "negative", "too-many", "shape", "flat-row-length", "ragged", "empty", "strings", "booleans", "null"],
+    ids=[
+        "nan",
+        "infinity",
+        "1e30",
+        "negative",
+        "too-many",
+        "shape",
+        "flat-row-length",
+        "ragged",
+        "empty",
+        "strings",
+        "booleans",
+        "null",
+    ],
 )
 def test_what_is_not_an_image_is_refused_with_http_400_and_a_message_without_the_data(images, message):
     with pytest.raises(ImageInputError) as caught:

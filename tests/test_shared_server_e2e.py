@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 
 import pytest
+from conftest import run_script
 from mlflow.tracking import MlflowClient
 
-from conftest import run_script
 from harness.servers import python_env, tracking_server
 
 pytestmark = pytest.mark.e2e
@@ -27,15 +27,37 @@ def test_dense_study_and_promote_against_a_postgres_backed_server(postgres_track
     env = python_env(url, MLFLOW_EXPERIMENT_NAME="team")
     # The study's children are dense runs nested under a parent; the CNN is a top-level run.
     study = run_script(
-        [sys.executable, "entrypoints/exercises.py", "--only", "baseline,1", "--epochs", "1", "--max_train_examples", "500"], env
+        [
+            sys.executable,
+            "entrypoints/exercises.py",
+            "--only",
+            "baseline,1",
+            "--epochs",
+            "1",
+            "--max_train_examples",
+            "500",
+        ],
+        env,
     )
     assert study.returncode == 0, study.stderr[-3000:]
     cnn = run_script(
-        [sys.executable, "entrypoints/cnn.py", "--epochs", "1", "--max_train_examples", "500", "--register_as", "team-cnn"], env
+        [
+            sys.executable,
+            "entrypoints/cnn.py",
+            "--epochs",
+            "1",
+            "--max_train_examples",
+            "500",
+            "--register_as",
+            "team-cnn",
+        ],
+        env,
     )
     assert cnn.returncode == 0, cnn.stderr[-3000:]
     promote = run_script([sys.executable, "entrypoints/promote.py", "--model_name", "team-cnn"], env)
-    assert promote.returncode == 0 and "Alias 'champion' -> team-cnn version 1" in promote.stdout, promote.stderr[-3000:]
+    assert promote.returncode == 0 and "Alias 'champion' -> team-cnn version 1" in promote.stdout, promote.stderr[
+        -3000:
+    ]
 
     client = MlflowClient(url)
     runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])

@@ -4,11 +4,13 @@ warnings shown, and library figures where a library draws them."""
 from __future__ import annotations
 
 import ast
+import io
+import re
 import subprocess
 import sys
+import tokenize
 
 import numpy as np
-
 from conftest import PROJECT_DIR
 
 PACKAGE = PROJECT_DIR / "mnist_mlflow"
@@ -47,7 +49,7 @@ def cycle_from(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for target in sorted(edges[module]):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state:
                 found = visit(target)
                 if found:
@@ -78,7 +80,9 @@ def test_the_ground_floor_imports_nothing_above_it():
         assert edges[module] <= {"mnist_mlflow.config"}, (module, edges[module])
     # The machine learning knows nothing of MLflow or of studies.
     for module in ("mnist_mlflow.data", "mnist_mlflow.models", "mnist_mlflow.training", "mnist_mlflow.plots"):
-        assert not {target for target in edges[module] if target.startswith(("mnist_mlflow.tracking", "mnist_mlflow.studies"))}
+        assert not {
+            target for target in edges[module] if target.startswith(("mnist_mlflow.tracking", "mnist_mlflow.studies"))
+        }
 
 
 def test_every_study_runs_through_the_one_engine():
@@ -139,3 +143,45 @@ def test_entry_points_freeze_what_the_training_libraries_leave():
     label, tensorflow, sklearn, frozen = after.split()
     assert (label, tensorflow, sklearn) == ("after", "True", "True")
     assert int(frozen) > 100_000
+
+
+# Figures that are not measurements: targets and published references (docs/experiments.md),
+# and the definitions of a band or a format.
+NOT_MEASUREMENTS = {
+    ("mnist_mlflow/config.py", "99.2%"),  # the CNN's target test accuracy
+    ("mnist_mlflow/studies/exercises.py", "98.5%"),  # exercise 10's target
+    ("mnist_mlflow/studies/weight_decay.py", "1.53%"),  # LeCun's table, a published reference
+    ("mnist_mlflow/plots.py", "90%"),  # the 10-90% band
+    ("mnist_mlflow/studies/best_of_n.py", "90%"),  # the 10-90% band
+    ("mnist_mlflow/studies/summaries.py", "2%"),  # the format spec .2%
+}
+FIGURE = re.compile(
+    r"\b\d+(?:\.\d+)?\s?(?:ms|s|seconds|minutes|GB|MB|KB|GFLOP/s)\b|\b\d+(?:\.\d+)?%|\b\d+(?:\.\d+)?x\b"
+)
+
+
+def comments_and_docstrings(path):
+    source = path.read_text()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.start[0], token.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            docstring = ast.get_docstring(node, clean=False)
+            if docstring:
+                yield node.body[0].lineno, docstring
+
+
+def test_no_measured_figure_is_written_into_the_code():
+    """Code says why; how many milliseconds lives in benchmarks/results/, where a command makes it."""
+    found = []
+    for path in [*PACKAGE.rglob("*.py"), *(PROJECT_DIR / "entrypoints").glob("*.py")]:
+        name = path.relative_to(PROJECT_DIR).as_posix()
+        for line, text in comments_and_docstrings(path):
+            for figure in FIGURE.findall(text):
+                if (name, figure) not in NOT_MEASUREMENTS:
+                    found.append(f"{name}:{line}: {figure}")
+    for line_number, line in enumerate((PROJECT_DIR / "pyproject.toml").read_text().splitlines(), 1):
+        if line.lstrip().startswith("#"):
+            found += [f"pyproject.toml:{line_number}: {figure}" for figure in FIGURE.findall(line)]
+    assert not found, "\n".join(found)

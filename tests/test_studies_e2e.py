@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import PROJECT_DIR, run_script
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
 from harness.servers import python_env
 
 pytestmark = pytest.mark.e2e
@@ -23,8 +23,17 @@ TINY = "800"
 
 def mlflow_run(server_url: str, experiment: str, entry_point: str, params: dict[str, str]):
     arguments = [
-        sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point,
-        "--env-manager", "local", "--experiment-name", experiment,
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(PROJECT_DIR),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
     ]
     for name, value in params.items():
         arguments += ["-P", f"{name}={value}"]
@@ -54,7 +63,9 @@ def load_table(client: MlflowClient, run_id: str, path: str, tmp_path):
 @pytest.fixture(scope="module")
 def exercises_study(mlflow_server):
     experiment = "e2e-exercises"
-    result = mlflow_run(mlflow_server.url, experiment, "exercises", {"only": "1,4", "epochs": "1", "max_train_examples": TINY})
+    result = mlflow_run(
+        mlflow_server.url, experiment, "exercises", {"only": "1,4", "epochs": "1", "max_train_examples": TINY}
+    )
     client = MlflowClient(mlflow_server.url)
     return client, result, *study_runs(client, experiment)
 
@@ -77,7 +88,9 @@ def test_exercises_create_one_parent_with_exactly_the_two_children(exercises_stu
         assert child.data.params["epochs"] == "1"
         assert child.data.params["max_train_examples"] == TINY
         assert "trainable_parameters" in child.data.params
-        assert {"best_val_accuracy", "test_accuracy", "mean_epoch_time_s", "val_accuracy", "epoch_time_s"} <= set(child.data.metrics)
+        assert {"best_val_accuracy", "test_accuracy", "mean_epoch_time_s", "val_accuracy", "epoch_time_s"} <= set(
+            child.data.metrics
+        )
     by_exercise = {child.data.tags["exercise"]: child for child in children}
     assert by_exercise["1"].data.params["hidden_units"] == "200,200"
     # One activation for every layer is recorded as MLproject's parameter is written: one name.
@@ -97,7 +110,10 @@ def test_exercises_parent_holds_the_table_and_the_plot(exercises_study, tmp_path
         assert row["test_accuracy"] == pytest.approx(child.data.metrics["test_accuracy"])
         assert row["mean_epoch_time_s"] == pytest.approx(child.data.metrics["mean_epoch_time_s"])
         assert int(row["trainable_parameters"]) == int(child.data.params["trainable_parameters"])
-    assert int(table.set_index(table["exercise"].astype(str)).loc["1", "trainable_parameters"]) == 784 * 200 + 200 + 200 * 200 + 200 + 2010
+    assert (
+        int(table.set_index(table["exercise"].astype(str)).loc["1", "trainable_parameters"])
+        == 784 * 200 + 200 + 200 * 200 + 200 + 2010
+    )
     best = table.loc[table["val_accuracy"].idxmax()]
     assert parent.data.tags["best_exercise"] == str(best["exercise"])
     winners = [run for run in children if client.get_run(run.info.run_id).data.tags.get("study_winner") == "true"]
@@ -161,7 +177,11 @@ def test_weight_decay_summary_agrees_with_the_children(weight_decay_sweep, tmp_p
     history = client.get_metric_history(parent.info.run_id, "val_accuracy_mean")
     assert sorted(point.step for point in history) == [0, 1]
     paths = {item.path for item in client.list_artifacts(parent.info.run_id, "summary")}
-    assert {"summary/val_accuracy_vs_factor.png", "summary/val_accuracy_vs_factor_log.png", "summary/weight_decay.md"} <= paths
+    assert {
+        "summary/val_accuracy_vs_factor.png",
+        "summary/val_accuracy_vs_factor_log.png",
+        "summary/weight_decay.md",
+    } <= paths
 
 
 def test_same_sweep_id_again_trains_nothing_new(weight_decay_sweep, mlflow_server, tmp_path):
@@ -182,7 +202,11 @@ def test_same_sweep_id_again_trains_nothing_new(weight_decay_sweep, mlflow_serve
 def test_same_sweep_id_with_other_settings_is_refused_before_training(weight_decay_sweep, mlflow_server):
     client, experiment, *_ = weight_decay_sweep
     result = run_script(
-        [sys.executable, "entrypoints/weight_decay.py", *[f"--{name}={value}" for name, value in {**SWEEP, "epochs": "2"}.items()]],
+        [
+            sys.executable,
+            "entrypoints/weight_decay.py",
+            *[f"--{name}={value}" for name, value in {**SWEEP, "epochs": "2"}.items()],
+        ],
         env=python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment),
     )
     assert result.returncode == 2
@@ -195,11 +219,23 @@ def test_a_killed_sweep_resumes_and_never_counts_the_killed_run_as_finished(mlfl
     experiment = "e2e-weight-decay-kill"
     client = MlflowClient(mlflow_server.url)
     arguments = [
-        sys.executable, "entrypoints/weight_decay.py", "--factors", "1e-4", "--replicates", "2", "--epochs", "2",
-        "--max_train_examples", "1500", "--sweep_id", "wd-kill",
+        sys.executable,
+        "entrypoints/weight_decay.py",
+        "--factors",
+        "1e-4",
+        "--replicates",
+        "2",
+        "--epochs",
+        "2",
+        "--max_train_examples",
+        "1500",
+        "--sweep_id",
+        "wd-kill",
     ]
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
-    process = subprocess.Popen(arguments, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        arguments, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         # Kill the sweep while its second child is training, after its first FINISHED.
         deadline = time.monotonic() + 300

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from mnist_mlflow import models
-from mnist_mlflow.studies import exercises, summaries, weight_decay
 from mnist_mlflow.config import ConfigError
+from mnist_mlflow.studies import exercises, summaries, weight_decay
+from mnist_mlflow.studies.engine import fingerprint
 from mnist_mlflow.studies.exercises import ExercisesConfig
 from mnist_mlflow.studies.weight_decay import WeightDecayConfig
-from mnist_mlflow.studies.engine import fingerprint
 
 
 def test_weight_decay_default_factors_are_numpy_linspace():
@@ -25,7 +25,9 @@ def test_replicates_share_seeds_across_factors_and_the_split_across_everything()
     for replicate in range(3):
         seeds = {weight_decay.child_config(config, factor, replicate).training.seed for factor in config.factors}
         assert seeds == {7 + replicate}
-    splits = {weight_decay.child_config(config, factor, replicate).data for factor in config.factors for replicate in range(3)}
+    splits = {
+        weight_decay.child_config(config, factor, replicate).data for factor in config.factors for replicate in range(3)
+    }
     assert len(splits) == 1
 
 
@@ -71,7 +73,9 @@ def test_conv_exercises_have_the_reference_parameter_counts():
     for exercise in exercises.CONV_EXERCISES:
         config = exercise.make_config(base)
         if hasattr(config.model, "filters"):
-            model = models.build_cnn_model(config.model.filters, pooling=config.model.pooling, dense_units=config.model.dense_units)
+            model = models.build_cnn_model(
+                config.model.filters, pooling=config.model.pooling, dense_units=config.model.dense_units
+            )
         else:
             model = models.build_dense_model(config.model.hidden_units, config.model.activations)
         counts[exercise.exercise_id] = models.count_trainable_parameters(model)

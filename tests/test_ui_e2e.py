@@ -15,9 +15,9 @@ import sys
 import tempfile
 
 import pytest
+from conftest import PROJECT_DIR, run_script
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_DIR, run_script
 from harness.servers import python_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,8 +26,15 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 # As the machine's probe starts it: no sandbox as root, and none of the background connections
 # that a closed network refuses.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--window-size=1400,900",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,900",
 ]
 
 
@@ -43,22 +50,44 @@ def rendered_page(url: str) -> str:
     """The text of the page's DOM after its scripts have had 20 s of (virtual) time to fetch and render."""
     with tempfile.TemporaryDirectory() as profile:
         result = subprocess.run(
-            [find_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=120,
+            [
+                find_chromium(),
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     assert result.returncode == 0, result.stderr[-2000:]
     # The text a reader sees: "<strong>1</strong> matching run" reads "1 matching run".
     return re.sub(r"<[^>]+>", "", result.stdout)
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="no Chromium: install Debian's chromium package (apt-get install chromium)")
+@pytest.mark.skipif(
+    find_chromium() is None, reason="no Chromium: install Debian's chromium package (apt-get install chromium)"
+)
 def test_the_printed_link_opens_the_runs_view_listing_the_study(tmp_path, mlflow_server):
     space = tmp_path / "space.yaml"
     space.write_text("parameters:\n  units: [16, 32]\n")
     command = [
-        sys.executable, str(PROJECT_DIR / "entrypoints" / "search.py"), "--space", str(space),
-        "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--study_name", "ui-check",
-        "--epochs", "1", "--max_train_examples", "500", "--register_as", "",
+        sys.executable,
+        str(PROJECT_DIR / "entrypoints" / "search.py"),
+        "--space",
+        str(space),
+        "--storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        "--study_name",
+        "ui-check",
+        "--epochs",
+        "1",
+        "--max_train_examples",
+        "500",
+        "--register_as",
+        "",
     ]
     # No experiment chosen: a search goes to the project's own experiment for searches.
     env = python_env(mlflow_server.url)

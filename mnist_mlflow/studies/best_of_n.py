@@ -17,8 +17,8 @@ No MLflow or TensorFlow here; the search logs what these functions return.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

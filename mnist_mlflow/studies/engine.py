@@ -24,12 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from mnist_mlflow import data, experiments, lifecycle, plots, tracking
 from mnist_mlflow.config import ConfigError, RunFailedError, TrainingDivergedError
 from mnist_mlflow.studies.protocol import ChildSpec, Study, StudySummary
+
 
 @dataclass
 class StudyResult:
@@ -81,8 +83,14 @@ def _log_summary(parent: tracking.StudyParent, summary: StudySummary) -> str | N
     """Logs the summary on the parent, closes its figures, registers the winner's model if asked."""
     try:
         tracking.log_study_summary(
-            parent, tables=summary.tables, texts=summary.texts, figures=summary.figures, metrics=summary.metrics,
-            stepped_metrics=summary.stepped_metrics, tags=summary.tags, winner_run_id=summary.winner_run_id,
+            parent,
+            tables=summary.tables,
+            texts=summary.texts,
+            figures=summary.figures,
+            metrics=summary.metrics,
+            stepped_metrics=summary.stepped_metrics,
+            tags=summary.tags,
+            winner_run_id=summary.winner_run_id,
         )
     finally:
         for figure in summary.figures.values():
@@ -91,7 +99,10 @@ def _log_summary(parent: tracking.StudyParent, summary: StudySummary) -> str | N
     registration = summary.registration
     if registration is not None:
         version = tracking.register_once(
-            registration.model_uri, registration.name, registration.run_id, registration.val_accuracy,
+            registration.model_uri,
+            registration.name,
+            registration.run_id,
+            registration.val_accuracy,
             registration.test_accuracy,
         )
         tracking.set_run_tags(
@@ -166,7 +177,12 @@ class ListStudy:
 
     def open_parent(self) -> tracking.StudyParent:
         return tracking.open_study_parent(
-            self.kind, self.study_id, self.run_name, self.params, fingerprint(self.params), self.description,
+            self.kind,
+            self.study_id,
+            self.run_name,
+            self.params,
+            fingerprint(self.params),
+            self.description,
             tracking.claim_launcher_run(),
         )
 
@@ -203,7 +219,9 @@ class ListStudy:
         # A child that failed (its loss diverged) has no record; the summary covers the others.
         records = [by_key[child.key] for child in self.children if child.key in by_key]
         if not records:
-            raise RunFailedError(f"{self.kind} study {self.study_id}: no child finished, so there is nothing to summarise")
+            raise RunFailedError(
+                f"{self.kind} study {self.study_id}: no child finished, so there is nothing to summarise"
+            )
         return self.summarise_records(records)
 
     def on_interrupt(self) -> None:
@@ -216,7 +234,10 @@ class ListStudy:
     def end_line(self, parent: tracking.StudyParent, trained: int) -> str:
         reused = len(self.children) - trained - len(self._failed)
         failed_note = f", {len(self._failed)} failed ({', '.join(self._failed)})" if self._failed else ""
-        return f"{self.kind} study {self.study_id}: {trained} trained, {reused} reused{failed_note}; parent run {parent.run_id}"
+        return (
+            f"{self.kind} study {self.study_id}: {trained} trained, {reused} reused{failed_note}; "
+            f"parent run {parent.run_id}"
+        )
 
 
 def finished_by_key(records: Sequence[tracking.ChildRecord]) -> dict[str, tracking.ChildRecord]:
@@ -234,5 +255,7 @@ def _reusable_children(parent: tracking.StudyParent) -> dict[str, tracking.Child
     for record in records:
         if record.status == "RUNNING":
             tracking.mark_run_killed(record.run_id, "its process ended before the run did; the study was resumed")
-            print(f"Run {record.run_id} ({record.key}) was left RUNNING by an earlier session; marked KILLED", flush=True)
+            print(
+                f"Run {record.run_id} ({record.key}) was left RUNNING by an earlier session; marked KILLED", flush=True
+            )
     return finished_by_key(records)

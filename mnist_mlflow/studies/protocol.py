@@ -7,8 +7,9 @@ validate its input at once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mnist_mlflow.config import CnnRunConfig, DenseRunConfig
 

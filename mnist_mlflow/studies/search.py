@@ -31,7 +31,8 @@ import os
 import platform
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -174,6 +175,7 @@ class EpochReporter(keras.callbacks.Callback):
 
     A pruned trial is not an error: its run still evaluates and logs the best epoch it reached.
     """
+
     def __init__(self, trial, prune: bool) -> None:
         super().__init__()
         self.trial = trial
@@ -225,7 +227,9 @@ def _settings(config: SearchConfig, space: SearchSpace) -> dict[str, Any]:
 
 def _study_description(config: SearchConfig, space: SearchSpace) -> str:
     varied = "; ".join(
-        f"{name} in {list(choices)}" if isinstance(choices, tuple) else f"{name} in [{choices.low:g}, {choices.high:g}]"
+        f"{name} in {list(choices)}"
+        if isinstance(choices, tuple)
+        else f"{name} in [{choices.low:g}, {choices.high:g}]"
         + (" (log)" if not isinstance(choices, tuple) and choices.log else "")
         for name, choices in space.parameters.items()
     )
@@ -265,8 +269,14 @@ def _open_study(config: SearchConfig, space: SearchSpace, storage):
 
     def new_parent() -> tracking.StudyParent:
         return tracking.create_study_parent(
-            tracking.SEARCH_KIND, study_name, study_name, run_params, fingerprint, _study_description(config, space),
-            launcher_run_id, texts={"search/space.json": json.dumps(space.describe(), indent=2)},
+            tracking.SEARCH_KIND,
+            study_name,
+            study_name,
+            run_params,
+            fingerprint,
+            _study_description(config, space),
+            launcher_run_id,
+            texts={"search/space.json": json.dumps(space.describe(), indent=2)},
         )
 
     def record_parent(study, parent: tracking.StudyParent) -> None:
@@ -292,7 +302,9 @@ def _open_study(config: SearchConfig, space: SearchSpace, storage):
             return study, parent
 
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise UserInputError(f"study_name={study_name!r} is an Optuna study that minimises; it is not one of this project's searches")
+        raise UserInputError(
+            f"study_name={study_name!r} is an Optuna study that minimises; it is not one of this project's searches"
+        )
     attrs = _wait_for_attrs(study)
     existing = attrs.get(SETTINGS_ATTR)
     if existing is not None and existing != settings:
@@ -309,8 +321,13 @@ def _open_study(config: SearchConfig, space: SearchSpace, storage):
             f"tracking URI is {tracking_uri}; point MLFLOW_TRACKING_URI at the study's server"
         )
     if PARENT_ATTR in attrs:
-        return study, tracking.attach_study_parent(tracking.SEARCH_KIND, study_name, attrs[PARENT_ATTR], launcher_run_id)
-    print(f"Study {study_name} has no parent run recorded (its creator stopped before recording it); creating one", flush=True)
+        return study, tracking.attach_study_parent(
+            tracking.SEARCH_KIND, study_name, attrs[PARENT_ATTR], launcher_run_id
+        )
+    print(
+        f"Study {study_name} has no parent run recorded (its creator stopped before recording it); creating one",
+        flush=True,
+    )
     parent = new_parent()
     record_parent(study, parent)
     return study, parent
@@ -328,13 +345,17 @@ def _wait_for_attrs(study) -> dict[str, Any]:
 
 def _on_stale_trial(study, trial) -> None:
     """Called by Optuna when a trial's heartbeat stopped: close its run and queue it again."""
-    print(f"Trial {trial.number}: its worker stopped sending heartbeats; the trial is failed and queued again", flush=True)
+    print(
+        f"Trial {trial.number}: its worker stopped sending heartbeats; the trial is failed and queued again", flush=True
+    )
     parent_run_id = study.user_attrs.get(PARENT_ATTR)
     if parent_run_id:
         for record in tracking.study_children_of(parent_run_id):
             # On the dead worker's own host, reconciliation may have closed the run already.
             if record.key == _trial_key(trial.number) and record.status == "RUNNING":
-                tracking.mark_run_killed(record.run_id, f"Optuna trial {trial.number} stopped sending heartbeats (its worker died)")
+                tracking.mark_run_killed(
+                    record.run_id, f"Optuna trial {trial.number} stopped sending heartbeats (its worker died)"
+                )
                 print(f"Trial {trial.number}: run {record.run_id} marked KILLED", flush=True)
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
@@ -368,8 +389,7 @@ def _check_not_surplus(
     """Raises SurplusTrial when the cap is reached by lower-numbered trials, or when a grid point or
     a retried trial's parameters already finished or run in a lower-numbered trial."""
     others = [
-        other for other in study.get_trials(deepcopy=False)
-        if other.number != trial.number and not _is_surplus(other)
+        other for other in study.get_trials(deepcopy=False) if other.number != trial.number and not _is_surplus(other)
     ]
     earlier_in_budget = [other for other in others if other.number < trial.number and other.state in _budget_states()]
     if len(earlier_in_budget) >= n_trials:
@@ -403,7 +423,10 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
         if earlier is not None:
             # Random and TPE draw with replacement; with the same seed, training again gives
             # the same model, so the earlier trial's result is reused, not recomputed.
-            print(f"Trial {trial.number}: same parameters as finished trial {earlier.number}; its result is reused", flush=True)
+            print(
+                f"Trial {trial.number}: same parameters as finished trial {earlier.number}; its result is reused",
+                flush=True,
+            )
             for name in REUSED_ATTRS:
                 if name in earlier.user_attrs:
                     trial.set_user_attr(name, earlier.user_attrs[name])
@@ -425,7 +448,12 @@ def _objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_t
                 "worker": worker,
                 **({"retry_of_trial": str(retry_of)} if retry_of is not None else {}),
             },
-            params={"trial_number": trial.number, "sampler": sampler, "pruner": config.pruner, "search_space": space.name},
+            params={
+                "trial_number": trial.number,
+                "sampler": sampler,
+                "pruner": config.pruner,
+                "search_space": space.name,
+            },
             description=f"Trial {trial.number} of search {study_name}{note}: {varied}.",
         )
         try:
@@ -543,7 +571,8 @@ class OptunaStudy:
     def start_lines(self, parent: tracking.StudyParent, tracking_uri: str) -> list[str]:
         verb = "Joined" if parent.resumed else "Started"
         return [
-            f"{verb} search {self.study_id} ({self.sampler} sampler, {self.config.pruner} pruner, at most {self.n_trials} "
+            f"{verb} search {self.study_id} ({self.sampler} sampler, "
+            f"{self.config.pruner} pruner, at most {self.n_trials} "
             f"trials) in {redact_url(self.config.resolved_storage())}; parent run {parent.run_id} at {tracking_uri}",
             f"More workers, or a resumed session, join it with the same command (study_name={self.study_id}).",
         ]
@@ -572,7 +601,9 @@ class OptunaStudy:
             )
             time.sleep(self.interval)
         # Runs left RUNNING by workers that died without a heartbeat check catching them.
-        running_keys = {_trial_key(trial.number) for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        running_keys = {
+            _trial_key(trial.number) for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        }
         tracking.close_orphan_children(parent, running_keys=running_keys)
         return self.counter[0]
 
@@ -678,10 +709,19 @@ def search_summary(study, config: SearchConfig, space: SearchSpace) -> StudySumm
 def _trial_counts(table: pd.DataFrame, epochs: int) -> dict[str, float]:
     """How many trials ended in each state, the epochs trained and saved, the training time."""
     if not len(table):
-        return {name: 0.0 for name in (
-            "trials_complete", "trials_pruned", "trials_failed", "trials_surplus", "trials_reused", "epochs_trained",
-            "train_time_s", "epochs_saved_by_pruning",
-        )}
+        return {
+            name: 0.0
+            for name in (
+                "trials_complete",
+                "trials_pruned",
+                "trials_failed",
+                "trials_surplus",
+                "trials_reused",
+                "epochs_trained",
+                "train_time_s",
+                "epochs_saved_by_pruning",
+            )
+        }
     pruned = table[table["state"] == "PRUNED"]
     return {
         "trials_complete": int((table["state"] == "COMPLETE").sum()),
@@ -711,16 +751,23 @@ def _describe_best(summary: StudySummary, best, study, config: SearchConfig, spa
         best_test_accuracy=float(best["test_accuracy"]),
         best_trial_number=float(best["trial"]),
     )
-    summary.tags.update(best_params=json.dumps(best_params), best_run_id=str(best["run_id"]), best_trial=str(int(best["trial"])))
+    summary.tags.update(
+        best_params=json.dumps(best_params), best_run_id=str(best["run_id"]), best_trial=str(int(best["trial"]))
+    )
     summary.tags.update({f"best_{name}": str(value) for name, value in best_params.items()})
     summary.winner_run_id = str(best["run_id"])
     model_uri = study.trials[int(best["trial"])].user_attrs.get("model_uri")
     if config.register_as and model_uri:
         summary.registration = Registration(
-            model_uri, config.register_as, str(best["run_id"]), float(best["val_accuracy"]), float(best["test_accuracy"])
+            model_uri,
+            config.register_as,
+            str(best["run_id"]),
+            float(best["val_accuracy"]),
+            float(best["test_accuracy"]),
         )
     summary.printed = (
-        f"Best trial {int(best['trial'])}: val_accuracy {best['val_accuracy']:.4f}, test_accuracy {best['test_accuracy']:.4f}, "
+        f"Best trial {int(best['trial'])}: val_accuracy "
+        f"{best['val_accuracy']:.4f}, test_accuracy {best['test_accuracy']:.4f}, "
         + ", ".join(f"{name}={value}" for name, value in best_params.items())
     )
 
@@ -756,8 +803,13 @@ def _add_best_of_n(summary: StudySummary, trained: pd.DataFrame, space: SearchSp
     summary.metrics.update({f"expected_best_at_{row.n}": row.expected for row in rows})
     reference = {n: value for n, value in REFERENCE_BEST_OF_N.items() if n <= len(pool)} if on_reference_space else None
     summary.figures["search/best_of_n.png"] = plots.best_of_n_figure(
-        [row.n for row in rows], [row.expected for row in rows], [row.low for row in rows], [row.high for row in rows],
-        len(pool), reference, title=f"Expected best of N trials drawn from this search ({space.name} space)",
+        [row.n for row in rows],
+        [row.expected for row in rows],
+        [row.low for row in rows],
+        [row.high for row in rows],
+        len(pool),
+        reference,
+        title=f"Expected best of N trials drawn from this search ({space.name} space)",
     )
 
 

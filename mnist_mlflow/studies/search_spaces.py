@@ -23,9 +23,10 @@ anything heavy is loaded.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mnist_mlflow.config import (
     ACTIVATIONS,
@@ -163,7 +164,9 @@ def _check_value(source: str, name: str, value: Any) -> Any:
 def _parse_range(source: str, name: str, spec: Mapping[str, Any]) -> Range:
     unknown = sorted(set(spec) - {"low", "high", "log"})
     if unknown or "low" not in spec or "high" not in spec:
-        raise ConfigError(f"space {source}: {name} must be a list of values or a range {{low, high, log}}; got {dict(spec)!r}")
+        raise ConfigError(
+            f"space {source}: {name} must be a list of values or a range {{low, high, log}}; got {dict(spec)!r}"
+        )
     if name == "activation":
         raise ConfigError(f"space {source}: activation takes a list of names, not a range")
     low, high = _check_value(source, name, spec["low"]), _check_value(source, name, spec["high"])
@@ -178,10 +181,14 @@ def _parse_range(source: str, name: str, spec: Mapping[str, Any]) -> Range:
 def space_from_mapping(document: Any, source: str, default_name: str) -> SearchSpace:
     """Builds a space from a parsed YAML document; every problem names the key and value."""
     if not isinstance(document, Mapping):
-        raise ConfigError(f"space {source} must be a YAML mapping with a 'parameters' key; got {type(document).__name__}")
+        raise ConfigError(
+            f"space {source} must be a YAML mapping with a 'parameters' key; got {type(document).__name__}"
+        )
     unknown_keys = sorted(set(document) - {"name", "sampler", "fixed", "parameters"})
     if unknown_keys:
-        raise ConfigError(f"space {source}: unknown key(s) {', '.join(unknown_keys)}; known: name, sampler, fixed, parameters")
+        raise ConfigError(
+            f"space {source}: unknown key(s) {', '.join(unknown_keys)}; known: name, sampler, fixed, parameters"
+        )
     raw_parameters = document.get("parameters")
     if not isinstance(raw_parameters, Mapping) or not raw_parameters:
         raise ConfigError(f"space {source}: 'parameters' must map at least one hyperparameter to its values")
@@ -205,7 +212,9 @@ def space_from_mapping(document: Any, source: str, default_name: str) -> SearchS
                 raise ConfigError(f"space {source}: {name}={spec!r} lists a value twice")
             parameters[name] = choices
         else:
-            raise ConfigError(f"space {source}: {name}={spec!r} must be a non-empty list of values or a range {{low, high, log}}")
+            raise ConfigError(
+                f"space {source}: {name}={spec!r} must be a non-empty list of values or a range {{low, high, log}}"
+            )
     fixed = {name: _check_value(source, name, value) for name, value in raw_fixed.items()}
     name = document.get("name", default_name)
     if not isinstance(name, str) or not name or not all(char.isalnum() or char in "-_." for char in name):
@@ -270,11 +279,15 @@ class SearchConfig:
         if self.sampler:
             require_choice("sampler", self.sampler, SAMPLERS)
         if self.resolved_sampler() == "grid" and not space.is_grid:
-            raise ConfigError(f"sampler=grid needs a list of values for every parameter; space {self.space!r} has ranges")
+            raise ConfigError(
+                f"sampler=grid needs a list of values for every parameter; space {self.space!r} has ranges"
+            )
         if self.n_trials < 0:
             raise ConfigError(f"n_trials={self.n_trials!r} must be positive, or 0 for the default")
         if self.resolved_sampler() == "grid" and self.n_trials > space.grid_size:
-            raise ConfigError(f"n_trials={self.n_trials} is more than the {space.grid_size} points of the {space.name!r} grid")
+            raise ConfigError(
+                f"n_trials={self.n_trials} is more than the {space.grid_size} points of the {space.name!r} grid"
+            )
         if self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
         require_choice("pruner", self.pruner, SEARCH_PRUNERS)
@@ -326,7 +339,7 @@ class SearchConfig:
         }
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "SearchConfig":
+    def from_params(cls, params: Mapping[str, Any]) -> SearchConfig:
         raw = merge_params(cls().as_params(), params)
         return cls(
             space=str(raw["space"]).strip(),

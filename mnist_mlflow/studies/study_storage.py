@@ -7,7 +7,8 @@ finds out within seconds whether its storage can be opened.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -32,7 +33,9 @@ def _is_table_creation_race(error: Exception) -> bool:
 
 
 def open_storage(
-    url: str, heartbeat_interval_s: int | None = None, grace_period_s: int | None = None,
+    url: str,
+    heartbeat_interval_s: int | None = None,
+    grace_period_s: int | None = None,
     stale_trial_callback: Callable[[Any, Any], None] | None = None,
 ):
     """Opens the Optuna storage; fails within seconds, naming the URL (without its password), if it

@@ -7,7 +7,7 @@ the parts they share. Nothing here logs: the study engine logs a summary in one 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

@@ -9,8 +9,9 @@ importing it loads neither TensorFlow nor MLflow.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -115,7 +116,7 @@ class WeightDecayConfig:
         }
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "WeightDecayConfig":
+    def from_params(cls, params: Mapping[str, Any]) -> WeightDecayConfig:
         raw = merge_params(cls().as_params(), params)
         return cls(
             factors=tuple(parse_float("factors", item) for item in parse_list("factors", raw["factors"])),
@@ -128,7 +129,6 @@ class WeightDecayConfig:
             seed=parse_seed(raw["seed"]),
             sweep_id=parse_study_id(raw["sweep_id"]),
         )
-
 
 
 def replicate_seed(config: WeightDecayConfig, replicate: int) -> int:
@@ -205,9 +205,17 @@ def weight_decay_tables(records: Sequence[ChildRecord], factors: Sequence[float]
 
 
 WEIGHT_DECAY_FORMATS = {
-    "factor": ".6g", "val_accuracy_mean": ".2%", "val_accuracy_std": ".3%", "val_accuracy_ci95_low": ".2%",
-    "val_accuracy_ci95_high": ".2%", "test_accuracy_mean": ".2%", "val_accuracy": ".2%", "test_accuracy": ".2%",
-    "mean_epoch_time_s": ".2f", "val_accuracy_epoch_1_mean": ".2%", "val_accuracy_epoch_1": ".2%",
+    "factor": ".6g",
+    "val_accuracy_mean": ".2%",
+    "val_accuracy_std": ".3%",
+    "val_accuracy_ci95_low": ".2%",
+    "val_accuracy_ci95_high": ".2%",
+    "test_accuracy_mean": ".2%",
+    "val_accuracy": ".2%",
+    "test_accuracy": ".2%",
+    "mean_epoch_time_s": ".2f",
+    "val_accuracy_epoch_1_mean": ".2%",
+    "val_accuracy_epoch_1": ".2%",
 }
 
 
@@ -219,7 +227,9 @@ def weight_decay_summary(records: Sequence[ChildRecord], factors: Sequence[float
     best = by_factor.loc[by_factor["val_accuracy_mean"].idxmax()]
     figures = {
         f"summary/val_accuracy_vs_factor{suffix}.png": plots.error_bar_figure(
-            list(by_factor["factor"]), list(by_factor["val_accuracy_mean"]), list(by_factor["val_accuracy_std"]),
+            list(by_factor["factor"]),
+            list(by_factor["val_accuracy_mean"]),
+            list(by_factor["val_accuracy_std"]),
             reference=LECUN_TABLE_ACCURACY,
             reference_label=f"LeCun's table, 500+300 HU with weight decay: {LECUN_TABLE_ACCURACY:.2%} (test)",
             log_x=log_x,
@@ -263,7 +273,10 @@ def children(config: WeightDecayConfig) -> list[ChildSpec]:
             config=child_config(config, factor, replicate),
             tags={"weight_decay_factor": f"{factor:.10g}", "replicate": str(replicate)},
             params={"replicate": replicate, "replicate_seed": replicate_seed(config, replicate)},
-            description=f"Weight-decay factor {factor:g}, replicate {replicate} (replicates are numbered from 0 to {config.replicates - 1}).",
+            description=(
+                f"Weight-decay factor {factor:g}, replicate {replicate} "
+                f"(replicates are numbered from 0 to {config.replicates - 1})."
+            ),
         )
         for factor in config.factors
         for replicate in range(config.replicates)

@@ -13,7 +13,6 @@ from mlflow.tracking import MlflowClient
 from mnist_mlflow.config import UserInputError
 from mnist_mlflow.tracking.server import auth_error, tracking_uri_shown
 
-
 # The models-from-code file, which imports nothing from this package.
 SERVED_MODEL_CODE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "served_model.py")
 
@@ -166,7 +165,9 @@ def promote_best_version(model_name: str, metric: str = "val_accuracy", alias: s
     except mlflow.exceptions.MlflowException as error:
         if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
             raise (auth_error(error) or error) from None
-        raise UserInputError(f"model_name={model_name!r}: no registered model of that name at {tracking_uri_shown()}") from None
+        raise UserInputError(
+            f"model_name={model_name!r}: no registered model of that name at {tracking_uri_shown()}"
+        ) from None
     versions = client.search_model_versions(f"name='{model_name}'")
     candidates = sorted(
         ((str(version.version), _version_score(client, version, metric)) for version in versions),
@@ -174,7 +175,9 @@ def promote_best_version(model_name: str, metric: str = "val_accuracy", alias: s
     )
     scored = [(number, value) for number, value in candidates if value is not None]
     if not scored:
-        raise UserInputError(f"model_name={model_name!r}: none of its {len(candidates)} versions has a {metric!r} score")
+        raise UserInputError(
+            f"model_name={model_name!r}: none of its {len(candidates)} versions has a {metric!r} score"
+        )
     best_version, best_value = max(scored, key=lambda item: (item[1], int(item[0])))
     try:
         previous = str(client.get_model_version_by_alias(model_name, alias).version)

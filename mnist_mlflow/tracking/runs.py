@@ -12,7 +12,8 @@ import json
 import os
 import time
 import warnings
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -27,7 +28,6 @@ from mnist_mlflow.tracking.server import (
     launcher_run_id,
     warn_about_secret_params,
 )
-
 
 KILLED_REASON_TAG = "killed_reason"
 
@@ -134,7 +134,11 @@ def reconcile_runs(
             reason = f"its process {tags[lifecycle.PID_TAG]} on {tags[lifecycle.HOST_TAG]} ended without closing it"
         elif gone is None and lifecycle.PID_TAG not in tags:
             age_h = (now_ms - run.info.start_time) / 3.6e6
-            if age_h <= unknown_max_age_h or tags.get(STUDY_KIND_TAG) == SEARCH_KIND or run.info.run_id == launcher_run_id():
+            if (
+                age_h <= unknown_max_age_h
+                or tags.get(STUDY_KIND_TAG) == SEARCH_KIND
+                or run.info.run_id == launcher_run_id()
+            ):
                 continue
             reason = f"it has no process information and started {age_h:.0f} h ago (more than {unknown_max_age_h:g} h)"
         else:

@@ -10,14 +10,13 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import UserInputError
 from mnist_mlflow.redaction import redact_url, url_has_secret, without_credentials
-
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
@@ -84,14 +83,15 @@ def check_tracking_server(timeout_s: float = 5.0) -> str:
             ) from None
         if response.status_code != 200:
             raise TrackingUnavailableError(
-                f"the MLflow tracking server at {shown} ({TRACKING_URI_ENV}) answered /health with HTTP {response.status_code}"
+                f"the MLflow tracking server at {shown} ({TRACKING_URI_ENV}) "
+                f"answered /health with HTTP {response.status_code}"
             )
         try:
             MlflowClient().search_experiments(max_results=1)
         except mlflow.exceptions.MlflowException as error:
             raise (auth_error(error, shown) or error) from None
     elif uri.startswith("sqlite:///"):
-        with _file_lock(os.path.abspath(uri[len("sqlite:///"):])):
+        with _file_lock(os.path.abspath(uri[len("sqlite:///") :])):
             MlflowClient().search_experiments(max_results=1)
     return shown
 
@@ -210,7 +210,7 @@ def runs_view_lines(experiment_id: str, run_id: str | None = None) -> list[str]:
         # No credentials in a link: the browser asks for them (and a password must not be printed).
         return [f"View {what} in the MLflow UI: {without_credentials(uri).rstrip('/')}/{page}"]
     if uri.startswith("sqlite:///"):
-        store = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        store = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
         return [
             f"View {what} in the MLflow UI: start it with `mlflow ui --backend-store-uri {store}`, "
             f"then open http://127.0.0.1:5000/{page}"

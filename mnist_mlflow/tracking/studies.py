@@ -8,8 +8,9 @@ parent by its study id (:func:`open_study_parent`); a search finds it in its Opt
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -24,10 +25,10 @@ from mnist_mlflow.tracking.runs import (
     STUDY_ID_TAG,
     STUDY_KIND_TAG,
     STUDY_ROLE_TAG,
-    set_tag,
     environment_summary,
     mark_run_killed,
     metric_values,
+    set_tag,
 )
 from mnist_mlflow.tracking.server import auth_error, current_experiment_id, secret_params, tracking_uri_shown
 
@@ -76,7 +77,9 @@ def _holder_tags(kind: str) -> dict[str, str]:
     return {} if kind == SEARCH_KIND else lifecycle.process_identity()
 
 
-def _point_launcher_to(client: MlflowClient, launcher_run_id: str | None, parent_run_id: str, kind: str, study_id: str) -> None:
+def _point_launcher_to(
+    client: MlflowClient, launcher_run_id: str | None, parent_run_id: str, kind: str, study_id: str
+) -> None:
     """The launcher's run (if it is not the parent) records which run this launch worked for."""
     if launcher_run_id and launcher_run_id != parent_run_id:
         client.set_tag(launcher_run_id, "resumed_study_run_id", parent_run_id)
@@ -220,7 +223,13 @@ def study_children_of(parent_run_id: str, experiment_id: str | None = None) -> l
         order_by=["attributes.start_time ASC"],
     )
     return [
-        ChildRecord(run.info.run_id, run.data.tags.get(CHILD_KEY_TAG, ""), run.info.status, dict(run.data.metrics), dict(run.data.params))
+        ChildRecord(
+            run.info.run_id,
+            run.data.tags.get(CHILD_KEY_TAG, ""),
+            run.info.status,
+            dict(run.data.metrics),
+            dict(run.data.params),
+        )
         for run in runs
     ]
 
