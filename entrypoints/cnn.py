@@ -13,7 +13,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_mlflow.cli import (  # noqa: E402
-    TRAINING_HELP,
     check_tracking_first,
     exit_process,
     import_training_libraries,
@@ -22,22 +21,9 @@ from mnist_mlflow.cli import (  # noqa: E402
 )
 from mnist_mlflow.config import CnnRunConfig  # noqa: E402
 
-HELP = {
-    "filters": "comma list of filter counts, one Conv2D (relu, valid padding) per entry",
-    "kernel_size": "square kernel size of every convolution",
-    "pooling": "comma list of true/false, one per convolution: 2x2 max-pool (stride 2) after it; empty = all true",
-    "dense_units": "comma list of widths of the relu layers after the convolutions; empty = none",
-    "dropout": "dropout rate just before the output layer, in [0, 1)",
-    "precision": "float32, bfloat16 (mixed precision), or auto: bfloat16 where the CPU has bfloat16 matrix units",
-    "register_as": "registered model name for the selected model; empty = do not register",
-    **TRAINING_HELP,
-}
-
 
 def main(argv=None) -> None:
-    # Empty pooling means a max-pool after every convolution, whatever their number.
-    defaults = {**CnnRunConfig().as_params(), "pooling": ""}
-    config = parse_config(CnnRunConfig, __doc__.splitlines()[0], HELP, argv, defaults)
+    config = parse_config(CnnRunConfig, __doc__.splitlines()[0], argv)
     check_tracking_first()
     import_training_libraries()
 

@@ -13,7 +13,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_mlflow.cli import (  # noqa: E402
-    TRAINING_HELP,
     check_tracking_first,
     exit_process,
     import_training_libraries,
@@ -22,18 +21,9 @@ from mnist_mlflow.cli import (  # noqa: E402
 )
 from mnist_mlflow.config import DenseRunConfig  # noqa: E402
 
-HELP = {
-    "hidden_units": "comma list of hidden-layer widths",
-    "activation": "one activation for every hidden layer, or a comma list with one per layer",
-    "dropout": "dropout rate after every hidden layer, in [0, 1)",
-    "l2": "L2 weight-decay factor on the hidden kernels",
-    "regularized_layers": "which hidden kernels get the L2 penalty: all, or only the first",
-    **TRAINING_HELP,
-}
-
 
 def main(argv=None) -> None:
-    config = parse_config(DenseRunConfig, __doc__.splitlines()[0], HELP, argv)
+    config = parse_config(DenseRunConfig, __doc__.splitlines()[0], argv)
     check_tracking_first()
     import_training_libraries()
 

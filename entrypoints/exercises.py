@@ -19,25 +19,11 @@ from mnist_mlflow.cli import (  # noqa: E402
     parse_config,
     run_main,
 )
-from mnist_mlflow.studies.exercises import ExercisesConfig, exercise_ids  # noqa: E402
-
-HELP = {
-    "suite": "dense (the ten dense exercises on MNIST) or conv (the Fashion-MNIST convolution exercises)",
-    "only": (
-        "comma list of exercise ids to run; empty runs the whole suite. dense: "
-        + ", ".join(exercise_ids("dense"))
-        + "; conv: "
-        + ", ".join(exercise_ids("conv"))
-    ),
-    "epochs": "passes over the training data, for every exercise",
-    "max_train_examples": "cap on training examples for quick runs; 0 means all",
-    "seed": "seed for the split, the initial weights and the shuffling",
-    "sweep_id": "resume the study with this id: finished exercises are reused; empty starts a new study",
-}
+from mnist_mlflow.studies.exercises import ExercisesConfig  # noqa: E402
 
 
 def main(argv=None) -> None:
-    config = parse_config(ExercisesConfig, __doc__.splitlines()[0], HELP, argv)
+    config = parse_config(ExercisesConfig, __doc__.splitlines()[0], argv)
     check_tracking_first()
     import_training_libraries()
 

@@ -12,27 +12,17 @@ from pathlib import Path
 # Started as `python entrypoints/promote.py`, the project folder is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_mlflow.cli import exit_process, run_main, string_parser  # noqa: E402
-from mnist_mlflow.config import ConfigError, check_name  # noqa: E402
-
-DEFAULTS = {"model_name": "mnist-cnn", "metric": "val_accuracy"}
-HELP = {
-    "model_name": "registered model name",
-    "metric": "validation metric to rank versions by (higher is better); test metrics are refused",
-}
+from mnist_mlflow.cli import exit_process, parse_config, run_main  # noqa: E402
+from mnist_mlflow.config import PromoteConfig  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = string_parser(__doc__.splitlines()[0], DEFAULTS, HELP)
-    args = parser.parse_args(argv)
-    if not args.model_name.strip():
-        raise ConfigError("model_name='' must name a registered model")
-    check_name("model_name", args.model_name.strip())
+    config = parse_config(PromoteConfig, __doc__.splitlines()[0], argv)
 
     from mnist_mlflow import tracking
 
     tracking.prepare_tracking()
-    promotion = tracking.promote_best_version(args.model_name.strip(), args.metric.strip())
+    promotion = tracking.promote_best_version(config.model_name, config.metric)
     print(f"Versions of {promotion.model_name} by {promotion.metric} (higher is better; ties go to the newer):")
     for number, value in promotion.candidates:
         shown = "no score" if value is None else f"{value:.4f}"

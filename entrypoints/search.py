@@ -21,25 +21,12 @@ from mnist_mlflow.cli import (  # noqa: E402
     parse_config,
     run_main,
 )
-from mnist_mlflow.studies.search_spaces import DEFAULT_SEARCH_STORAGE, SearchConfig  # noqa: E402
+from mnist_mlflow.studies.search_spaces import SearchConfig  # noqa: E402
 from mnist_mlflow.studies.study_storage import open_storage  # noqa: E402
-
-HELP = {
-    "space": "grid or random (docs/experiments.md section 4), or the path of a YAML space file",
-    "sampler": "grid, random or tpe; empty: the space's default (grid for grid, random for random)",
-    "n_trials": "cap on the trials of the study over all workers; 0: the grid size for grid, 50 otherwise",
-    "epochs": "passes over the training data per trial",
-    "pruner": "none, or median: stop a trial whose validation accuracy is below the median at the same epoch",
-    "storage": f"Optuna storage URL shared by all workers; empty: {DEFAULT_SEARCH_STORAGE} in the working directory",
-    "study_name": "the Optuna study to create or join; empty: search-<space>[-<sampler>]",
-    "max_train_examples": "cap on training examples for quick runs; 0 means all",
-    "seed": "seed for the split, every trial's initial weights, and the sampler",
-    "register_as": "registered model name for the best trial's model; empty: do not register",
-}
 
 
 def main(argv=None) -> None:
-    config = parse_config(SearchConfig, __doc__.splitlines()[0], HELP, argv)
+    config = parse_config(SearchConfig, __doc__.splitlines()[0], argv)
     check_tracking_first()
     # A storage that cannot be opened is one line before TensorFlow is imported, too. The search
     # opens it again when it starts (a few milliseconds once its tables exist).

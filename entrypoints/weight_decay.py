@@ -21,21 +21,9 @@ from mnist_mlflow.cli import (  # noqa: E402
 )
 from mnist_mlflow.studies.weight_decay import WeightDecayConfig  # noqa: E402
 
-HELP = {
-    "factors": "comma list of positive L2 factors (default: numpy linspace(1e-6, 1e-3, 5))",
-    "replicates": "networks per factor; replicate r of every factor uses seed + r",
-    "epochs": "passes over the training data",
-    "batch_size": "examples per SGD step",
-    "learning_rate": "SGD learning rate",
-    "regularized_layers": "first (the first hidden kernel only) or all hidden kernels",
-    "max_train_examples": "cap on training examples for quick runs; 0 means all",
-    "seed": "base seed: the split, and replicate r trains with seed + r",
-    "sweep_id": "resume the sweep with this id: finished runs are reused; empty starts a new sweep",
-}
-
 
 def main(argv=None) -> None:
-    config = parse_config(WeightDecayConfig, __doc__.splitlines()[0], HELP, argv)
+    config = parse_config(WeightDecayConfig, __doc__.splitlines()[0], argv)
     check_tracking_first()
     import_training_libraries()
 

@@ -10,39 +10,21 @@ from collections.abc import Callable, Sequence
 
 from mnist_mlflow import lifecycle
 from mnist_mlflow.config import RunFailedError, UserInputError
-
-# Help for the parameters every training entry point shares.
-TRAINING_HELP = {
-    "optimizer": "adam, sgd or rmsprop",
-    "learning_rate": "optimizer learning rate (the initial one with a schedule)",
-    "lr_schedule": "constant, or cosine: decay the learning rate to zero over all epochs",
-    "max_shift": "augmentation: move each training image by up to this many pixels each way; 0 means none",
-    "batch_size": "examples per training step",
-    "epochs": "passes over the training data",
-    "dataset": "mnist or fashion_mnist",
-    "validation_fraction": "share of the training split held out for validation, in (0, 1)",
-    "seed": "seed for the split, the initial weights and the shuffling",
-    "max_train_examples": "cap on training examples for quick runs; 0 means all",
-}
+from mnist_mlflow.parameters import flags_of
 
 
-def string_parser(description: str, defaults: dict[str, object], help_texts: dict[str, str]) -> argparse.ArgumentParser:
-    """A parser with one ``--name`` flag per entry-point parameter, all read as strings.
+def parse_config(config_class, description: str, argv: Sequence[str] | None):
+    """Parses one ``--name value`` flag per parameter of ``config_class`` and builds the config.
 
-    Values are checked by the typed configs, which give one clear line per bad value.
+    The flags, their help and their defaults come from the parameters' declarations
+    (``mnist_mlflow.parameters``). Every value is read as a string and checked by the config,
+    which gives one clear line per bad value.
     """
     parser = argparse.ArgumentParser(description=description)
-    for name, default in defaults.items():
-        parser.add_argument(f"--{name}", default=str(default), help=f"{help_texts.get(name, '')} (default: {default})")
-    return parser
-
-
-def parse_config(config_class, description: str, help_texts: dict[str, str], argv: Sequence[str] | None, defaults=None):
-    """Parses ``--name value`` flags for every parameter of ``config_class`` and builds the config.
-
-    ``defaults`` overrides what the flags show as defaults (``config_class().as_params()``).
-    """
-    parser = string_parser(description, defaults or config_class().as_params(), help_texts)
+    for flag in flags_of(config_class):
+        parser.add_argument(
+            f"--{flag.name}", default=flag.default_text, help=f"{flag.help_text} (default: {flag.default_text})"
+        )
     return config_class.from_params(vars(parser.parse_args(argv)))
 
 

@@ -16,7 +16,7 @@ import pytest
 from harness.servers import tracking_server
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-SHARED_DATA_DIR = PROJECT_DIR.parent / "shared" / "data"
+SHARED_DATA_DIR = (PROJECT_DIR / "../shared/data").resolve()
 
 # Offline data: use the shared copies of the canonical files when they are beside the project.
 if "MNIST_MLFLOW_DATA_DIR" not in os.environ and SHARED_DATA_DIR.is_dir():

@@ -1,9 +1,6 @@
-"""One source for every default: MLproject, the README's parameter tables, the entry points'
-flags and the typed configs must all describe the same defaults.
-
-The configs are the source. MLproject and the README are written by hand, so each of their
-defaults is read back through the config's own parser and must build the default config.
-"""
+"""Each parameter is declared once, on its config field (mnist_mlflow.parameters). MLproject, the
+docs' parameter tables and the entry points' flags are derived from the declarations; these
+tests check that what users read and type agrees with them."""
 
 from __future__ import annotations
 
@@ -16,21 +13,11 @@ import pytest
 import yaml
 from conftest import PROJECT_DIR
 
-from mnist_mlflow.config import CnnRunConfig, ConfigError, DenseRunConfig
-from mnist_mlflow.studies.exercises import ExercisesConfig
-from mnist_mlflow.studies.search_spaces import SearchConfig
-from mnist_mlflow.studies.weight_decay import WeightDecayConfig
+from mnist_mlflow import entry_points
+from mnist_mlflow.config import ConfigError, DenseRunConfig
+from mnist_mlflow.parameters import defaults_of
 
-CONFIG_OF = {
-    "dense": DenseRunConfig,
-    "cnn": CnnRunConfig,
-    "exercises": ExercisesConfig,
-    "weight_decay": WeightDecayConfig,
-    "search": SearchConfig,
-}
-# Entry points without a config class: their flags' defaults are plain strings.
-PLAIN_ENTRY_POINTS = ("promote", "reconcile")
-ALL_ENTRY_POINTS = (*CONFIG_OF, *PLAIN_ENTRY_POINTS)
+CONFIG_OF = entry_points.ENTRY_POINTS
 
 
 @pytest.fixture(scope="module")
@@ -39,34 +26,21 @@ def mlproject() -> dict:
         return yaml.safe_load(file)["entry_points"]
 
 
-def mlproject_defaults(mlproject: dict, entry: str) -> dict[str, object]:
-    return {name: spec["default"] for name, spec in mlproject[entry]["parameters"].items()}
+def mlproject_defaults(mlproject: dict, entry: str) -> dict[str, str]:
+    return {name: str(spec["default"]) for name, spec in mlproject[entry]["parameters"].items()}
 
 
-def readme_defaults() -> dict[str, dict[str, str]]:
-    """Each README parameter table (marked ``<!-- parameters: entry ... -->``) as {name: default}.
-
-    A default cell reads ``x``, ``empty ...`` (the empty string) or ``as for `dense` `` (that
-    entry point's default); a row may name several parameters with as many defaults.
-    """
+def docs_defaults() -> dict[str, dict[str, str]]:
+    """Each docs parameter table (marked ``<!-- parameters: entry ... -->``) as {name: default}."""
     text = "\n".join(page.read_text() for page in sorted((PROJECT_DIR / "docs").glob("*.md")))
     tables: dict[str, dict[str, str]] = {}
     for match in re.finditer(r"<!-- parameters: (\w+) .*?-->\n((?:\|.*\|\n)+)", text):
-        entry, rows = match.group(1), match.group(2).splitlines()[2:]
-        table: dict[str, str] = {}
+        rows = match.group(2).splitlines()[2:]
+        table = {}
         for row in rows:
             name_cell, default_cell = (cell.strip() for cell in row.strip("|").split("|")[:2])
-            names = re.findall(r"`(\w+)`", name_cell)
-            if default_cell.startswith("as for"):
-                source = tables[re.search(r"`(\w+)`", default_cell).group(1)]
-                defaults = [source[name] for name in names]
-            elif default_cell.startswith("empty"):
-                defaults = [""]
-            else:
-                defaults = re.findall(r"`([^`]*)`", default_cell)
-            assert len(defaults) == len(names), f"README {entry} table: {row!r} does not give one default per name"
-            table.update(zip(names, defaults))
-        tables[entry] = table
+            table[name_cell.strip("`")] = "" if default_cell == "empty" else default_cell.strip("`")
+        tables[match.group(1)] = table
     return tables
 
 
@@ -83,39 +57,51 @@ def flag_defaults(entry: str) -> dict[str, str]:
     return dict(re.findall(r"^\s+--(\w+) \S+\s.*\(default: (.*?)\)$", result.stdout, flags=re.MULTILINE))
 
 
-def test_every_entry_point_is_documented_in_mlproject_and_the_readme(mlproject):
-    assert set(mlproject) == set(ALL_ENTRY_POINTS)
-    assert set(readme_defaults()) == set(ALL_ENTRY_POINTS)
+def test_mlproject_and_the_docs_tables_are_what_the_declarations_make():
+    """`python -m mnist_mlflow.entry_points --check` passes: nothing derived was edited by hand,
+    and nothing was forgotten after a declaration changed."""
+    stale = [path for path, text in entry_points.derived_files().items() if path.read_text() != text]
+    assert not stale, f"run `python -m mnist_mlflow.entry_points --write`: {stale}"
+    assert entry_points.main(["--check"]) == 0
 
 
-@pytest.mark.parametrize("entry", ALL_ENTRY_POINTS)
+def test_the_check_notices_a_file_that_differs(tmp_path, monkeypatch, capsys):
+    mlproject = tmp_path / "MLproject"
+    mlproject.write_text(entry_points.mlproject_text().replace('default: "100"', 'default: "128"'))
+    monkeypatch.setattr(entry_points, "derived_files", lambda: {mlproject: entry_points.mlproject_text()})
+    monkeypatch.setattr(entry_points, "PROJECT_DIR", tmp_path)
+    assert entry_points.main(["--check"]) == 1
+    assert "MLproject differs from the parameters' declarations" in capsys.readouterr().err
+
+
+def test_every_entry_point_has_a_script_an_mlproject_entry_and_a_docs_table(mlproject):
+    scripts = {path.stem for path in (PROJECT_DIR / "entrypoints").glob("*.py")}
+    assert set(mlproject) == set(CONFIG_OF) == scripts
+    assert set(docs_defaults()) == set(CONFIG_OF)
+
+
+@pytest.mark.parametrize("entry", list(CONFIG_OF))
 def test_mlproject_passes_every_parameter_to_its_flag(mlproject, entry):
     command = mlproject[entry]["command"]
+    assert command.startswith(f"python entrypoints/{entry}.py")
     for name in mlproject[entry]["parameters"]:
         assert f"--{name} {{{name}}}" in command, f"MLproject {entry}: --{name} is not passed"
 
 
 @pytest.mark.parametrize("entry", list(CONFIG_OF))
-def test_mlproject_readme_and_flags_give_the_config_s_defaults(mlproject, entry):
+def test_mlproject_docs_and_flags_give_the_config_s_defaults(mlproject, entry):
     config_class = CONFIG_OF[entry]
     default = config_class()
-    names = set(default.as_params())
+    names = set(defaults_of(config_class))
     sources = {
         "MLproject": mlproject_defaults(mlproject, entry),
-        "README": readme_defaults()[entry],
+        "docs": docs_defaults()[entry],
         "--help": flag_defaults(entry),
     }
     for source, defaults in sources.items():
         assert set(defaults) == names, f"{source} {entry}: parameters differ from the config's: {set(defaults) ^ names}"
         built = config_class.from_params(defaults)
         assert built == default, f"{source} {entry}: its defaults build {built}, not the default {default}"
-
-
-@pytest.mark.parametrize("entry", PLAIN_ENTRY_POINTS)
-def test_plain_entry_points_agree_on_their_defaults(mlproject, entry):
-    expected = {name: str(value) for name, value in mlproject_defaults(mlproject, entry).items()}
-    assert readme_defaults()[entry] == expected
-    assert flag_defaults(entry) == expected
 
 
 def test_a_drifted_default_is_caught(mlproject):

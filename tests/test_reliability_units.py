@@ -39,7 +39,7 @@ def test_one_hidden_layer_without_an_activation_takes_the_default():
 @pytest.mark.parametrize(
     "params, named",
     [
-        ({"seed": "99999999999"}, "seed=99999999999"),
+        ({"seed": "99999999999"}, "seed='99999999999' must lie between 0 and"),
         ({"seed": "-1"}, "seed='-1'"),
         ({"hidden_units": "100000000"}, f"cap of {MAX_PARAMETERS:,}"),
         ({"validation_fraction": "1e-9"}, "validation_fraction=1e-09"),
@@ -102,10 +102,10 @@ def test_the_size_counted_before_tensorflow_is_what_keras_builds(kind, arguments
 @pytest.mark.parametrize(
     "arguments, named",
     [
-        (["--seed", "99999999999"], "seed=99999999999"),
+        (["--seed", "99999999999"], "seed='99999999999' must lie between 0 and"),
         (["--hidden_units", "100000000"], "trainable parameters"),
         (["--validation_fraction", "1e-9"], "validation_fraction"),
-        (["--max_shift", "9"], "max_shift=9"),
+        (["--max_shift", "9"], "max_shift='9' must lie between 0 and 7"),
     ],
 )
 def test_bad_values_stop_the_script_before_tensorflow_is_imported(arguments, named, tmp_path):

@@ -10,13 +10,15 @@ TensorFlow nor MLflow, so exercise ids are checked at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from mnist_mlflow.config import (
+    EXAMPLES_CAP,
+    SEED,
     CnnModelConfig,
     CnnRunConfig,
     ConfigError,
@@ -24,14 +26,16 @@ from mnist_mlflow.config import (
     DenseModelConfig,
     DenseRunConfig,
     TrainingConfig,
-    check_seed,
-    merge_params,
-    parse_int,
-    parse_list,
-    parse_seed,
-    parse_study_id,
-    require_choice,
-    require_non_negative,
+)
+from mnist_mlflow.parameters import (
+    NAME,
+    Kind,
+    Parameters,
+    check_parameters,
+    choice,
+    names,
+    parameter,
+    whole_number,
 )
 from mnist_mlflow.studies.protocol import ChildSpec, StudySummary
 from mnist_mlflow.studies.summaries import as_number, markdown_table
@@ -240,23 +244,41 @@ def exercise_ids(suite: str) -> list[str]:
 EXERCISE_SUITES = ("dense", "conv")
 
 
+def _check_suite_ids(name: str, value: tuple[str, ...]) -> None:
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{name}={','.join(value)!r} names an exercise twice")
+
+
 @dataclass(frozen=True)
-class ExercisesConfig:
+class ExercisesConfig(Parameters):
     """One ``exercises`` study; mirrors :func:`run_exercises`.
 
     ``only`` holds the exercise ids to run (empty: the whole suite); the ids of each suite are
     listed in :data:`SUITES`.
     """
 
-    suite: str = "dense"
-    only: tuple[str, ...] = ()
-    epochs: int = 5
-    max_train_examples: int = 0
-    seed: int = 0
-    sweep_id: str = ""
+    suite: str = parameter(
+        "dense",
+        "dense: the baseline and the ten exercises of docs/experiments.md section 1, ids baseline, 1 ... 10; "
+        "conv: the Fashion-MNIST variants of section 3, ids dense (the dense reference) and 1 ... 5",
+        choice(*EXERCISE_SUITES),
+    )
+    only: tuple[str, ...] = parameter(
+        (),
+        "comma list of exercise ids to run; empty: the whole suite",
+        Kind(read=names(allow_empty=True).read, write=",".join, check=_check_suite_ids),
+    )
+    epochs: int = parameter(5, "epochs of every exercise (exercise 10 trains twice as many)", whole_number())
+    max_train_examples: int = parameter(
+        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
+    )
+    seed: int = parameter(0, "seed of every exercise: the same split and initial weights for all", SEED)
+    sweep_id: str = parameter(
+        "", "a study's id: empty starts a new study; an earlier id resumes it, training only what is missing", NAME
+    )
 
     def __post_init__(self) -> None:
-        require_choice("suite", self.suite, EXERCISE_SUITES)
+        check_parameters(self)
         known = exercise_ids(self.suite)
         unknown = [item for item in self.only if item not in known]
         if unknown:
@@ -264,35 +286,6 @@ class ExercisesConfig:
                 f"only={','.join(self.only)!r}: {', '.join(map(repr, unknown))} is not an exercise of the "
                 f"{self.suite} suite; its exercises are: {', '.join(known)}"
             )
-        if len(set(self.only)) != len(self.only):
-            raise ConfigError(f"only={','.join(self.only)!r} names an exercise twice")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
-        require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        check_seed("seed", self.seed)
-
-    def as_params(self) -> dict[str, Any]:
-        return {
-            "suite": self.suite,
-            "only": ",".join(self.only),
-            "epochs": self.epochs,
-            "max_train_examples": self.max_train_examples,
-            "seed": self.seed,
-            "sweep_id": self.sweep_id,
-        }
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> ExercisesConfig:
-        raw = merge_params(cls().as_params(), params)
-        only_text = str(raw["only"]).strip()
-        return cls(
-            suite=str(raw["suite"]).strip().lower(),
-            only=tuple(item.lower() for item in parse_list("only", only_text)) if only_text else (),
-            epochs=parse_int("epochs", raw["epochs"], minimum=1),
-            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_seed(raw["seed"]),
-            sweep_id=parse_study_id(raw["sweep_id"]),
-        )
 
 
 def base_config(config: ExercisesConfig) -> DenseRunConfig | CnnRunConfig:

@@ -30,14 +30,19 @@ from typing import Any
 
 from mnist_mlflow.config import (
     ACTIVATIONS,
+    EXAMPLES_CAP,
+    SEED,
     ConfigError,
-    check_name,
-    check_seed,
-    merge_params,
-    parse_int,
-    parse_seed,
     require_choice,
-    require_non_negative,
+)
+from mnist_mlflow.parameters import (
+    NAME,
+    Parameters,
+    check_parameters,
+    choice,
+    parameter,
+    text,
+    whole_number,
 )
 
 SAMPLERS = ("grid", "random", "tpe")
@@ -254,7 +259,7 @@ DEFAULT_RANDOM_TRIALS = 50
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(Parameters):
     """One hyperparameter search; mirrors :func:`mnist_mlflow.studies.search.run_search`.
 
     ``space`` is ``grid``, ``random`` or a YAML file (see this module's docstring).
@@ -263,18 +268,39 @@ class SearchConfig:
     ``n_trials`` caps the total over all workers of the study.
     """
 
-    space: str = "grid"
-    sampler: str = ""
-    n_trials: int = 0
-    epochs: int = 10
-    pruner: str = "none"
-    storage: str = ""
-    study_name: str = ""
-    max_train_examples: int = 0
-    seed: int = 0
-    register_as: str = "mnist-search"
+    space: str = parameter(
+        "grid", "grid or random (docs/experiments.md section 4), or the path of a YAML space file", text()
+    )
+    sampler: str = parameter(
+        "", "grid, random or tpe; empty: the space's own (grid for a grid, random otherwise)", text(lower=True)
+    )
+    n_trials: int = parameter(
+        0,
+        f"trials in all, over every worker; 0: the whole grid, or {DEFAULT_RANDOM_TRIALS} for random and tpe",
+        whole_number(minimum=0),
+    )
+    epochs: int = parameter(10, "epochs of every trial", whole_number())
+    pruner: str = parameter(
+        "none",
+        "median stops a trial whose validation accuracy is below the median at the same epoch",
+        choice(*SEARCH_PRUNERS),
+    )
+    storage: str = parameter(
+        "",
+        f"Optuna storage URL shared by all workers; empty: {DEFAULT_SEARCH_STORAGE} in the working directory",
+        text(),
+    )
+    study_name: str = parameter("", "the study's name in the storage; empty: search-<space>[-<sampler>]", NAME)
+    max_train_examples: int = parameter(
+        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
+    )
+    seed: int = parameter(0, "seed of the sampler and of every trial's split and training", SEED)
+    register_as: str = parameter(
+        "mnist-search", "registered model name for the best trial's model; empty: do not register", NAME
+    )
 
     def __post_init__(self) -> None:
+        check_parameters(self)
         space = self.search_space()
         if self.sampler:
             require_choice("sampler", self.sampler, SAMPLERS)
@@ -282,26 +308,16 @@ class SearchConfig:
             raise ConfigError(
                 f"sampler=grid needs a list of values for every parameter; space {self.space!r} has ranges"
             )
-        if self.n_trials < 0:
-            raise ConfigError(f"n_trials={self.n_trials!r} must be positive, or 0 for the default")
         if self.resolved_sampler() == "grid" and self.n_trials > space.grid_size:
             raise ConfigError(
                 f"n_trials={self.n_trials} is more than the {space.grid_size} points of the {space.name!r} grid"
             )
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
-        require_choice("pruner", self.pruner, SEARCH_PRUNERS)
         scheme = self.resolved_storage().partition(":")[0].partition("+")[0]
         if scheme not in STORAGE_SCHEMES or "://" not in self.resolved_storage():
             raise ConfigError(
                 f"storage={self.storage!r} is not an Optuna storage URL such as {DEFAULT_SEARCH_STORAGE} "
                 "or postgresql://user:password@host:5432/database"
             )
-        check_name("study_name", self.study_name)
-        require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        check_seed("seed", self.seed)
-        if self.register_as:
-            check_name("register_as", self.register_as)
 
     def search_space(self) -> SearchSpace:
         return load_space(self.space)
@@ -323,33 +339,3 @@ class SearchConfig:
 
     def resolved_storage(self) -> str:
         return self.storage or DEFAULT_SEARCH_STORAGE
-
-    def as_params(self) -> dict[str, Any]:
-        return {
-            "space": self.space,
-            "sampler": self.sampler,
-            "n_trials": self.n_trials,
-            "epochs": self.epochs,
-            "pruner": self.pruner,
-            "storage": self.storage,
-            "study_name": self.study_name,
-            "max_train_examples": self.max_train_examples,
-            "seed": self.seed,
-            "register_as": self.register_as,
-        }
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> SearchConfig:
-        raw = merge_params(cls().as_params(), params)
-        return cls(
-            space=str(raw["space"]).strip(),
-            sampler=str(raw["sampler"]).strip().lower(),
-            n_trials=parse_int("n_trials", raw["n_trials"], minimum=0),
-            epochs=parse_int("epochs", raw["epochs"], minimum=1),
-            pruner=str(raw["pruner"]).strip().lower(),
-            storage=str(raw["storage"]).strip(),
-            study_name=str(raw["study_name"]).strip(),
-            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_seed(raw["seed"]),
-            register_as=str(raw["register_as"]).strip(),
-        )

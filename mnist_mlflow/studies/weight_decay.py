@@ -9,30 +9,34 @@ importing it loads neither TensorFlow nor MLflow.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from mnist_mlflow.config import (
+    EXAMPLES_CAP,
     MAX_SEED,
     REGULARIZED_LAYERS,
+    SEED,
     ConfigError,
     DataConfig,
     DenseModelConfig,
     DenseRunConfig,
     TrainingConfig,
-    check_seed,
-    merge_params,
-    parse_float,
-    parse_int,
-    parse_list,
-    parse_seed,
-    parse_study_id,
-    require_choice,
-    require_non_negative,
+)
+from mnist_mlflow.parameters import (
+    NAME,
+    POSITIVE_NUMBER,
+    Kind,
+    Parameters,
+    check_parameters,
+    choice,
+    numbers,
+    parameter,
+    whole_number,
 )
 from mnist_mlflow.studies.protocol import ChildSpec, StudySummary
 from mnist_mlflow.studies.summaries import as_number, markdown_table, mean_std_ci
@@ -59,76 +63,51 @@ def linspace(start: float, stop: float, count: int) -> tuple[float, ...]:
 WEIGHT_DECAY_FACTORS = tuple(float(f"{factor:.10g}") for factor in linspace(1e-6, 1e-3, 5))
 
 
+def _check_factors(name: str, factors: tuple[float, ...]) -> None:
+    if not factors:
+        raise ConfigError(f"{name}='' must list at least one weight-decay factor")
+    for factor in factors:
+        if not factor > 0:
+            raise ConfigError(f"{name}: {factor!r} is not a positive weight-decay factor")
+    if len(set(factors)) != len(factors):
+        raise ConfigError(f"{name}={','.join(f'{factor:g}' for factor in factors)!r} lists a factor twice")
+
+
 @dataclass(frozen=True)
-class WeightDecayConfig:
+class WeightDecayConfig(Parameters):
     """One weight-decay replicate sweep; mirrors :func:`run_weight_decay`.
 
     Replicate ``r`` of every factor trains with seed ``seed + r``; all share the split made
     with ``seed``.
     """
 
-    factors: tuple[float, ...] = WEIGHT_DECAY_FACTORS
-    replicates: int = 3
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 0.1
-    regularized_layers: str = "first"
-    max_train_examples: int = 0
-    seed: int = 0
-    sweep_id: str = ""
+    factors: tuple[float, ...] = parameter(
+        WEIGHT_DECAY_FACTORS,
+        "comma list of L2 factors (default: numpy.linspace(1e-6, 1e-3, 5))",
+        Kind(read=numbers().read, write=numbers().write, check=_check_factors),
+    )
+    replicates: int = parameter(3, "networks per factor; replicate r trains with seed + r", whole_number())
+    epochs: int = parameter(10, "passes over the training data, for every child", whole_number())
+    batch_size: int = parameter(32, "examples per training step", whole_number())
+    learning_rate: float = parameter(0.1, "plain SGD's learning rate", POSITIVE_NUMBER)
+    regularized_layers: str = parameter(
+        "first", "which hidden kernels get the L2 penalty: all of them, or only the first", choice(*REGULARIZED_LAYERS)
+    )
+    max_train_examples: int = parameter(
+        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
+    )
+    seed: int = parameter(0, "the split's seed, and replicate 0's", SEED)
+    sweep_id: str = parameter(
+        "", "a study's id: empty starts a new study; an earlier id resumes it, training only what is missing", NAME
+    )
 
     def __post_init__(self) -> None:
-        if not self.factors:
-            raise ConfigError("factors='' must list at least one weight-decay factor")
-        for factor in self.factors:
-            if not factor > 0:
-                raise ConfigError(f"factors: {factor!r} is not a positive weight-decay factor")
-        if len(set(self.factors)) != len(self.factors):
-            raise ConfigError(f"factors={','.join(f'{factor:g}' for factor in self.factors)!r} lists a factor twice")
-        if self.replicates <= 0:
-            raise ConfigError(f"replicates={self.replicates!r} must be a positive whole number")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs!r} must be a positive whole number")
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size={self.batch_size!r} must be a positive whole number")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate={self.learning_rate!r} must be positive")
-        require_choice("regularized_layers", self.regularized_layers, REGULARIZED_LAYERS)
-        require_non_negative("max_train_examples", self.max_train_examples, " (all)")
-        check_seed("seed", self.seed)
+        check_parameters(self)
         if self.seed + self.replicates - 1 > MAX_SEED:
             raise ConfigError(
                 f"seed={self.seed} with replicates={self.replicates}: replicate r trains with seed + r, "
                 f"which must stay at most {MAX_SEED} (2**32 - 1)"
             )
-
-    def as_params(self) -> dict[str, Any]:
-        return {
-            "factors": ",".join(f"{factor:.10g}" for factor in self.factors),
-            "replicates": self.replicates,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "regularized_layers": self.regularized_layers,
-            "max_train_examples": self.max_train_examples,
-            "seed": self.seed,
-            "sweep_id": self.sweep_id,
-        }
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> WeightDecayConfig:
-        raw = merge_params(cls().as_params(), params)
-        return cls(
-            factors=tuple(parse_float("factors", item) for item in parse_list("factors", raw["factors"])),
-            replicates=parse_int("replicates", raw["replicates"], minimum=1),
-            epochs=parse_int("epochs", raw["epochs"], minimum=1),
-            batch_size=parse_int("batch_size", raw["batch_size"], minimum=1),
-            learning_rate=parse_float("learning_rate", raw["learning_rate"]),
-            regularized_layers=str(raw["regularized_layers"]).strip().lower(),
-            max_train_examples=parse_int("max_train_examples", raw["max_train_examples"], minimum=0),
-            seed=parse_seed(raw["seed"]),
-            sweep_id=parse_study_id(raw["sweep_id"]),
-        )
 
 
 def replicate_seed(config: WeightDecayConfig, replicate: int) -> int:
