@@ -204,15 +204,7 @@ def run_classifier(
         tracking.log_dataset_splits(splits)
         tracking.log_text(models.summary_text(model), "model_summary.txt")
 
-        result = training.train_and_evaluate(
-            model,
-            splits,
-            training_config.batch_size,
-            training_config.epochs,
-            training_config.seed,
-            callbacks=callbacks,
-            max_shift=training_config.max_shift,
-        )
+        result = training.train_and_evaluate(model, splits, training_config, callbacks=callbacks)
         tracking.log_metrics(result.metrics())
         log_evaluation(result, splits)
         model_uri = tracking.log_keras_model(

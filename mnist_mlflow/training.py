@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from mnist_mlflow.config import TrainingDivergedError
+from mnist_mlflow.config import TrainingConfig, TrainingDivergedError
 from mnist_mlflow.data import Splits, evaluation_dataset, training_dataset
 from mnist_mlflow.models import MultiStepSequential, computes_in_bfloat16, with_standard_layers
 
@@ -191,20 +191,19 @@ def batches_per_step_for(model: keras.Model, num_examples: int, batch_size: int)
 def train_and_evaluate(
     model: keras.Model,
     splits: Splits,
-    batch_size: int,
-    epochs: int,
-    seed: int,
+    config: TrainingConfig,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
-    max_shift: int = 0,
 ) -> TrainingResult:
-    """Fits a compiled model, restores its best-``val_accuracy`` weights and evaluates on test.
+    """Fits a compiled model as ``config`` says, restores its best-``val_accuracy`` weights and
+    evaluates on test.
 
-    The test split is used exactly once, on the selected model. ``max_shift`` moves every
+    The test split is used exactly once, on the selected model. ``config.max_shift`` moves every
     training image by up to that many pixels each time it is drawn (augmentation).
     A MultiStepSequential takes several batches per step where that is faster
     (``batches_per_step_for``); the training itself is the same.
     """
+    batch_size, epochs, seed, max_shift = config.batch_size, config.epochs, config.seed, config.max_shift
     timer = EpochTimer()
     best = RestoreBestWeights("val_accuracy")
     batches_per_step = batches_per_step_for(model, len(splits.train_labels), batch_size)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mnist_mlflow import models, training
-from mnist_mlflow.config import CnnRunConfig, ConfigError
+from mnist_mlflow.config import CnnRunConfig, ConfigError, TrainingConfig
 
 
 def test_cnn_defaults_are_the_mnist_cnn_of_experiments_section_3():
@@ -116,7 +116,7 @@ def _train_bfloat16_cnn(splits):
     keras.utils.set_random_seed(5)
     model = models.build_cnn_model([8, 8], dense_units=(16,), precision="bfloat16")
     models.compile_model(model, "sgd", 0.1, jit_compile=models.use_xla(model))
-    result = training.train_and_evaluate(model, splits, batch_size=32, epochs=1, seed=5, verbose=0)
+    result = training.train_and_evaluate(model, splits, TrainingConfig(batch_size=32, epochs=1, seed=5), verbose=0)
     return model, result
 
 

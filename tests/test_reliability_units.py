@@ -20,6 +20,7 @@ from mnist_mlflow.config import (
     CnnRunConfig,
     ConfigError,
     DenseRunConfig,
+    TrainingConfig,
     cnn_parameter_count,
     dense_parameter_count,
 )
@@ -163,7 +164,7 @@ def test_a_diverging_loss_stops_training_at_once(small_splits):
         model, models.make_optimizer("sgd", 1e308, "constant", 100), steps_per_execution=5, jit_compile=False
     )
     with pytest.raises(TrainingDivergedError, match="epoch 1") as error:
-        training.train_and_evaluate(model, small_splits, batch_size=100, epochs=3, seed=0, verbose=0)
+        training.train_and_evaluate(model, small_splits, TrainingConfig(batch_size=100, epochs=3), verbose=0)
     assert "\n" not in str(error.value)
 
 

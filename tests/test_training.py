@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mnist_mlflow import data, models, training
+from mnist_mlflow.config import TrainingConfig
 
 
 def _fit(splits, epochs=2, seed=0):
@@ -12,7 +13,9 @@ def _fit(splits, epochs=2, seed=0):
     keras.utils.set_random_seed(seed)
     model = models.build_dense_model((32,), ("relu",))
     models.compile_model(model, "adam", 0.001, training.steps_per_execution_for(len(splits.train_labels), 100))
-    return model, training.train_and_evaluate(model, splits, batch_size=100, epochs=epochs, seed=seed, verbose=0)
+    return model, training.train_and_evaluate(
+        model, splits, TrainingConfig(batch_size=100, epochs=epochs, seed=seed), verbose=0
+    )
 
 
 def test_result_holds_histories_timings_and_test_scores(small_splits):
@@ -87,7 +90,9 @@ def _fit_dense(splits, batch_size, jit_compile, several_batches_per_step, max_sh
         # A plain Sequential trains one batch per step, the ordinary Keras way.
         model = keras.Sequential(model.layers, name="plain")
         models.compile_model(model, optimizer, steps_per_execution=1, jit_compile=jit_compile)
-    result = training.train_and_evaluate(model, splits, batch_size, epochs=2, seed=0, verbose=0, max_shift=max_shift)
+    result = training.train_and_evaluate(
+        model, splits, TrainingConfig(batch_size=batch_size, epochs=2, seed=0, max_shift=max_shift), verbose=0
+    )
     return model, result
 
 
