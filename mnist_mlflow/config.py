@@ -195,6 +195,12 @@ class TrainingConfig:
         "afresh each epoch; 0 means none",
         whole_number(minimum=0, maximum=MAX_SHIFT_LIMIT),
     )
+    patience: int = parameter(
+        0,
+        "early stopping: stop after this many epochs without a better val_accuracy (the best epoch is kept); "
+        "0 trains every epoch",
+        whole_number(minimum=0),
+    )
 
     def __post_init__(self) -> None:
         check_parameters(self)

@@ -219,6 +219,12 @@ def train_and_evaluate(
     )
     validation_data = evaluation_dataset(splits.validation_images, splits.validation_labels)
 
+    # Keras's own early stopping; the best epoch's weights are restored by RestoreBestWeights.
+    early_stopping = (
+        [keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience)]
+        if config.patience
+        else []
+    )
     start = time.perf_counter()
     history = model.fit(
         train_data,
@@ -230,7 +236,7 @@ def train_and_evaluate(
         # records it as the run's batch_size: without it, autolog would record batch_size=None,
         # clash with the entry point's batch_size parameter and log nothing at all.
         batch_size=batch_size,
-        callbacks=[StopOnNonFiniteLoss(), timer, best, *callbacks],
+        callbacks=[StopOnNonFiniteLoss(), timer, best, *early_stopping, *callbacks],
         verbose=verbose,
     )
     train_time_s = time.perf_counter() - start
@@ -245,7 +251,7 @@ def train_and_evaluate(
         epoch_times=list(timer.epoch_times),
         best_epoch=best.best_epoch,
         train_time_s=train_time_s,
-        examples_per_s=len(splits.train_labels) * epochs / train_time_s,
+        examples_per_s=len(splits.train_labels) * len(history.history["loss"]) / train_time_s,
         test_loss=float(test_loss),
         test_accuracy=float(test_accuracy),
         test_probabilities=test_probabilities,

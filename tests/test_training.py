@@ -137,3 +137,18 @@ def test_test_loss_and_accuracy_agree_with_keras_evaluate(small_splits):
     )
     assert abs(result.test_loss - keras_loss) < 1e-4
     assert abs(result.test_accuracy - keras_accuracy) < 1e-6
+
+
+def test_patience_stops_training_once_validation_accuracy_stops_improving(small_splits):
+    """Early stopping: with a learning rate too small to change anything, validation accuracy never
+    improves on the first epoch, so training stops after 1 + patience epochs instead of 10."""
+    model = models.build_dense_model((16,), ("relu",))
+    models.compile_model(model, "adam", 1e-12, 1)
+    result = training.train_and_evaluate(
+        model, small_splits, TrainingConfig(batch_size=500, epochs=10, patience=2), verbose=0
+    )
+    assert len(result.history["loss"]) == 3 and len(result.epoch_times) == 3
+    assert len(set(result.history["val_accuracy"])) == 1
+    # Without patience, the same model trains every epoch.
+    again = training.train_and_evaluate(model, small_splits, TrainingConfig(batch_size=500, epochs=4), verbose=0)
+    assert len(again.history["loss"]) == 4
