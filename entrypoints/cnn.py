@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     check_tracking_first()
     import_training_libraries()
 
-    from mnist_mlflow.experiments import run_cnn
+    from mnist_mlflow.tracked_run import run_cnn
 
     run_cnn(config)
 

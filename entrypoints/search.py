@@ -21,7 +21,7 @@ from mnist_mlflow.cli import (  # noqa: E402
     parse_config,
     run_main,
 )
-from mnist_mlflow.studies.search_spaces import SearchConfig  # noqa: E402
+from mnist_mlflow.studies.search_config import SearchConfig  # noqa: E402
 from mnist_mlflow.studies.study_storage import open_storage  # noqa: E402
 
 

@@ -6,7 +6,8 @@ Layers (every import points down; ``tests/test_structure.py`` finds no cycle):
    identity, URLs without passwords. No TensorFlow, no MLflow.
 2. ``data``, ``models``, ``training``, ``evaluation``, ``plots``: the machine learning, with no
    MLflow; and ``tracking``: every MLflow call, split by concern.
-3. ``experiments``: one tracked training run from a config.
+3. ``tracked_run``: one tracked training run from a config (a ``RunPlan``), on its own or as a
+   study's child.
 4. ``studies``: many runs under one parent, through one engine (``studies.engine``); each
    study's module holds its own config, its children and its summary.
 
@@ -15,7 +16,7 @@ logged model; it imports nothing from here) and ``predict`` (the image client).
 
 Glossary (one word for one idea):
 
-- **run**: one MLflow run. A **tracked run** trains and evaluates one model (``experiments``).
+- **run**: one MLflow run. A **tracked run** trains and evaluates one model (``tracked_run``).
 - **study**: one parent run with one **child** run per configuration, compared in a **summary**
   on the parent. The exercises, the weight-decay sweep and the search are studies.
 - **study id**: the name that identifies a study, stored on its runs as the ``study_id`` tag.

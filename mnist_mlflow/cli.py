@@ -52,7 +52,7 @@ def import_training_libraries() -> None:
     counting; only a reference cycle among the frozen ones would outlive its use. Only the entry
     points do this, once: in a notebook, the user's own objects would be frozen too.
     """
-    import mnist_mlflow.experiments  # noqa: F401
+    import mnist_mlflow.tracked_run  # noqa: F401
 
     gc.collect()
     gc.freeze()

@@ -19,7 +19,7 @@ from pathlib import Path
 from mnist_mlflow.config import CnnRunConfig, DenseRunConfig, PromoteConfig, ReconcileConfig
 from mnist_mlflow.parameters import flags_of
 from mnist_mlflow.studies.exercises import ExercisesConfig
-from mnist_mlflow.studies.search_spaces import SearchConfig
+from mnist_mlflow.studies.search_config import SearchConfig
 from mnist_mlflow.studies.weight_decay import WeightDecayConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent

@@ -187,7 +187,7 @@ def test_logged_model_predicts_on_raw_test_images(dense_run, small_splits, mlflo
 
 def test_same_seed_gives_identical_tracked_histories(tracking_uri):
     from mnist_mlflow.config import DenseRunConfig
-    from mnist_mlflow.experiments import run_dense
+    from mnist_mlflow.tracked_run import run_dense
 
     config = DenseRunConfig.from_params({"epochs": "2", "max_train_examples": "1000", "seed": "3"})
     first = run_dense(config)

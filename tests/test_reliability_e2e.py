@@ -275,7 +275,7 @@ def test_a_diverging_child_fails_and_the_study_goes_on(tracking_uri, monkeypatch
 
 def test_a_diverging_trial_is_failed_and_never_retried(tracking_uri, tmp_path, monkeypatch, capsys):
     from mnist_mlflow.studies.search import run_search
-    from mnist_mlflow.studies.search_spaces import SearchConfig
+    from mnist_mlflow.studies.search_config import SearchConfig
 
     space = tmp_path / "space.yaml"
     space.write_text("parameters:\n  units: [16]\n  learning_rate: [0.001, 1.0e+300]\n")

@@ -25,7 +25,7 @@ from mnist_mlflow.config import (
     dense_parameter_count,
 )
 from mnist_mlflow.redaction import redact_url, server_identity, url_has_secret
-from mnist_mlflow.studies.search_spaces import SearchConfig
+from mnist_mlflow.studies.search_config import SearchConfig
 from mnist_mlflow.studies.weight_decay import WeightDecayConfig
 
 

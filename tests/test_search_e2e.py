@@ -19,7 +19,7 @@ from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from mlflow.tracking import MlflowClient
 
 from harness.servers import free_port, python_env
-from mnist_mlflow.studies.search_spaces import SearchConfig
+from mnist_mlflow.studies.search_config import SearchConfig
 from mnist_mlflow.studies.study_storage import open_storage
 
 pytestmark = pytest.mark.e2e

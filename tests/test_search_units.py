@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from mnist_mlflow.config import ConfigError
-from mnist_mlflow.studies.search_spaces import GRID_SPACE, RANDOM_SPACE, SearchConfig, load_space
+from mnist_mlflow.studies.search_config import SearchConfig
+from mnist_mlflow.studies.search_spaces import GRID_SPACE, RANDOM_SPACE, load_space
 
 
 def write(tmp_path, text: str, name: str = "space.yaml") -> str:
@@ -126,7 +127,7 @@ def _drawn(sampler, trials: int) -> list[dict]:
 
 @pytest.mark.parametrize("name", ["random", "tpe"])
 def test_trial_k_draws_the_same_parameters_in_any_study_with_the_same_seed(name):
-    from mnist_mlflow.studies.search import make_sampler
+    from mnist_mlflow.studies.search_sampling import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     first = _drawn(make_sampler(name, RANDOM_SPACE, seed=3), 12)
@@ -138,7 +139,7 @@ def test_trial_k_draws_the_same_parameters_in_any_study_with_the_same_seed(name)
 
 
 def test_grid_heatmap_places_each_finished_trial_in_its_cell():
-    from mnist_mlflow.studies.search import grid_heatmap
+    from mnist_mlflow.studies.search_summary import grid_heatmap
 
     table = pd.DataFrame(
         [
@@ -157,7 +158,7 @@ def test_grid_heatmap_places_each_finished_trial_in_its_cell():
 
 def test_heartbeat_settings_come_from_the_environment_and_are_checked(monkeypatch):
     from mnist_mlflow.config import UserInputError
-    from mnist_mlflow.studies import search
+    from mnist_mlflow.studies import search_workers as search
 
     monkeypatch.delenv(search.HEARTBEAT_ENV, raising=False)
     monkeypatch.delenv(search.GRACE_ENV, raising=False)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mnist_mlflow import data, experiments, lifecycle, plots, tracking
+from mnist_mlflow import data, lifecycle, plots, tracked_run, tracking
 from mnist_mlflow.config import ConfigError, RunFailedError, TrainingDivergedError
 from mnist_mlflow.studies.protocol import ChildSpec, Study, StudySummary
 
@@ -117,25 +117,22 @@ def _log_summary(parent: tracking.StudyParent, summary: StudySummary) -> str | N
 
 def train_child(
     kind: str, study_id: str, parent_run_id: str, child: ChildSpec, callbacks: Sequence[Any] = ()
-) -> experiments.RunResult:
+) -> tracked_run.RunResult:
     """Trains one child as a run under the parent, tagged with the study and its key."""
-    return experiments.run_config(
-        child.config,
-        study={
-            "parent_run_id": parent_run_id,
-            "run_name": child.run_name,
-            "tags": {
-                **child.tags,
-                "entry_point": kind,
-                tracking.STUDY_ID_TAG: study_id,
-                tracking.STUDY_ROLE_TAG: tracking.CHILD_ROLE,
-                tracking.CHILD_KEY_TAG: child.key,
-            },
-            "params": dict(child.params),
-            "description": child.description,
+    placement = tracked_run.StudyPlacement(
+        parent_run_id=parent_run_id,
+        run_name=child.run_name,
+        tags={
+            **child.tags,
+            "entry_point": kind,
+            tracking.STUDY_ID_TAG: study_id,
+            tracking.STUDY_ROLE_TAG: tracking.CHILD_ROLE,
+            tracking.CHILD_KEY_TAG: child.key,
         },
-        callbacks=callbacks,
+        params=dict(child.params),
+        description=child.description,
     )
+    return tracked_run.run_study_child(child.config, placement, callbacks)
 
 
 def new_study_id(kind: str) -> str:

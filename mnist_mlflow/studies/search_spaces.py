@@ -30,19 +30,7 @@ from typing import Any
 
 from mnist_mlflow.config import (
     ACTIVATIONS,
-    EXAMPLES_CAP,
-    SEED,
     ConfigError,
-    require_choice,
-)
-from mnist_mlflow.parameters import (
-    NAME,
-    Parameters,
-    check_parameters,
-    choice,
-    parameter,
-    text,
-    whole_number,
 )
 
 SAMPLERS = ("grid", "random", "tpe")
@@ -249,93 +237,3 @@ def load_space(text: str) -> SearchSpace:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"space={text!r} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
     return space_from_mapping(document, repr(str(path)), path.stem)
-
-
-SEARCH_PRUNERS = ("none", "median")
-# Storage URL schemes Optuna's RDBStorage can use (with a driver suffix such as postgresql+psycopg2).
-STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
-DEFAULT_SEARCH_STORAGE = "sqlite:///optuna-search.db"
-DEFAULT_RANDOM_TRIALS = 50
-
-
-@dataclass(frozen=True)
-class SearchConfig(Parameters):
-    """One hyperparameter search; mirrors :func:`mnist_mlflow.studies.search.run_search`.
-
-    ``space`` is ``grid``, ``random`` or a YAML file (see this module's docstring).
-    Empty ``sampler`` and ``study_name`` and zero ``n_trials`` take defaults that follow the
-    space: see :meth:`resolved_sampler`, :meth:`resolved_study_name`, :meth:`resolved_n_trials`.
-    ``n_trials`` caps the total over all workers of the study.
-    """
-
-    space: str = parameter(
-        "grid", "grid or random (docs/experiments.md section 4), or the path of a YAML space file", text()
-    )
-    sampler: str = parameter(
-        "", "grid, random or tpe; empty: the space's own (grid for a grid, random otherwise)", text(lower=True)
-    )
-    n_trials: int = parameter(
-        0,
-        f"trials in all, over every worker; 0: the whole grid, or {DEFAULT_RANDOM_TRIALS} for random and tpe",
-        whole_number(minimum=0),
-    )
-    epochs: int = parameter(10, "epochs of every trial", whole_number())
-    pruner: str = parameter(
-        "none",
-        "median stops a trial whose validation accuracy is below the median at the same epoch",
-        choice(*SEARCH_PRUNERS),
-    )
-    storage: str = parameter(
-        "",
-        f"Optuna storage URL shared by all workers; empty: {DEFAULT_SEARCH_STORAGE} in the working directory",
-        text(),
-    )
-    study_name: str = parameter("", "the study's name in the storage; empty: search-<space>[-<sampler>]", NAME)
-    max_train_examples: int = parameter(
-        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
-    )
-    seed: int = parameter(0, "seed of the sampler and of every trial's split and training", SEED)
-    register_as: str = parameter(
-        "mnist-search", "registered model name for the best trial's model; empty: do not register", NAME
-    )
-
-    def __post_init__(self) -> None:
-        check_parameters(self)
-        space = self.search_space()
-        if self.sampler:
-            require_choice("sampler", self.sampler, SAMPLERS)
-        if self.resolved_sampler() == "grid" and not space.is_grid:
-            raise ConfigError(
-                f"sampler=grid needs a list of values for every parameter; space {self.space!r} has ranges"
-            )
-        if self.resolved_sampler() == "grid" and self.n_trials > space.grid_size:
-            raise ConfigError(
-                f"n_trials={self.n_trials} is more than the {space.grid_size} points of the {space.name!r} grid"
-            )
-        scheme = self.resolved_storage().partition(":")[0].partition("+")[0]
-        if scheme not in STORAGE_SCHEMES or "://" not in self.resolved_storage():
-            raise ConfigError(
-                f"storage={self.storage!r} is not an Optuna storage URL such as {DEFAULT_SEARCH_STORAGE} "
-                "or postgresql://user:password@host:5432/database"
-            )
-
-    def search_space(self) -> SearchSpace:
-        return load_space(self.space)
-
-    def resolved_sampler(self) -> str:
-        return self.sampler or self.search_space().default_sampler
-
-    def resolved_n_trials(self) -> int:
-        if self.n_trials:
-            return self.n_trials
-        return self.search_space().grid_size if self.resolved_sampler() == "grid" else DEFAULT_RANDOM_TRIALS
-
-    def resolved_study_name(self) -> str:
-        if self.study_name:
-            return self.study_name
-        space = self.search_space()
-        suffix = "" if self.resolved_sampler() == space.default_sampler else f"-{self.resolved_sampler()}"
-        return f"search-{space.name}{suffix}"
-
-    def resolved_storage(self) -> str:
-        return self.storage or DEFAULT_SEARCH_STORAGE

@@ -1,21 +1,52 @@
 """One tracked training run from a validated config: the glue between the library's parts.
 
+A run is planned first (:class:`RunPlan`: the model to build, how to train it, and where the
+run goes), then made by :func:`run_standalone` (the ``dense`` and ``cnn`` entry points) or by
+:func:`run_study_child` (the study engine, which has checked the server and made the parent).
+
 Order matters for a good user experience: the config is already validated; then the tracking
-server is checked (seconds), then the data is loaded, and only then is a run started. A
-failure before training therefore creates no run when the script is started directly.
+server is checked, then the data is loaded, and only then is a run started. A failure before
+training therefore creates no run when the script is started directly.
 """
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mnist_mlflow import data, evaluation, models, plots, tracking, training
 from mnist_mlflow.config import CnnRunConfig, DataConfig, DenseRunConfig, TrainingConfig
 
 NUM_EXAMPLE_IMAGES = 5
+
+
+@dataclass(frozen=True)
+class StudyPlacement:
+    """Where a study's child run goes: under the parent, with the study's name, tags and params."""
+
+    parent_run_id: str
+    run_name: str
+    tags: Mapping[str, str]
+    params: Mapping[str, Any]
+    description: str
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One tracked run to make: how to build and train its model, and what the run records."""
+
+    build_model: Callable[[], Any]
+    training: TrainingConfig
+    data: DataConfig
+    run_name: str
+    tags: Mapping[str, str]
+    params: Mapping[str, Any]
+    register_as: str | None = None
+    parent_run_id: str | None = None
+    description: str | None = None
+    callbacks: Sequence[Any] = ()
 
 
 @dataclass
@@ -51,48 +82,6 @@ def dense_run_name(config: DenseRunConfig) -> str:
     return name
 
 
-def _placement(
-    run_name: str, tags: dict[str, str], params: dict[str, Any], study: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """The run's name, tags and params, with a study's additions (see the ``study`` argument of run_dense)."""
-    if study is None:
-        return {"run_name": run_name, "tags": tags, "params": params}
-    return {
-        "run_name": study["run_name"],
-        "tags": {**tags, **study["tags"]},
-        "params": {**params, **study["params"]},
-        "parent_run_id": study["parent_run_id"],
-        "description": study["description"],
-    }
-
-
-def run_dense(
-    config: DenseRunConfig, study: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()
-) -> RunResult:
-    """Trains the dense network ``config`` describes and records everything in MLflow.
-
-    With ``study``, the run is a child of a study's parent run: a mapping with the keys
-    ``parent_run_id``, ``run_name``, ``tags``, ``params`` and ``description`` (built by
-    :func:`mnist_mlflow.studies.engine.train_child`). ``callbacks`` are extra Keras
-    callbacks for the fit (say, a search's pruning callback).
-    """
-    return run_classifier(
-        build_model=lambda: models.build_dense_model(
-            config.model.hidden_units,
-            config.model.activations,
-            dropout_rate=config.model.dropout_rate,
-            l2_factor=config.model.l2_factor,
-            regularized_layers=config.model.regularized_layers,
-        ),
-        training_config=config.training,
-        data_config=config.data,
-        callbacks=callbacks,
-        **_placement(
-            dense_run_name(config), {"entry_point": "dense", "model_family": "dense"}, config.as_params(), study
-        ),
-    )
-
-
 def cnn_run_name(config: CnnRunConfig) -> str:
     model = config.model
     pools = "" if all(model.pooling) else "-pool" + "".join("1" if flag else "0" for flag in model.pooling)
@@ -103,61 +92,98 @@ def cnn_run_name(config: CnnRunConfig) -> str:
     return name + _training_name(config.training, model.dropout_rate)
 
 
-def run_cnn(config: CnnRunConfig, study: Mapping[str, Any] | None = None) -> RunResult:
-    """Trains the convolutional network ``config`` describes, records it and optionally registers it.
+def plan_run(
+    config: DenseRunConfig | CnnRunConfig, study: StudyPlacement | None = None, callbacks: Sequence[Any] = ()
+) -> RunPlan:
+    """The run of a dense or cnn config: a run of its own, or, with ``study``, a study's child.
 
-    With ``study``, the run is a child of a study's parent run (see :func:`run_dense`).
+    ``callbacks`` are extra Keras callbacks for the fit (say, a search's pruning callback).
     """
-    return run_classifier(
-        build_model=lambda: models.build_cnn_model(
-            config.model.filters,
-            kernel_size=config.model.kernel_size,
-            pooling=config.model.pooling,
-            dense_units=config.model.dense_units,
-            dropout_rate=config.model.dropout_rate,
-            precision=config.model.precision,
-        ),
-        training_config=config.training,
-        data_config=config.data,
-        register_as=config.register_as or None,
-        **_placement(cnn_run_name(config), {"entry_point": "cnn", "model_family": "cnn"}, config.as_params(), study),
+    if isinstance(config, CnnRunConfig):
+        model = config.model
+        plan = RunPlan(
+            build_model=lambda: models.build_cnn_model(
+                model.filters,
+                kernel_size=model.kernel_size,
+                pooling=model.pooling,
+                dense_units=model.dense_units,
+                dropout_rate=model.dropout_rate,
+                precision=model.precision,
+            ),
+            training=config.training,
+            data=config.data,
+            run_name=cnn_run_name(config),
+            tags={"entry_point": "cnn", "model_family": "cnn"},
+            params=config.as_params(),
+            register_as=config.register_as or None,
+            callbacks=tuple(callbacks),
+        )
+    else:
+        model = config.model
+        plan = RunPlan(
+            build_model=lambda: models.build_dense_model(
+                model.hidden_units,
+                model.activations,
+                dropout_rate=model.dropout_rate,
+                l2_factor=model.l2_factor,
+                regularized_layers=model.regularized_layers,
+            ),
+            training=config.training,
+            data=config.data,
+            run_name=dense_run_name(config),
+            tags={"entry_point": "dense", "model_family": "dense"},
+            params=config.as_params(),
+            callbacks=tuple(callbacks),
+        )
+    if study is None:
+        return plan
+    return replace(
+        plan,
+        run_name=study.run_name,
+        tags={**plan.tags, **study.tags},
+        params={**plan.params, **study.params},
+        parent_run_id=study.parent_run_id,
+        description=study.description,
     )
 
 
-def run_config(
-    config: DenseRunConfig | CnnRunConfig, study: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()
-) -> RunResult:
-    """Trains and records the model of a dense or a cnn config."""
-    if isinstance(config, CnnRunConfig):
-        if callbacks:
-            raise ValueError("run_config: extra callbacks are supported for dense runs only")
-        return run_cnn(config, study)
-    return run_dense(config, study, callbacks)
+def run_standalone(config: DenseRunConfig | CnnRunConfig, callbacks: Sequence[Any] = ()) -> RunResult:
+    """A run of its own: checks the tracking server and closes the experiment's dead runs first,
+    and ends by printing how to open the run in the MLflow UI."""
+    plan = plan_run(config, callbacks=callbacks)
+    tracking.prepare_tracking(plan.tags["entry_point"])
+    result = make_run(plan)
+    tracking.print_runs_view(tracking.current_experiment_id(), result.run_id)
+    return result
 
 
-def run_classifier(
-    build_model: Callable[[], Any],
-    training_config: TrainingConfig,
-    data_config: DataConfig,
-    params: dict[str, Any],
-    run_name: str,
-    tags: dict[str, str],
-    register_as: str | None = None,
-    parent_run_id: str | None = None,
-    description: str | None = None,
-    callbacks: Sequence[Any] = (),
+def run_study_child(
+    config: DenseRunConfig | CnnRunConfig, study: StudyPlacement, callbacks: Sequence[Any] = ()
 ) -> RunResult:
+    """A child run of a study, under its parent (the engine has checked the server already)."""
+    return make_run(plan_run(config, study, callbacks))
+
+
+def run_dense(config: DenseRunConfig, callbacks: Sequence[Any] = ()) -> RunResult:
+    """Trains the dense network ``config`` describes and records everything in MLflow."""
+    return run_standalone(config, callbacks)
+
+
+def run_cnn(config: CnnRunConfig) -> RunResult:
+    """Trains the convolutional network ``config`` describes, records it and optionally registers it."""
+    return run_standalone(config)
+
+
+def make_run(plan: RunPlan) -> RunResult:
     """Loads data, builds, trains and evaluates a classifier inside one MLflow run.
 
-    With ``register_as``, the selected model becomes a new version of that registered model.
-    With ``parent_run_id``, the run is a child of that (study) run; ``description`` is shown
-    with the run in the MLflow UI. ``callbacks`` are extra Keras callbacks for the fit.
+    With ``plan.register_as``, the selected model becomes a new version of that registered
+    model. With ``plan.parent_run_id``, the run is a child of that (study) run; its
+    ``description`` is shown with the run in the MLflow UI.
     """
-    # A study's child: the study has checked the server and reconciled the experiment already.
-    tracking_uri = (
-        tracking.prepare_tracking(tags["entry_point"]) if parent_run_id is None else tracking.tracking_uri_shown()
-    )
-    splits = data.load_splits(data_config)
+    tracking_uri = tracking.tracking_uri_shown()
+    training_config = plan.training
+    splits = data.load_splits(plan.data)
 
     import keras
 
@@ -166,7 +192,7 @@ def run_classifier(
     # Seeds Python, NumPy and TensorFlow. On CPU this makes runs repeatable without
     # tf.config.experimental.enable_op_determinism(), which would also switch off XLA.
     keras.utils.set_random_seed(training_config.seed)
-    model = build_model()
+    model = plan.build_model()
     steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
     # XLA for every model without dropout (see models.use_xla for the measurements).
     jit_compile = models.use_xla(model)
@@ -180,16 +206,18 @@ def run_classifier(
 
     tracking.enable_autolog()
     all_tags = {
-        **tags,
+        **plan.tags,
         "dataset": splits.dataset,
         "host": platform.node(),
         **tracking.environment_summary(),
     }
-    with tracking.start_run(run_name, all_tags, description=description, parent_run_id=parent_run_id) as run_id:
-        print(f"MLflow run {run_id} ({run_name}) at {tracking_uri}", flush=True)
+    with tracking.start_run(
+        plan.run_name, all_tags, description=plan.description, parent_run_id=plan.parent_run_id
+    ) as run_id:
+        print(f"MLflow run {run_id} ({plan.run_name}) at {tracking_uri}", flush=True)
         tracking.log_params(
             {
-                **params,
+                **plan.params,
                 **splits.sizes,
                 "trainable_parameters": models.count_trainable_parameters(model),
                 "steps_per_execution": steps_per_execution,
@@ -204,7 +232,7 @@ def run_classifier(
         tracking.log_dataset_splits(splits)
         tracking.log_text(models.summary_text(model), "model_summary.txt")
 
-        result = training.train_and_evaluate(model, splits, training_config, callbacks=callbacks)
+        result = training.train_and_evaluate(model, splits, training_config, callbacks=plan.callbacks)
         tracking.log_metrics(result.metrics())
         log_evaluation(result, splits)
         model_uri = tracking.log_keras_model(
@@ -217,17 +245,15 @@ def run_classifier(
             flush=True,
         )
         version = None
-        if register_as:
+        if plan.register_as:
             version = tracking.register_model_version(
                 model_uri,
-                register_as,
+                plan.register_as,
                 run_id=run_id,
                 val_accuracy=result.best_val_accuracy,
                 test_accuracy=result.test_accuracy,
             )
-            print(f"Registered as {register_as} version {version}", flush=True)
-        if parent_run_id is None:
-            tracking.print_runs_view(tracking.current_experiment_id(), run_id)
+            print(f"Registered as {plan.register_as} version {version}", flush=True)
         return RunResult(run_id=run_id, metrics=result.metrics(), model_uri=model_uri, registered_version=version)
 
 

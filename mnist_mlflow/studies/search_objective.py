@@ -1,0 +1,170 @@
+"""A search trial's work: one tracked ``dense`` run per trial, reported to Optuna epoch by epoch."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import keras
+import optuna
+from optuna.trial import TrialState
+
+from mnist_mlflow import tracked_run, tracking
+from mnist_mlflow.config import DataConfig, DenseModelConfig, DenseRunConfig, TrainingConfig, TrainingDivergedError
+from mnist_mlflow.studies import engine
+from mnist_mlflow.studies.protocol import ChildSpec
+from mnist_mlflow.studies.search_config import SearchConfig
+from mnist_mlflow.studies.search_keys import (
+    BEST_EPOCH_ATTR,
+    BEST_VAL_ACCURACY_ATTR,
+    DIVERGED_ATTR,
+    EPOCHS_TRAINED_ATTR,
+    MODEL_URI_ATTR,
+    REUSED_ATTRS,
+    RUN_ID_ATTR,
+    SAME_AS_TRIAL_ATTR,
+    SURPLUS_ATTR,
+    TEST_ACCURACY_ATTR,
+    TRAIN_TIME_ATTR,
+    WORKER_ATTR,
+    trial_key,
+)
+from mnist_mlflow.studies.search_spaces import SearchSpace
+from mnist_mlflow.studies.search_workers import SurplusTrial, check_not_surplus, retried_trial_number
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """Reports each epoch's validation accuracy to the Optuna trial and stops training when the pruner says so.
+
+    A pruned trial is not an error: its run still evaluates and logs the best epoch it reached.
+    """
+
+    def __init__(self, trial, prune: bool) -> None:
+        super().__init__()
+        self.trial = trial
+        self.prune = prune
+        self.pruned_at_epoch: int | None = None
+        self.epochs_reported = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_accuracy")
+        if value is None:
+            return
+        self.trial.report(float(value), epoch)
+        self.epochs_reported += 1
+        if self.prune and self.trial.should_prune():
+            self.pruned_at_epoch = epoch
+            self.model.stop_training = True
+
+
+def trial_config(values: dict[str, Any], config: SearchConfig) -> DenseRunConfig:
+    """The ``dense`` run of one trial: Dense(units, activation) -> Dropout -> Dense(10), Adam."""
+    return DenseRunConfig(
+        model=DenseModelConfig(
+            hidden_units=(int(values["units"]),),
+            activations=(str(values["activation"]),),
+            dropout_rate=float(values["dropout"]),
+        ),
+        training=TrainingConfig(
+            optimizer="adam",
+            learning_rate=float(values["learning_rate"]),
+            batch_size=int(values["batch_size"]),
+            epochs=config.epochs,
+            seed=config.seed,
+        ),
+        data=DataConfig(seed=config.seed, max_train_examples=config.max_train_examples),
+    )
+
+
+def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_trials: int, counter: list[int]):
+    study_name = config.resolved_study_name()
+    sampler = config.resolved_sampler()
+    worker = f"{platform.node()}:{os.getpid()}"
+
+    def objective(trial) -> float:
+        values = space.suggest(trial)
+        retry_of = retried_trial_number(trial)
+        try:
+            check_not_surplus(trial.study, trial, values, n_trials, space, sampler, retried=retry_of is not None)
+        except SurplusTrial as reason:
+            trial.set_user_attr(SURPLUS_ATTR, str(reason))
+            trial.study.stop()
+            raise
+        trial.set_user_attr(WORKER_ATTR, worker)
+        earlier = finished_twin(trial, space) if sampler != "grid" else None
+        if earlier is not None:
+            # Random and TPE draw with replacement; with the same seed, training again gives
+            # the same model, so the earlier trial's result is reused, not recomputed.
+            print(
+                f"Trial {trial.number}: same parameters as finished trial {earlier.number}; its result is reused",
+                flush=True,
+            )
+            for name in REUSED_ATTRS:
+                if name in earlier.user_attrs:
+                    trial.set_user_attr(name, earlier.user_attrs[name])
+            trial.set_user_attr(SAME_AS_TRIAL_ATTR, earlier.number)
+            return earlier.value
+        run_config = trial_config(values, config)
+        varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
+        note = f" (retry of trial {retry_of})" if retry_of is not None else ""
+        print(f"Trial {trial.number}{note}: training {varied}", flush=True)
+        reporter = EpochReporter(trial, prune=config.pruner != "none")
+        child = ChildSpec(
+            key=trial_key(trial.number),
+            run_name=f"trial-{trial.number:03d}-{tracked_run.dense_run_name(run_config)}",
+            config=run_config,
+            tags={
+                "optuna_study": study_name,
+                "optuna_trial_number": str(trial.number),
+                "worker_host": platform.node(),
+                "worker": worker,
+                **({"retry_of_trial": str(retry_of)} if retry_of is not None else {}),
+            },
+            params={
+                "trial_number": trial.number,
+                "sampler": sampler,
+                "pruner": config.pruner,
+                "search_space": space.name,
+            },
+            description=f"Trial {trial.number} of search {study_name}{note}: {varied}.",
+        )
+        try:
+            result = engine.train_child(tracking.SEARCH_KIND, study_name, parent_run_id, child, callbacks=[reporter])
+        except TrainingDivergedError as error:
+            # Recorded as a failed trial and never queued again: the same parameters and seed
+            # would diverge the same way.
+            trial.set_user_attr(DIVERGED_ATTR, str(error))
+            print(f"Trial {trial.number}: FAILED: {error}", flush=True)
+            # Optuna records a trial whose objective is NaN as failed, without a traceback.
+            return float("nan")
+        counter[0] += 1
+        metrics = result.metrics
+        for name, value in {
+            RUN_ID_ATTR: result.run_id,
+            MODEL_URI_ATTR: result.model_uri,
+            BEST_VAL_ACCURACY_ATTR: metrics["best_val_accuracy"],
+            TEST_ACCURACY_ATTR: metrics["test_accuracy"],
+            BEST_EPOCH_ATTR: int(metrics["best_epoch"]),
+            EPOCHS_TRAINED_ATTR: reporter.epochs_reported,
+            TRAIN_TIME_ATTR: metrics["train_time_s"],
+        }.items():
+            trial.set_user_attr(name, value)
+        state_tags = {"optuna_trial_state": "PRUNED" if reporter.pruned_at_epoch is not None else "COMPLETE"}
+        if reporter.pruned_at_epoch is not None:
+            state_tags["pruned_after_epoch"] = str(reporter.pruned_at_epoch + 1)
+        tracking.set_run_tags(result.run_id, state_tags)
+        if reporter.pruned_at_epoch is not None:
+            raise optuna.TrialPruned(f"below the median after epoch {reporter.pruned_at_epoch + 1}")
+        return metrics["best_val_accuracy"]
+
+    return objective
+
+
+def finished_twin(trial, space: SearchSpace):
+    """The earliest COMPLETE trial with exactly this trial's varied parameters, if any."""
+    varied = {name: trial.params[name] for name in space.parameters}
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.number != trial.number and other.params == varied and SAME_AS_TRIAL_ATTR not in other.user_attrs:
+            return other
+    return None

@@ -1,0 +1,75 @@
+"""How a search draws its trials and prunes them: Optuna's samplers and pruners, seeded per trial."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import optuna
+
+from mnist_mlflow.studies.search_spaces import SearchSpace
+
+# Median pruning: judge no trial before 5 have finished, and none before its third epoch.
+PRUNER_STARTUP_TRIALS = 5
+PRUNER_WARMUP_EPOCHS = 2
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int):
+    """Optuna's grid, random or TPE sampler. Random and TPE draw trial k from a generator seeded
+    with (seed, k), so a trial's parameters do not depend on which worker runs it or when."""
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    if name == "random":
+        return TrialSeededSampler(seed, lambda trial_seed: optuna.samplers.RandomSampler(seed=trial_seed))
+    return TrialSeededSampler(seed, lambda trial_seed: optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=10))
+
+
+def _trial_seed(seed: int, trial_number: int) -> int:
+    return int(np.random.SeedSequence([seed, trial_number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """An Optuna sampler whose draws for trial k come from a sampler seeded with (seed, k).
+
+    Optuna's samplers draw from one generator per process, so which values trial k gets would
+    depend on which worker runs it and what that worker drew before. This wrapper makes a fresh
+    sampler (random or TPE, through ``make``) for each trial, seeded from the trial's number,
+    and hands it every call. TPE keeps no state of its own between trials: it reads the
+    finished trials from the study. Only Optuna's public sampler interface is used.
+    """
+
+    def __init__(self, seed: int, make: Callable[[int], optuna.samplers.BaseSampler]) -> None:
+        self.base_seed = seed
+        self._make = make
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._samplers:
+            self._samplers[trial.number] = self._make(_trial_seed(self.base_seed, trial.number))
+        return self._samplers[trial.number]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        sampler = self._samplers.pop(trial.number, None)
+        if sampler is not None:
+            sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        """Nothing to reseed: every trial's sampler is seeded from its number."""
+
+
+def make_pruner(name: str):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
+    return optuna.pruners.NopPruner()
