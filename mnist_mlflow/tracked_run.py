@@ -99,42 +99,41 @@ def plan_run(
 
     ``callbacks`` are extra Keras callbacks for the fit (say, a search's pruning callback).
     """
+    model = config.model
     if isinstance(config, CnnRunConfig):
-        model = config.model
-        plan = RunPlan(
-            build_model=lambda: models.build_cnn_model(
+        family, run_name, register_as = "cnn", cnn_run_name(config), config.register_as or None
+
+        def build_model():
+            return models.build_cnn_model(
                 model.filters,
                 kernel_size=model.kernel_size,
                 pooling=model.pooling,
                 dense_units=model.dense_units,
                 dropout_rate=model.dropout_rate,
                 precision=model.precision,
-            ),
-            training=config.training,
-            data=config.data,
-            run_name=cnn_run_name(config),
-            tags={"entry_point": "cnn", "model_family": "cnn"},
-            params=config.as_params(),
-            register_as=config.register_as or None,
-            callbacks=tuple(callbacks),
-        )
+            )
     else:
-        model = config.model
-        plan = RunPlan(
-            build_model=lambda: models.build_dense_model(
+        family, run_name, register_as = "dense", dense_run_name(config), None
+
+        def build_model():
+            return models.build_dense_model(
                 model.hidden_units,
                 model.activations,
                 dropout_rate=model.dropout_rate,
                 l2_factor=model.l2_factor,
                 regularized_layers=model.regularized_layers,
-            ),
-            training=config.training,
-            data=config.data,
-            run_name=dense_run_name(config),
-            tags={"entry_point": "dense", "model_family": "dense"},
-            params=config.as_params(),
-            callbacks=tuple(callbacks),
-        )
+            )
+
+    plan = RunPlan(
+        build_model=build_model,
+        training=config.training,
+        data=config.data,
+        run_name=run_name,
+        tags={"entry_point": family, "model_family": family},
+        params=config.as_params(),
+        register_as=register_as,
+        callbacks=tuple(callbacks),
+    )
     if study is None:
         return plan
     return replace(
@@ -174,6 +173,29 @@ def run_cnn(config: CnnRunConfig) -> RunResult:
     return run_standalone(config)
 
 
+def build_and_compile(plan: RunPlan, num_train_examples: int):
+    """The plan's model, seeded and compiled; returns it with its steps per execution and
+    whether XLA compiles it."""
+    import keras
+
+    training_config = plan.training
+    # A study trains many models in one process; drop the graphs of the previous ones.
+    keras.backend.clear_session()
+    # Seeds Python, NumPy and TensorFlow. On CPU this makes runs repeatable without
+    # tf.config.experimental.enable_op_determinism(), which would also switch off XLA.
+    keras.utils.set_random_seed(training_config.seed)
+    model = plan.build_model()
+    steps_per_execution = training.steps_per_execution_for(num_train_examples, training_config.batch_size)
+    # XLA for every model without dropout (see models.use_xla for why).
+    jit_compile = models.use_xla(model)
+    total_steps = training_config.epochs * training.steps_per_epoch(num_train_examples, training_config.batch_size)
+    optimizer = models.make_optimizer(
+        training_config.optimizer, training_config.learning_rate, training_config.lr_schedule, total_steps
+    )
+    models.compile_model(model, optimizer, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    return model, steps_per_execution, jit_compile
+
+
 def make_run(plan: RunPlan) -> RunResult:
     """Loads data, builds, trains and evaluates a classifier inside one MLflow run.
 
@@ -185,25 +207,7 @@ def make_run(plan: RunPlan) -> RunResult:
     training_config = plan.training
     splits = data.load_splits(plan.data)
 
-    import keras
-
-    # A study trains many models in one process; drop the graphs of the previous ones.
-    keras.backend.clear_session()
-    # Seeds Python, NumPy and TensorFlow. On CPU this makes runs repeatable without
-    # tf.config.experimental.enable_op_determinism(), which would also switch off XLA.
-    keras.utils.set_random_seed(training_config.seed)
-    model = plan.build_model()
-    steps_per_execution = training.steps_per_execution_for(len(splits.train_labels), training_config.batch_size)
-    # XLA for every model without dropout (see models.use_xla for the measurements).
-    jit_compile = models.use_xla(model)
-    total_steps = training_config.epochs * training.steps_per_epoch(
-        len(splits.train_labels), training_config.batch_size
-    )
-    optimizer = models.make_optimizer(
-        training_config.optimizer, training_config.learning_rate, training_config.lr_schedule, total_steps
-    )
-    models.compile_model(model, optimizer, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
-
+    model, steps_per_execution, jit_compile = build_and_compile(plan, len(splits.train_labels))
     tracking.enable_autolog()
     all_tags = {
         **plan.tags,

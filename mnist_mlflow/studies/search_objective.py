@@ -78,7 +78,8 @@ def trial_config(values: dict[str, Any], config: SearchConfig) -> DenseRunConfig
 
 
 def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_trials: int, counter: list[int]):
-    study_name = config.resolved_study_name()
+    """Optuna's objective for this worker: each trial is refused as surplus, reuses a finished
+    twin's result, or trains one child run; ``counter[0]`` counts the trials it trained."""
     sampler = config.resolved_sampler()
     worker = f"{platform.node()}:{os.getpid()}"
 
@@ -94,43 +95,13 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
         trial.set_user_attr(WORKER_ATTR, worker)
         earlier = finished_twin(trial, space) if sampler != "grid" else None
         if earlier is not None:
-            # Random and TPE draw with replacement; with the same seed, training again gives
-            # the same model, so the earlier trial's result is reused, not recomputed.
-            print(
-                f"Trial {trial.number}: same parameters as finished trial {earlier.number}; its result is reused",
-                flush=True,
-            )
-            for name in REUSED_ATTRS:
-                if name in earlier.user_attrs:
-                    trial.set_user_attr(name, earlier.user_attrs[name])
-            trial.set_user_attr(SAME_AS_TRIAL_ATTR, earlier.number)
-            return earlier.value
-        run_config = trial_config(values, config)
-        varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
-        note = f" (retry of trial {retry_of})" if retry_of is not None else ""
-        print(f"Trial {trial.number}{note}: training {varied}", flush=True)
+            return reuse_twin(trial, earlier)
         reporter = EpochReporter(trial, prune=config.pruner != "none")
-        child = ChildSpec(
-            key=trial_key(trial.number),
-            run_name=f"trial-{trial.number:03d}-{tracked_run.dense_run_name(run_config)}",
-            config=run_config,
-            tags={
-                "optuna_study": study_name,
-                "optuna_trial_number": str(trial.number),
-                "worker_host": platform.node(),
-                "worker": worker,
-                **({"retry_of_trial": str(retry_of)} if retry_of is not None else {}),
-            },
-            params={
-                "trial_number": trial.number,
-                "sampler": sampler,
-                "pruner": config.pruner,
-                "search_space": space.name,
-            },
-            description=f"Trial {trial.number} of search {study_name}{note}: {varied}.",
-        )
+        child = trial_child(trial, values, retry_of, config, space, worker)
         try:
-            result = engine.train_child(tracking.SEARCH_KIND, study_name, parent_run_id, child, callbacks=[reporter])
+            result = engine.train_child(
+                tracking.SEARCH_KIND, config.resolved_study_name(), parent_run_id, child, callbacks=[reporter]
+            )
         except TrainingDivergedError as error:
             # Recorded as a failed trial and never queued again: the same parameters and seed
             # would diverge the same way.
@@ -139,26 +110,74 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
             # Optuna records a trial whose objective is NaN as failed, without a traceback.
             return float("nan")
         counter[0] += 1
-        metrics = result.metrics
-        for name, value in {
-            RUN_ID_ATTR: result.run_id,
-            MODEL_URI_ATTR: result.model_uri,
-            BEST_VAL_ACCURACY_ATTR: metrics["best_val_accuracy"],
-            TEST_ACCURACY_ATTR: metrics["test_accuracy"],
-            BEST_EPOCH_ATTR: int(metrics["best_epoch"]),
-            EPOCHS_TRAINED_ATTR: reporter.epochs_reported,
-            TRAIN_TIME_ATTR: metrics["train_time_s"],
-        }.items():
-            trial.set_user_attr(name, value)
-        state_tags = {"optuna_trial_state": "PRUNED" if reporter.pruned_at_epoch is not None else "COMPLETE"}
-        if reporter.pruned_at_epoch is not None:
-            state_tags["pruned_after_epoch"] = str(reporter.pruned_at_epoch + 1)
-        tracking.set_run_tags(result.run_id, state_tags)
-        if reporter.pruned_at_epoch is not None:
-            raise optuna.TrialPruned(f"below the median after epoch {reporter.pruned_at_epoch + 1}")
-        return metrics["best_val_accuracy"]
+        return record_result(trial, result, reporter)
 
     return objective
+
+
+def reuse_twin(trial, earlier) -> float:
+    """Random and TPE draw with replacement; with the same seed, training again gives the same
+    model, so the earlier trial's result is reused, not recomputed."""
+    print(f"Trial {trial.number}: same parameters as finished trial {earlier.number}; its result is reused", flush=True)
+    for name in REUSED_ATTRS:
+        if name in earlier.user_attrs:
+            trial.set_user_attr(name, earlier.user_attrs[name])
+    trial.set_user_attr(SAME_AS_TRIAL_ATTR, earlier.number)
+    return earlier.value
+
+
+def trial_child(
+    trial, values: dict[str, Any], retry_of: int | None, config: SearchConfig, space: SearchSpace, worker: str
+) -> ChildSpec:
+    """The child run of one trial: its key, name, labels and the ``dense`` config it trains."""
+    study_name = config.resolved_study_name()
+    run_config = trial_config(values, config)
+    varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
+    note = f" (retry of trial {retry_of})" if retry_of is not None else ""
+    print(f"Trial {trial.number}{note}: training {varied}", flush=True)
+    return ChildSpec(
+        key=trial_key(trial.number),
+        run_name=f"trial-{trial.number:03d}-{tracked_run.dense_run_name(run_config)}",
+        config=run_config,
+        tags={
+            "optuna_study": study_name,
+            "optuna_trial_number": str(trial.number),
+            "worker_host": platform.node(),
+            "worker": worker,
+            **({"retry_of_trial": str(retry_of)} if retry_of is not None else {}),
+        },
+        params={
+            "trial_number": trial.number,
+            "sampler": config.resolved_sampler(),
+            "pruner": config.pruner,
+            "search_space": space.name,
+        },
+        description=f"Trial {trial.number} of search {study_name}{note}: {varied}.",
+    )
+
+
+def record_result(trial, result: tracked_run.RunResult, reporter: EpochReporter) -> float:
+    """What the trial's run measured, into the trial and the run's tags; raises TrialPruned for a
+    pruned trial, which still keeps its best epoch's run and model."""
+    metrics = result.metrics
+    for name, value in {
+        RUN_ID_ATTR: result.run_id,
+        MODEL_URI_ATTR: result.model_uri,
+        BEST_VAL_ACCURACY_ATTR: metrics["best_val_accuracy"],
+        TEST_ACCURACY_ATTR: metrics["test_accuracy"],
+        BEST_EPOCH_ATTR: int(metrics["best_epoch"]),
+        EPOCHS_TRAINED_ATTR: reporter.epochs_reported,
+        TRAIN_TIME_ATTR: metrics["train_time_s"],
+    }.items():
+        trial.set_user_attr(name, value)
+    pruned = reporter.pruned_at_epoch is not None
+    state_tags = {"optuna_trial_state": "PRUNED" if pruned else "COMPLETE"}
+    if pruned:
+        state_tags["pruned_after_epoch"] = str(reporter.pruned_at_epoch + 1)
+    tracking.set_run_tags(result.run_id, state_tags)
+    if pruned:
+        raise optuna.TrialPruned(f"below the median after epoch {reporter.pruned_at_epoch + 1}")
+    return metrics["best_val_accuracy"]
 
 
 def finished_twin(trial, space: SearchSpace):

@@ -166,11 +166,29 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
             record_parent(study, parent)
             return study, parent
 
+    attrs = wait_for_attrs(study)
+    check_joinable(study, attrs, settings, tracking_uri)
+    if PARENT_ATTR in attrs:
+        return study, tracking.attach_study_parent(
+            tracking.SEARCH_KIND, study_name, attrs[PARENT_ATTR], launcher_run_id
+        )
+    print(
+        f"Study {study_name} has no parent run recorded (its creator stopped before recording it); creating one",
+        flush=True,
+    )
+    parent = new_parent()
+    record_parent(study, parent)
+    return study, parent
+
+
+def check_joinable(study, attrs: dict[str, Any], settings: dict[str, Any], tracking_uri: str) -> None:
+    """Refuses to join a study that is not one of this project's searches, was started with other
+    settings, or records its runs at another tracking server."""
+    study_name = study.study_name
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise UserInputError(
             f"study_name={study_name!r} is an Optuna study that minimises; it is not one of this project's searches"
         )
-    attrs = wait_for_attrs(study)
     existing = attrs.get(SETTINGS_ATTR)
     if existing is not None and existing != settings:
         differing = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
@@ -185,17 +203,6 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
             f"study_name={study_name!r} records its runs at {redact_url(recorded_server)}, but this worker's "
             f"tracking URI is {tracking_uri}; point MLFLOW_TRACKING_URI at the study's server"
         )
-    if PARENT_ATTR in attrs:
-        return study, tracking.attach_study_parent(
-            tracking.SEARCH_KIND, study_name, attrs[PARENT_ATTR], launcher_run_id
-        )
-    print(
-        f"Study {study_name} has no parent run recorded (its creator stopped before recording it); creating one",
-        flush=True,
-    )
-    parent = new_parent()
-    record_parent(study, parent)
-    return study, parent
 
 
 def wait_for_attrs(study) -> dict[str, Any]:
