@@ -107,6 +107,20 @@ SEED = Kind(read=parse_int, check=check_seed)
 EXAMPLES_CAP = whole_number(minimum=0)
 
 
+def max_train_examples_parameter():
+    """The ``max_train_examples`` parameter, the same in every entry point that has it."""
+    return parameter(
+        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
+    )
+
+
+def sweep_id_parameter():
+    """The ``sweep_id`` parameter of the exercises and the weight-decay sweep."""
+    return parameter(
+        "", "a study's id: empty starts a new study; an earlier id resumes it, training only what is missing", NAME
+    )
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data set to load and how to split it; mirrors :func:`mnist_mlflow.data.load_splits`."""
@@ -120,9 +134,7 @@ class DataConfig:
         "0 to 2**32 - 1; seeds the split, the initial weights and the shuffling; the same seed gives the same run",
         SEED,
     )
-    max_train_examples: int = parameter(
-        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
-    )
+    max_train_examples: int = max_train_examples_parameter()
     tfds_data_dir: str | None = None
 
     def __post_init__(self) -> None:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from mnist_mlflow.config import (
-    EXAMPLES_CAP,
     SEED,
     CnnModelConfig,
     CnnRunConfig,
@@ -26,9 +25,10 @@ from mnist_mlflow.config import (
     DenseModelConfig,
     DenseRunConfig,
     TrainingConfig,
+    max_train_examples_parameter,
+    sweep_id_parameter,
 )
 from mnist_mlflow.parameters import (
-    NAME,
     Kind,
     Parameters,
     check_parameters,
@@ -269,13 +269,9 @@ class ExercisesConfig(Parameters):
         Kind(read=names(allow_empty=True).read, write=",".join, check=_check_suite_ids),
     )
     epochs: int = parameter(5, "epochs of every exercise (exercise 10 trains twice as many)", whole_number())
-    max_train_examples: int = parameter(
-        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
-    )
+    max_train_examples: int = max_train_examples_parameter()
     seed: int = parameter(0, "seed of every exercise: the same split and initial weights for all", SEED)
-    sweep_id: str = parameter(
-        "", "a study's id: empty starts a new study; an earlier id resumes it, training only what is missing", NAME
-    )
+    sweep_id: str = sweep_id_parameter()
 
     def __post_init__(self) -> None:
         check_parameters(self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mnist_mlflow.config import EXAMPLES_CAP, SEED, ConfigError
+from mnist_mlflow.config import SEED, ConfigError, max_train_examples_parameter
 from mnist_mlflow.parameters import (
     NAME,
     Parameters,
@@ -57,9 +57,7 @@ class SearchConfig(Parameters):
         text(),
     )
     study_name: str = parameter("", "the study's name in the storage; empty: search-<space>[-<sampler>]", NAME)
-    max_train_examples: int = parameter(
-        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
-    )
+    max_train_examples: int = max_train_examples_parameter()
     seed: int = parameter(0, "seed of the sampler and of every trial's split and training", SEED)
     register_as: str = parameter(
         "mnist-search", "registered model name for the best trial's model; empty: do not register", NAME

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from mnist_mlflow.config import (
-    EXAMPLES_CAP,
     MAX_SEED,
     REGULARIZED_LAYERS,
     SEED,
@@ -26,9 +25,10 @@ from mnist_mlflow.config import (
     DenseModelConfig,
     DenseRunConfig,
     TrainingConfig,
+    max_train_examples_parameter,
+    sweep_id_parameter,
 )
 from mnist_mlflow.parameters import (
-    NAME,
     POSITIVE_NUMBER,
     Kind,
     Parameters,
@@ -93,13 +93,9 @@ class WeightDecayConfig(Parameters):
     regularized_layers: str = parameter(
         "first", "which hidden kernels get the L2 penalty: all of them, or only the first", choice(*REGULARIZED_LAYERS)
     )
-    max_train_examples: int = parameter(
-        0, "cap on training examples for quick runs (0: all); validation keeps its full size", EXAMPLES_CAP
-    )
+    max_train_examples: int = max_train_examples_parameter()
     seed: int = parameter(0, "the split's seed, and replicate 0's", SEED)
-    sweep_id: str = parameter(
-        "", "a study's id: empty starts a new study; an earlier id resumes it, training only what is missing", NAME
-    )
+    sweep_id: str = sweep_id_parameter()
 
     def __post_init__(self) -> None:
         check_parameters(self)
