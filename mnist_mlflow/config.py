@@ -14,7 +14,6 @@ at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from mnist_mlflow.parameters import (
     BOOLEAN,
@@ -80,11 +79,6 @@ IMAGE_SIZE = 28
 NUM_CLASSES = 10
 
 
-def parse_seed(text: Any) -> int:
-    """A seed: a whole number from 0 to 2**32 - 1."""
-    return check_seed("seed", parse_int("seed", text, minimum=0))
-
-
 def check_seed(name: str, value: int) -> int:
     if not 0 <= value <= MAX_SEED:
         raise ConfigError(f"{name}={value!r} must lie between 0 and {MAX_SEED} (2**32 - 1)")
@@ -96,11 +90,6 @@ def check_model_size(description: str, parameters: int) -> None:
         raise ConfigError(
             f"{description} would have {parameters:,} trainable parameters, more than the cap of {MAX_PARAMETERS:,}"
         )
-
-
-def require_non_negative(name: str, value: float, meaning_of_zero: str = "") -> None:
-    if value < 0:
-        raise ConfigError(f"{name}={value!r} must be zero{meaning_of_zero} or positive")
 
 
 SEED = Kind(read=parse_int, check=check_seed)
@@ -360,10 +349,3 @@ class ReconcileConfig(Parameters):
 
     def __post_init__(self) -> None:
         check_parameters(self)
-
-
-def parse_study_id(text: Any) -> str:
-    """A sweep id: empty (a new study) or letters, digits, '-', '_' and '.' (it is used in searches)."""
-    study_id = str(text).strip()
-    check_name("sweep_id", study_id)
-    return study_id
