@@ -28,6 +28,10 @@ def main(argv=None) -> None:
     from mnist_mlflow import tracking
 
     shown = tracking.check_tracking_server()
+    if not dry_run:
+        # Runs that stopped when this server was unreachable: their lost metrics first.
+        for line in tracking.deliver_spooled_runs():
+            print(line)
     experiment_ids = tracking.experiment_ids(config.experiment)
     closed = tracking.reconcile_runs(experiment_ids, unknown_max_age_h=config.max_age_hours, dry_run=dry_run)
     verb = "would be closed" if dry_run else "closed KILLED"

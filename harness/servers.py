@@ -5,6 +5,8 @@ Used by the tests and the benchmarks, which run real servers on loopback only.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import socket
 import subprocess
@@ -79,6 +81,22 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILLs the server and every process it started (gunicorn's workers go on serving otherwise)."""
+        import psutil
+
+        if not self.process:
+            return
+        try:
+            family = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(family, timeout=10)
+        self.process.wait()
 
     def __enter__(self) -> ServerProcess:
         return self.start()

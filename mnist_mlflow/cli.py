@@ -77,18 +77,34 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
         print(f"error: {error}", file=sys.stderr)
         return 1
     except lifecycle.Terminated as stop:
-        print(f"stopped: {stop.reason}; the runs of this process ended KILLED", file=sys.stderr)
-        return 143
+        print(stop.line(), file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); the runs of this process ended KILLED", file=sys.stderr)
         return 130
     except Exception as error:
         stop = lifecycle.termination_from(error)
-        if stop is None:
-            raise
-        print(f"stopped: {stop.reason}; the runs of this process ended KILLED", file=sys.stderr)
-        return 143
+        if stop is not None:
+            print(stop.line(), file=sys.stderr)
+            return stop.exit_status
+        refused, lost = _tracking_failure(error)
+        if refused is not None:
+            print(f"error: {refused}", file=sys.stderr)
+            return 2
+        if lost is not None:
+            print(lost.line(), file=sys.stderr)
+            return lost.exit_status
+        raise
     return 0
+
+
+def _tracking_failure(error: Exception):
+    """An MLflow error as (a refused permission, a lost server), either None, for one line."""
+    if "mlflow" not in sys.modules:
+        return None, None
+    from mnist_mlflow.tracking import auth_error, server_lost
+
+    return auth_error(error), server_lost(error)
 
 
 def exit_process(status: int) -> None:

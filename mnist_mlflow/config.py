@@ -135,6 +135,22 @@ class DataConfig:
                 f"{TRAIN_SPLIT_EXAMPLES:,} training images for validation; it must leave at least one for each split"
             )
 
+    @property
+    def train_examples(self) -> int:
+        """How many examples training sees: what validation leaves, capped by ``max_train_examples``."""
+        available = TRAIN_SPLIT_EXAMPLES - round(TRAIN_SPLIT_EXAMPLES * self.validation_fraction)
+        return min(available, self.max_train_examples) if self.max_train_examples else available
+
+
+def check_batch_fits(batch_size: int, data: DataConfig) -> None:
+    """Refuses a batch larger than the training set: every step would see the same examples,
+    and the run would record a batch size it never trained with."""
+    if batch_size > data.train_examples:
+        raise ConfigError(
+            f"batch_size={batch_size} is more than the {data.train_examples:,} training examples "
+            f"(validation_fraction={data.validation_fraction:g}, max_train_examples={data.max_train_examples})"
+        )
+
 
 def dense_parameter_count(hidden_units: tuple[int, ...]) -> int:
     """Trainable parameters of a dense classifier of 28x28 images with these hidden widths."""
@@ -215,6 +231,9 @@ class DenseRunConfig(Parameters):
     model: DenseModelConfig = field(default_factory=DenseModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        check_batch_fits(self.training.batch_size, self.data)
 
 
 @dataclass(frozen=True)
@@ -320,6 +339,7 @@ class CnnRunConfig(Parameters):
 
     def __post_init__(self) -> None:
         check_parameters(self)
+        check_batch_fits(self.training.batch_size, self.data)
 
 
 @dataclass(frozen=True)

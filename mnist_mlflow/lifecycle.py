@@ -6,9 +6,13 @@
 - Under ``mlflow run`` the signal usually reaches the launcher, which does not pass SIGTERM
   on. :func:`watch_launcher` notices when the launcher is gone and stops this process the
   same way.
-- :func:`process_identity` is recorded on every run (host, pid, process start time), so a
-  run whose process died without warning can later be recognised and closed
-  (:func:`process_is_gone`).
+- :func:`process_identity` is recorded on every run (host, boot id, PID namespace, pid and
+  process start time), so a run whose process died without warning can later be recognised
+  and closed (:func:`process_is_gone`). A pid means something only inside its PID namespace
+  and until the next boot: two containers on one host (``--network host``) share the host
+  name but not their pids, so the identity holds all three, and a run whose identity names
+  another namespace or boot is never judged from here.
+- :func:`request_stop` lets a watching thread stop the main thread with a stated reason.
 
 This module imports neither TensorFlow nor MLflow.
 """
@@ -28,6 +32,9 @@ import psutil
 HOST_TAG = "process_host"
 PID_TAG = "process_id"
 START_TAG = "process_start_time"
+# The kernel boot and the PID namespace in which PID_TAG names the process.
+BOOT_TAG = "process_boot_id"
+PID_NAMESPACE_TAG = "process_pid_namespace"
 # Two start times of one process, read at different moments, agree to well within this.
 START_TIME_TOLERANCE_S = 1.0
 # How often the launcher watch looks at its launcher.
@@ -41,9 +48,15 @@ class Terminated(KeyboardInterrupt):
     Optuna fails the running trial) does the same here.
     """
 
+    exit_status = 143
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+    def line(self) -> str:
+        """The one line the process ends with."""
+        return f"stopped: {self.reason}; the runs of this process ended KILLED"
 
 
 def interruption_reason(error: BaseException) -> str:
@@ -54,14 +67,32 @@ def interruption_reason(error: BaseException) -> str:
 
 
 _pending_reason: list[str] = []
-# Why this process was told to stop, once it was; see termination_from.
-_termination_reason: list[str] = []
+# Stops requested by another thread (request_stop), raised by the SIGTERM handler in the main thread.
+_pending_stops: list[Terminated] = []
+# The stops this process was told of, once it was; see termination_from.
+_termination_reason: list[Terminated] = []
 
 
 def _on_sigterm(signum, frame) -> None:
-    reason = _pending_reason.pop() if _pending_reason else "terminated by SIGTERM"
-    _termination_reason.append(reason)
-    raise Terminated(reason)
+    if _pending_stops:
+        stop = _pending_stops.pop()
+    else:
+        stop = Terminated(_pending_reason.pop() if _pending_reason else "terminated by SIGTERM")
+    _termination_reason.append(stop)
+    raise stop
+
+
+def request_stop(stop: Terminated) -> None:
+    """Raises ``stop`` in the main thread as soon as it runs Python code again (from any thread).
+
+    The main thread may be deep in TensorFlow or in an HTTP request; a signal to this process
+    is the one thing that reaches it there, so the stop travels as SIGTERM. Without the
+    project's SIGTERM handler (a notebook), nothing is raised.
+    """
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        return
+    _pending_stops.append(stop)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def termination_from(error: BaseException) -> Terminated | None:
@@ -76,7 +107,7 @@ def termination_from(error: BaseException) -> Terminated | None:
     if isinstance(error, Terminated):
         return error
     if _termination_reason and not isinstance(error, KeyboardInterrupt):
-        return Terminated(_termination_reason[-1])
+        return _termination_reason[-1]
     return None
 
 
@@ -110,24 +141,54 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path) as file:
+            return file.readline().strip()
+    except OSError:
+        return ""
+
+
+def boot_id() -> str:
+    """This kernel's boot id (Linux), or "" where there is none."""
+    return _read_first_line("/proc/sys/kernel/random/boot_id")
+
+
+def pid_namespace() -> str:
+    """The PID namespace this process lives in, such as ``pid:[4026531836]`` (Linux), or ""."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def process_identity() -> dict[str, str]:
-    """This process, as tags for the runs it holds: host, pid and start time."""
+    """This process, as tags for the runs it holds: host, boot, PID namespace, pid and start time."""
     pid = os.getpid()
-    return {HOST_TAG: platform.node(), PID_TAG: str(pid), START_TAG: f"{process_start_time(pid):.2f}"}
+    return {
+        HOST_TAG: platform.node(),
+        BOOT_TAG: boot_id(),
+        PID_NAMESPACE_TAG: pid_namespace(),
+        PID_TAG: str(pid),
+        START_TAG: f"{process_start_time(pid):.2f}",
+    }
 
 
 def process_is_gone(tags: dict[str, str]) -> bool | None:
-    """Whether the process named by a run's tags has ended.
+    """Whether the process named by a run's tags has ended, when that can be known from here.
 
-    None when the tags do not say (no process information) or name another host, whose
-    processes cannot be seen from here. A pid that now belongs to a process started at
-    another time counts as gone.
+    True only on evidence that holds where the process ran: the same host, the same boot and
+    the same PID namespace as this process, and no process of that pid started at that time.
+    None (do not judge) when the tags lack any of these, or name another host, boot or
+    namespace: a container beside this one, another machine of the same name, or a run
+    recorded before the boot and namespace were.
     """
     try:
         host, pid, start = tags[HOST_TAG], int(tags[PID_TAG]), float(tags[START_TAG])
+        boot, namespace = tags[BOOT_TAG], tags[PID_NAMESPACE_TAG]
     except (KeyError, ValueError):
         return None
-    if host != platform.node():
+    if host != platform.node() or not boot or boot != boot_id() or not namespace or namespace != pid_namespace():
         return None
     started = process_start_time(pid)
     return started is None or abs(started - start) > START_TIME_TOLERANCE_S

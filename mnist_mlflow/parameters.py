@@ -31,6 +31,22 @@ class UserInputError(ValueError):
     """An error caused by what the user asked for; reported as one line, without a traceback."""
 
 
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters, for error messages.
+
+    A message must stay one short line whatever the user gave, even a value that a YAML
+    alias made enormous. ``reprlib`` never builds the whole repr, so this is cheap too.
+    """
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = limit
+    shortener.maxlist = shortener.maxtuple = shortener.maxdict = shortener.maxset = 6
+    shortener.maxlevel = 3
+    text = shortener.repr(value)
+    return text if len(text) <= limit + 10 else text[:limit] + "..."
+
+
 class ConfigError(UserInputError):
     """A parameter has a value that cannot be used."""
 

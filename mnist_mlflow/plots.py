@@ -9,6 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# The widest figure drawn (inches), so that even the largest grid makes a figure of sane size.
+MAX_FIGURE_INCHES = 20
+# A heatmap labels at most this many rows and columns, and writes values in cells only while
+# the columns are this few.
+MAX_TICK_LABELS = 30
+MAX_ANNOTATED_COLUMNS = 15
+
 
 def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], title: str = "Confusion matrix (test)"):
     """scikit-learn's annotated confusion matrix: true labels as rows, predicted labels as columns."""
@@ -193,29 +200,34 @@ def heatmap_figure(
     title: str = "Validation accuracy over the grid",
 ):
     """Validation accuracy (%) per grid cell, annotated; empty cells (not finished) are left blank."""
-    figure, axes = plt.subplots(figsize=(1.2 * len(column_values) + 3, 0.8 * len(row_values) + 2.5))
+    rows, columns = len(row_values), len(column_values)
+    # A cell is readable at about an inch; past that, the figure stops growing and the cells shrink.
+    figure, axes = plt.subplots(figsize=(min(1.2 * columns + 3, MAX_FIGURE_INCHES), min(0.8 * rows + 2.5, 12)))
     percent = np.asarray(matrix, dtype=float) * 100
     image = axes.imshow(np.ma.masked_invalid(percent), cmap="viridis", aspect="auto")
     figure.colorbar(image, ax=axes, label="Validation accuracy (%)")
-    axes.set_xticks(np.arange(len(column_values)), labels=[str(value) for value in column_values])
-    axes.set_yticks(np.arange(len(row_values)), labels=[str(value) for value in row_values])
+    for set_ticks, values in ((axes.set_xticks, column_values), (axes.set_yticks, row_values)):
+        shown = range(0, len(values), max(1, len(values) // MAX_TICK_LABELS))
+        set_ticks(list(shown), labels=[str(values[index]) for index in shown])
     axes.set_xlabel(column_name)
     axes.set_ylabel(row_name)
     finite = percent[np.isfinite(percent)]
     threshold = (finite.min() + finite.max()) / 2 if finite.size else 0
-    for row in range(percent.shape[0]):
-        for column in range(percent.shape[1]):
-            value = percent[row, column]
-            if np.isfinite(value):
-                axes.text(
-                    column,
-                    row,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=9,
-                    color="black" if value > threshold else "white",
-                )
+    # Numbers in the cells only while they fit.
+    if rows <= MAX_TICK_LABELS and columns <= MAX_ANNOTATED_COLUMNS:
+        for row in range(rows):
+            for column in range(columns):
+                value = percent[row, column]
+                if np.isfinite(value):
+                    axes.text(
+                        column,
+                        row,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="black" if value > threshold else "white",
+                    )
     axes.set_title(title)
     figure.tight_layout()
     return figure

@@ -11,6 +11,7 @@ file is reported by name and the others are still predicted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,8 +21,15 @@ import requests
 
 def image_to_mnist(path: str | Path) -> np.ndarray:
     """Reads an image file and returns float32 raw pixel intensities 0-255 of shape (28, 28, 1)."""
+    import stat
+
     from PIL import Image, ImageOps
 
+    # Opening a FIFO, a device or a socket would block or never end: only regular files are images.
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ValueError(f"{kind}; give the path of a PNG or JPEG file")
     with Image.open(path) as image:
         grey = ImageOps.exif_transpose(image).convert("L")
     pixels = np.asarray(grey, dtype=np.float32)

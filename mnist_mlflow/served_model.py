@@ -103,6 +103,10 @@ def check_images(images, max_batch: int) -> np.ndarray:
     (each image flattened row by row), which is far cheaper to send and parse. Pixels may be
     of any integer or floating-point type; strings and booleans are not pixels.
     """
+    if isinstance(images, dict):
+        # {"inputs": {...}}: named tensors, which this model does not take. Name a few keys, never the values.
+        keys = ", ".join(repr(str(key)[:20]) for key in list(images)[:3])
+        raise ImageInputError(f"inputs must be a list of images, not a mapping (keys {keys or 'none'})")
     try:
         images = _as_array(images)
     except (TypeError, ValueError):
@@ -116,6 +120,7 @@ def check_images(images, max_batch: int) -> np.ndarray:
             )
     if images is None or images.dtype.kind not in "iuf":
         raise ImageInputError("inputs must be numbers: raw pixel intensities 0-255")
+    given = images
     images = images.astype(np.float32, copy=False)
     if images.ndim == 2 and images.shape[1] == PIXELS:
         images = images.reshape(-1, *IMAGE_SHAPE)
@@ -134,6 +139,9 @@ def check_images(images, max_batch: int) -> np.ndarray:
     finite = np.isfinite(images)
     if not finite.all():
         bad = int(np.argwhere(~finite.reshape(count, -1).all(axis=1))[0, 0])
+        if np.isfinite(given.reshape(count, -1)[bad]).all():
+            # Finite as sent (say 1e308), but beyond float32: out of range rather than not a number.
+            raise ImageInputError(f"image {bad} holds a pixel out of range: pixels are raw intensities 0-255")
         raise ImageInputError(f"image {bad} holds a value that is not a finite number (NaN, Infinity or null)")
     low, high = float(images.min()), float(images.max())
     if low < 0.0 or high > 255.0:

@@ -236,7 +236,9 @@ def make_run(plan: RunPlan) -> RunResult:
         tracking.log_dataset_splits(splits)
         tracking.log_text(models.summary_text(model), "model_summary.txt")
 
-        result = training.train_and_evaluate(model, splits, training_config, callbacks=plan.callbacks)
+        # The ledger keeps every epoch's metrics until the server has them (tracking.watch).
+        callbacks = [*plan.callbacks, tracking.epoch_ledger(run_id)]
+        result = training.train_and_evaluate(model, splits, training_config, callbacks=callbacks)
         tracking.log_metrics(result.metrics())
         log_evaluation(result, splits)
         model_uri = tracking.log_keras_model(

@@ -257,12 +257,30 @@ def _image_with(value) -> list:
         (_image_with(float("inf")), "image 0 holds a value that is not a finite number"),
         (_image_with(1e30), "image 0 holds a pixel outside 0..255"),
         (_image_with(-3.0), "image 0 holds a pixel outside 0..255"),
+        (_image_with(1e308), "image 0 holds a pixel out of range"),
+        ([[["255"]] * 28] * 28, "inputs must be numbers"),
+        ([[[" 3 "]] * 28] * 28, "inputs must be numbers"),
+        ([[["1e2"]] * 28] * 28, "inputs must be numbers"),
+        ([[[True]] * 28] * 28, "inputs must be numbers"),
+        ({"a": np.zeros((3, 28, 28, 1)).tolist()}, "inputs must be a list of images, not a mapping"),
         (
             np.zeros((MAX_BATCH + 1, 28, 28, 1)).tolist(),
             f"a request may hold at most {MAX_BATCH} images; got {MAX_BATCH + 1}",
         ),
     ],
-    ids=["nan", "infinity", "1e30", "negative", "oversized-batch"],
+    ids=[
+        "nan",
+        "infinity",
+        "1e30",
+        "negative",
+        "1e308",
+        "numeric-string",
+        "padded-string",
+        "exponent-string",
+        "boolean",
+        "mapping",
+        "oversized-batch",
+    ],
 )
 def test_what_is_not_an_image_gets_400_with_a_message_that_does_not_echo_it(
     champion_server, small_splits, inputs, message

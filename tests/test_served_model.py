@@ -185,6 +185,12 @@ def test_the_keras_model_loads_for_further_training(logged_model, small_splits):
         ([[["255"]] * 28] * 28, "inputs must be numbers"),
         (np.ones((1, 784), dtype=bool), "inputs must be numbers"),
         ([[None] + [0.0] * 783], "image 0 holds a value that is not a finite number"),
+        ([[0.0] * 783 + [1e308]], "image 0 holds a pixel out of range"),
+        (
+            {"pixels": np.zeros((3, 28, 28, 1)).tolist()},
+            "inputs must be a list of images, not a mapping (keys 'pixels')",
+        ),
+        ([[" 3 "] * 784], "inputs must be numbers"),
     ],
     ids=[
         "nan",
@@ -199,6 +205,9 @@ def test_the_keras_model_loads_for_further_training(logged_model, small_splits):
         "strings",
         "booleans",
         "null",
+        "1e308",
+        "mapping",
+        "numeric-strings",
     ],
 )
 def test_what_is_not_an_image_is_refused_with_http_400_and_a_message_without_the_data(images, message):

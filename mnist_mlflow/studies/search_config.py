@@ -15,7 +15,7 @@ from mnist_mlflow.parameters import (
     text,
     whole_number,
 )
-from mnist_mlflow.studies.search_spaces import SAMPLERS, SearchSpace, load_space
+from mnist_mlflow.studies.search_spaces import MAX_GRID_POINTS, SAMPLERS, SearchSpace, load_space
 
 # Storage URL schemes Optuna's RDBStorage can use (with a driver suffix such as postgresql+psycopg2).
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -71,6 +71,11 @@ class SearchConfig(Parameters):
         if self.resolved_sampler() == "grid" and not space.is_grid:
             raise ConfigError(
                 f"sampler=grid needs a list of values for every parameter; space {self.space!r} has ranges"
+            )
+        if self.resolved_sampler() == "grid" and space.grid_size > MAX_GRID_POINTS:
+            raise ConfigError(
+                f"space {self.space!r} is a grid of {space.grid_size:,} points; a grid search walks at most "
+                f"{MAX_GRID_POINTS:,} (use sampler=random or tpe for a larger space)"
             )
         if self.resolved_sampler() == "grid" and self.n_trials > space.grid_size:
             raise ConfigError(

@@ -32,9 +32,15 @@ from mnist_mlflow.config import (
     ACTIVATIONS,
     ConfigError,
 )
+from mnist_mlflow.parameters import brief
 
 SAMPLERS = ("grid", "random", "tpe")
 BUILT_IN_SPACES = ("grid", "random")
+# A space file is a few lines; anything much larger is a mistake or an attack, refused unread.
+MAX_SPACE_FILE_BYTES = 256 * 1024
+# The most points a grid search walks. Optuna's GridSampler holds the whole grid in memory and
+# the study's summary draws it, so a grid must stay a size a person would run.
+MAX_GRID_POINTS = 10_000
 
 # The hyperparameters a space may vary or fix, with the value they take when it does neither.
 HYPERPARAMETER_DEFAULTS: dict[str, Any] = {
@@ -136,7 +142,7 @@ RANDOM_SPACE = SearchSpace(
 
 def _check_value(source: str, name: str, value: Any) -> Any:
     """One hyperparameter value, checked and normalised, or a ConfigError that names it."""
-    where = f"space {source}: {name}={value!r}"
+    where = f"space {source}: {name}={brief(value)}"
     if name == "activation":
         if not isinstance(value, str) or value.lower() not in ACTIVATIONS:
             raise ConfigError(f"{where} is not one of: {', '.join(ACTIVATIONS)}")
@@ -158,16 +164,16 @@ def _parse_range(source: str, name: str, spec: Mapping[str, Any]) -> Range:
     unknown = sorted(set(spec) - {"low", "high", "log"})
     if unknown or "low" not in spec or "high" not in spec:
         raise ConfigError(
-            f"space {source}: {name} must be a list of values or a range {{low, high, log}}; got {dict(spec)!r}"
+            f"space {source}: {name} must be a list of values or a range {{low, high, log}}; got {brief(dict(spec))}"
         )
     if name == "activation":
         raise ConfigError(f"space {source}: activation takes a list of names, not a range")
     low, high = _check_value(source, name, spec["low"]), _check_value(source, name, spec["high"])
     if not low < high:
-        raise ConfigError(f"space {source}: {name} range needs low < high; got low={low!r}, high={high!r}")
+        raise ConfigError(f"space {source}: {name} range needs low < high; got low={brief(low)}, high={brief(high)}")
     log = spec.get("log", False)
     if not isinstance(log, bool):
-        raise ConfigError(f"space {source}: {name} log={log!r} must be true or false")
+        raise ConfigError(f"space {source}: {name} log={brief(log)} must be true or false")
     return Range(low, high, log, integer=name in INTEGER_HYPERPARAMETERS)
 
 
@@ -177,10 +183,10 @@ def space_from_mapping(document: Any, source: str, default_name: str) -> SearchS
         raise ConfigError(
             f"space {source} must be a YAML mapping with a 'parameters' key; got {type(document).__name__}"
         )
-    unknown_keys = sorted(set(document) - {"name", "sampler", "fixed", "parameters"})
+    unknown_keys = sorted(str(key) for key in set(document) - {"name", "sampler", "fixed", "parameters"})
     if unknown_keys:
         raise ConfigError(
-            f"space {source}: unknown key(s) {', '.join(unknown_keys)}; known: name, sampler, fixed, parameters"
+            f"space {source}: unknown key(s) {brief(', '.join(unknown_keys))}; known: name, sampler, fixed, parameters"
         )
     raw_parameters = document.get("parameters")
     if not isinstance(raw_parameters, Mapping) or not raw_parameters:
@@ -191,7 +197,7 @@ def space_from_mapping(document: Any, source: str, default_name: str) -> SearchS
     known = ", ".join(HYPERPARAMETER_DEFAULTS)
     for name in [*raw_parameters, *raw_fixed]:
         if name not in HYPERPARAMETER_DEFAULTS:
-            raise ConfigError(f"space {source}: unknown hyperparameter {name!r}; known: {known}")
+            raise ConfigError(f"space {source}: unknown hyperparameter {brief(name)}; known: {known}")
     both = sorted(set(raw_parameters) & set(raw_fixed))
     if both:
         raise ConfigError(f"space {source}: {', '.join(both)} is both varied and fixed")
@@ -202,20 +208,20 @@ def space_from_mapping(document: Any, source: str, default_name: str) -> SearchS
         elif isinstance(spec, list) and spec:
             choices = tuple(_check_value(source, name, value) for value in spec)
             if len(set(choices)) != len(choices):
-                raise ConfigError(f"space {source}: {name}={spec!r} lists a value twice")
+                raise ConfigError(f"space {source}: {name}={brief(spec)} lists a value twice")
             parameters[name] = choices
         else:
             raise ConfigError(
-                f"space {source}: {name}={spec!r} must be a non-empty list of values or a range {{low, high, log}}"
+                f"space {source}: {name}={brief(spec)} must be a non-empty list of values or a range {{low, high, log}}"
             )
     fixed = {name: _check_value(source, name, value) for name, value in raw_fixed.items()}
     name = document.get("name", default_name)
     if not isinstance(name, str) or not name or not all(char.isalnum() or char in "-_." for char in name):
-        raise ConfigError(f"space {source}: name={name!r} may hold only letters, digits, '-', '_' and '.'")
+        raise ConfigError(f"space {source}: name={brief(name)} may hold only letters, digits, '-', '_' and '.'")
     space = SearchSpace(name=name, parameters=parameters, fixed=fixed, source=source)
     default_sampler = document.get("sampler", "grid" if space.is_grid else "tpe")
     if default_sampler not in SAMPLERS:
-        raise ConfigError(f"space {source}: sampler={default_sampler!r} is not one of: {', '.join(SAMPLERS)}")
+        raise ConfigError(f"space {source}: sampler={brief(default_sampler)} is not one of: {', '.join(SAMPLERS)}")
     return SearchSpace(name, parameters, fixed, default_sampler, source)
 
 
@@ -230,10 +236,25 @@ def load_space(text: str) -> SearchSpace:
         raise ConfigError(f"space={text!r}: no such file (relative paths start from {Path.cwd()})")
     import yaml
 
+    size = path.stat().st_size
+    if size > MAX_SPACE_FILE_BYTES:
+        raise ConfigError(f"space={text!r} is {size} bytes; a space file may hold at most {MAX_SPACE_FILE_BYTES}")
     try:
-        document = yaml.safe_load(path.read_text())
+        source = path.read_text()
+        # An alias repeats a node by reference, so a few hundred bytes of nested aliases can
+        # expand into gigabytes (a "billion laughs" file). A space file never needs one.
+        for event in yaml.parse(source, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise ConfigError(
+                    f"space={text!r} uses a YAML alias (*{event.anchor[:30]}) at line {mark.line + 1}; "
+                    "write each value out instead"
+                )
+        document = yaml.safe_load(source)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"space={text!r} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"space={text!r} is not a UTF-8 text file") from None
     return space_from_mapping(document, repr(str(path)), path.stem)

@@ -7,7 +7,9 @@ The rest of the library trains, evaluates and plots; this package records:
 - :mod:`~mnist_mlflow.tracking.runs`: starting, logging into and ending runs, autolog, and
   closing the runs of processes that are gone;
 - :mod:`~mnist_mlflow.tracking.studies`: a study's parent run, its children and its summary;
-- :mod:`~mnist_mlflow.tracking.registry`: the servable model, the registry and promotion.
+- :mod:`~mnist_mlflow.tracking.registry`: the servable model, the registry and promotion;
+- :mod:`~mnist_mlflow.tracking.watch`: a run's link to the server while it trains: the
+  heartbeat, a run closed by someone else, a server gone, metrics delivered late.
 
 The names below are the package's interface; callers write ``tracking.start_run`` and need
 not know which module holds it.
@@ -84,8 +86,22 @@ from mnist_mlflow.tracking.studies import (
     study_children,
     study_children_of,
 )
+from mnist_mlflow.tracking.watch import (
+    WATCH,
+    RunClosedElsewhere,
+    TrackingServerLost,
+    deliver_spooled_runs,
+    epoch_ledger,
+    server_lost,
+)
 
 __all__ = [
+    "WATCH",
+    "RunClosedElsewhere",
+    "TrackingServerLost",
+    "deliver_spooled_runs",
+    "epoch_ledger",
+    "server_lost",
     "TRACKING_URI_ENV",
     "AUTH_ERROR_CODES",
     "TrackingUnavailableError",

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import lifecycle
 from mnist_mlflow.config import RunFailedError
+from mnist_mlflow.tracking import watch
 from mnist_mlflow.tracking.server import (
     check_tracking_server,
     choose_experiment,
@@ -105,6 +106,8 @@ def prepare_tracking(kind: str | None = None) -> str:
     Returns the tracking URI without credentials, for printing.
     """
     shown = check_tracking_server()
+    for line in watch.deliver_spooled_runs():
+        print(line, flush=True)
     if kind is not None:
         choose_experiment(experiment_name_for(kind))
     warn_about_secret_params()
@@ -118,11 +121,18 @@ def reconcile_runs(
 ) -> list[tuple[str, str]]:
     """Closes as KILLED the RUNNING runs whose process is gone; returns (run id, reason) for each.
 
-    A run records its host, pid and process start time (:mod:`mnist_mlflow.lifecycle`). Runs
-    started on this host by a process that no longer exists are closed. Runs of other hosts
-    are never touched (a search's heartbeat covers those). A run without process information
-    is closed only when it started more than ``unknown_max_age_h`` hours ago, unless it is a
-    search's parent, which the search's last worker closes.
+    Two kinds of evidence close a run, each conclusive where it comes from:
+
+    - its process is gone (:func:`mnist_mlflow.lifecycle.process_is_gone`): the run names this
+      host, boot and PID namespace, and no such process lives;
+    - its heartbeat expired: every holder renews ``process_alive_until`` while it works, and
+      stops within its server timeout when it cannot, so a heartbeat long past says that no
+      process is working on the run, on any host. A study parent shared by many workers lives
+      as long as one of them renews it.
+
+    Anything else is left alone: a run of another container or machine with a fresh heartbeat,
+    or one recorded without a heartbeat. A run without any process information is closed only
+    when it started more than ``unknown_max_age_h`` hours ago, unless it is a search's parent.
     """
     client = MlflowClient()
     closed = []
@@ -130,8 +140,13 @@ def reconcile_runs(
     for run in _search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
         tags = run.data.tags
         gone = lifecycle.process_is_gone(tags)
+        expired = _heartbeat_expired(tags, now_ms / 1000)
         if gone:
             reason = f"its process {tags[lifecycle.PID_TAG]} on {tags[lifecycle.HOST_TAG]} ended without closing it"
+        elif expired:
+            reason = f"no process has renewed its heartbeat since {expired} (it would have, had one been working on it)"
+        elif watch.ALIVE_UNTIL_TAG in tags:
+            continue
         elif gone is None and lifecycle.PID_TAG not in tags:
             age_h = (now_ms - run.info.start_time) / 3.6e6
             if (
@@ -147,6 +162,17 @@ def reconcile_runs(
             mark_run_killed(run.info.run_id, reason)
         closed.append((run.info.run_id, reason))
     return closed
+
+
+def _heartbeat_expired(tags: Mapping[str, str], now_s: float) -> str | None:
+    """When a run's heartbeat expired, as text, or None while it holds (or there is none)."""
+    try:
+        until = float(tags[watch.ALIVE_UNTIL_TAG])
+    except (KeyError, ValueError):
+        return None
+    if now_s <= until + watch.CLOCK_SKEW_S:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
 
 
 def _search_all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list:
@@ -197,22 +223,66 @@ def start_run(
         # The launcher's run, or a new run in the experiment chosen for this kind of work.
         run_context = mlflow.start_run(experiment_id=current_experiment_id(), description=description)
     with run_context as run:
+        run_id = run.info.run_id
         try:
             # Inside the try: a signal while the tags are being written still ends the run KILLED.
             mlflow.set_tags({"mlflow.runName": run_name, **tags, **lifecycle.process_identity()})
-            yield run.info.run_id
+            watch.WATCH.add(run_id)
+            yield run_id
+            watch.WATCH.remove(run_id)
+            late = watch.deliver_ledger(run_id)
+            if late:
+                print(f"The tracking server had not taken {late}; sent them again", flush=True)
+            watch.check_still_running(run_id)
+        except watch.RunClosedElsewhere:
+            _let_go(run_id)
+            raise
         except KeyboardInterrupt as interruption:
+            watch.WATCH.remove(run_id)
+            if isinstance(interruption, watch.TrackingServerLost):
+                raise _abandon(run_id, interruption) from None
             _end_active_run("KILLED", KILLED_REASON_TAG, lifecycle.interruption_reason(interruption))
             raise
         except RunFailedError as failure:
+            watch.WATCH.remove(run_id)
             _end_active_run("FAILED", FAILED_REASON_TAG, str(failure))
             raise
         except Exception as error:
+            watch.WATCH.remove(run_id)
             stop = lifecycle.termination_from(error)
+            if isinstance(stop, watch.RunClosedElsewhere):
+                _let_go(run_id)
+                raise stop from error
+            lost = stop if isinstance(stop, watch.TrackingServerLost) else watch.server_lost(error, run_id)
+            if lost is not None:
+                raise _abandon(run_id, lost) from None
             if stop is None:
-                raise
+                failure = watch.upload_failure(error)
+                if failure is None:
+                    raise
+                _end_active_run("FAILED", FAILED_REASON_TAG, failure)
+                raise RunFailedError(failure) from None
             _end_active_run("KILLED", KILLED_REASON_TAG, stop.reason)
             raise stop from error
+
+
+def _let_go(run_id: str) -> None:
+    """Leaves a run that someone else closed as they left it."""
+    watch.WATCH.remove(run_id)
+    watch.forget_active_run()
+
+
+def _abandon(run_id: str, lost: watch.TrackingServerLost) -> watch.TrackingServerLost:
+    """Lets go of a run whose server is gone, keeping what it could not send in the spool."""
+    watch.forget_active_run()
+    watch.silence_background_logging()
+    kept = watch.spool_run(run_id, lost.reason)
+    if kept is not None:
+        lost.reason += (
+            f". Its per-epoch metrics are kept in {kept}; the next command against that server delivers "
+            "what it lacks and closes the run FAILED"
+        )
+    return lost
 
 
 def _end_active_run(status: str, tag: str, reason: str) -> None:

@@ -20,6 +20,38 @@ from mnist_mlflow.redaction import redact_url, url_has_secret, without_credentia
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
+SERVER_TIMEOUT_ENV = "MNIST_MLFLOW_SERVER_TIMEOUT_S"
+# How long a run keeps going while its tracking server does not answer, by default.
+DEFAULT_SERVER_TIMEOUT_S = 60.0
+# MLflow's retry settings, and the bounded values the project uses where the user set none:
+# four retries, one, two, four and eight seconds apart, each attempt waiting at most 20 s.
+BOUNDED_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def server_timeout_s() -> float:
+    """How long, in seconds, a run goes on without an answer from its tracking server."""
+    text = os.environ.get(SERVER_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_SERVER_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1.0 <= value <= 86400.0:
+        raise UserInputError(f"{SERVER_TIMEOUT_ENV}={text!r} must be a number of seconds from 1 to 86400")
+    return value
+
+
+def bound_http_requests() -> None:
+    """Sets MLflow's HTTP retry settings to bounded values, keeping any the user has set."""
+    server_timeout_s()  # A bad setting is refused before any request.
+    for name, value in BOUNDED_HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
+
 
 # MLflow's error codes for a refused login and a refused permission.
 AUTH_ERROR_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
@@ -67,6 +99,7 @@ def check_tracking_server(timeout_s: float = 5.0) -> str:
     """
     import requests
 
+    bound_http_requests()
     uri = mlflow.get_tracking_uri()
     shown = redact_url(uri)
     # MLflow prints "View run ... at: <link>" when a run ends: the password and all, and a link
