@@ -55,7 +55,7 @@ def _epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
 
 def _error_lines(stderr: str) -> list[str]:
     """stderr without TensorFlow's and absl's start-up chatter."""
-    noise = ("WARNING: All log messages", "I0000", "W0000", "oneDNN", "cuda", "E0000")
+    noise = ("WARNING: All log messages", "I0000", "W0000", "oneDNN", "cuda", "E0000", "INFO mlflow.store.db")
     return [line for line in stderr.splitlines() if line.strip() and not any(word in line for word in noise)]
 
 
@@ -135,3 +135,134 @@ def test_metrics_the_server_missed_while_it_was_down_are_sent_again_when_it_retu
         assert "The tracking server had not taken" in stdout
     finally:
         server.stop()
+
+
+def _unshare_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_pid_namespaces = pytest.mark.skipif(
+    not _unshare_available(), reason="creating PID namespaces needs unshare and the right to use it (root here)"
+)
+IN_NEW_PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+def _python_of(process: subprocess.Popen):
+    """The Python process under ``unshare`` (the namespace's pid 1), as the host sees it."""
+    import psutil
+
+    children = psutil.Process(process.pid).children(recursive=True)
+    return next(child for child in children if "python" in child.name())
+
+
+@needs_pid_namespaces
+def test_runs_in_another_pid_namespace_are_never_taken_for_dead_in_either_direction(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.url)
+    env = _env(mlflow_server.url, tmp_path, MLFLOW_EXPERIMENT_NAME="pid-namespaces")
+    common = dict(cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    inside = subprocess.Popen([*IN_NEW_PID_NAMESPACE, sys.executable, *LONG_DENSE], **common)
+    host = subprocess.Popen([sys.executable, *LONG_DENSE], **common)
+    try:
+
+        def two_training():
+            found = client.get_experiment_by_name("pid-namespaces")
+            runs = client.search_runs([found.experiment_id]) if found else []
+            training = [run for run in runs if run.info.status == "RUNNING" and "val_accuracy" in run.data.metrics]
+            return training if len(training) == 2 else None
+
+        runs = wait_for(two_training, "both runs to train", process=inside)
+        by_namespace = {run.data.tags["process_pid_namespace"]: run for run in runs}
+        assert len(by_namespace) == 2, "the two runs should record different PID namespaces"
+        # The run inside the namespace records pid 1, which on the host is a real, other process.
+        assert {run.data.tags["process_id"] for run in runs} >= {"1"}
+
+        from_host = run_script([sys.executable, RECONCILE, "--experiment", "pid-namespaces"], env)
+        from_inside = run_script(
+            [*IN_NEW_PID_NAMESPACE, sys.executable, RECONCILE, "--experiment", "pid-namespaces"], env
+        )
+        for result in (from_host, from_inside):
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert "0 run(s) closed KILLED" in result.stdout, result.stdout
+        assert all(client.get_run(run.info.run_id).info.status == "RUNNING" for run in runs)
+
+        # Someone closes the host's live run anyway (say, an older reconcile): the process says
+        # so in one line and leaves the run as that someone left it.
+        host_run = next(run for run in runs if run.data.tags["process_id"] != "1")
+        client.set_tag(host_run.info.run_id, "killed_reason", "closed by hand")
+        client.set_terminated(host_run.info.run_id, status="KILLED")
+        stdout, stderr = host.communicate(timeout=120)
+        lines = _error_lines(stderr)
+        assert host.returncode == 1, (stdout[-2000:], stderr[-3000:])
+        assert len(lines) == 1 and "was closed KILLED by another process" in lines[0], lines
+        after = client.get_run(host_run.info.run_id)
+        assert after.info.status == "KILLED" and after.data.tags["killed_reason"] == "closed by hand"
+
+        # The run inside the namespace still ends as a stopped run should.
+        _python_of(inside).send_signal(signal.SIGTERM)
+        inside.communicate(timeout=120)
+        inside_run = next(run for run in runs if run.data.tags["process_id"] == "1")
+        assert client.get_run(inside_run.info.run_id).info.status == "KILLED"
+    finally:
+        for process in (inside, host):
+            process.kill()
+
+
+@pytest.fixture()
+def full_filesystem(tmp_path):
+    """A real, small tmpfs, filled to the last byte; skipped where tmpfs cannot be mounted."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        (folder / "mlruns").mkdir()
+        with open(folder / "filler", "wb") as filler:
+            with pytest.raises(OSError):
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+SHORT_DENSE = [DENSE, "--epochs", "2", "--max_train_examples", "300"]
+
+
+def _assert_failed_upload(client: MlflowClient, result, started: float, where: str):
+    lines = _error_lines(result.stderr)
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-3000:])
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and where in lines[0], lines[0]
+    assert time.monotonic() - started < 90
+    run = _one_run(client, "full-disk")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failed_reason"] == lines[0].removeprefix("error: ")
+    # What was logged before the upload failed is kept (the first upload comes before training).
+    assert run.data.params["epochs"] == "2" and run.data.params["trainable_parameters"]
+    print(lines[0])
+
+
+def test_a_full_artifact_store_behind_the_server_is_one_line_and_a_failed_reason(tmp_path, full_filesystem):
+    root = tmp_path / "server"
+    root.mkdir()
+    (root / "artifacts").symlink_to(full_filesystem / "mlruns")
+    with tracking_server(root) as server:
+        env = _env(server.url, tmp_path, MLFLOW_EXPERIMENT_NAME="full-disk")
+        started = time.monotonic()
+        result = run_script([sys.executable, *SHORT_DENSE], env)
+        _assert_failed_upload(MlflowClient(server.url), result, started, f"artifact store of {server.url}")
+
+
+def test_a_full_disk_under_a_local_store_is_one_line_and_a_failed_reason(tmp_path, full_filesystem):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = _env(store, tmp_path, MLFLOW_EXPERIMENT_NAME="full-disk")
+    started = time.monotonic()
+    # The working directory is the full filesystem, so the runs' artifacts go to its ./mlruns.
+    result = run_script([sys.executable, *SHORT_DENSE], env, cwd=full_filesystem)
+    _assert_failed_upload(MlflowClient(store), result, started, "no space left on device")
+    assert f"to {full_filesystem}/mlruns/" in result.stderr

@@ -356,8 +356,9 @@ def upload_failure(error: BaseException) -> str | None:
     import re
 
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = error.filename or "the artifact store"
-        return f"writing the run's artifacts failed: no space left on device ({where})"
+        active = mlflow.active_run()
+        where = error.filename or (mlflow.get_artifact_uri() if active else "the artifact store")
+        return f"writing the run's artifacts to {where} failed: no space left on device"
     message = str(error)
     if "mlflow-artifacts" not in message and "artifact" not in message.lower():
         return None
