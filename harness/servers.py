@@ -6,7 +6,6 @@ Used by the tests and the benchmarks, which run real servers on loopback only.
 from __future__ import annotations
 
 import contextlib
-
 import os
 import socket
 import subprocess
@@ -360,6 +359,17 @@ class PostgresServer:
         )
         self.create_database(self.database)
         return self
+
+    def kill(self) -> None:
+        """SIGKILLs the postmaster and every backend, as a crash or an OOM kill would."""
+        import psutil
+
+        pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(family, timeout=10)
 
     def create_database(self, name: str) -> str:
         """Creates an empty database on this server; returns its URL."""

@@ -207,7 +207,7 @@ def heatmap_figure(
     image = axes.imshow(np.ma.masked_invalid(percent), cmap="viridis", aspect="auto")
     figure.colorbar(image, ax=axes, label="Validation accuracy (%)")
     for set_ticks, values in ((axes.set_xticks, column_values), (axes.set_yticks, row_values)):
-        shown = range(0, len(values), max(1, len(values) // MAX_TICK_LABELS))
+        shown = range(0, len(values), max(1, -(-len(values) // MAX_TICK_LABELS)))
         set_ticks(list(shown), labels=[str(values[index]) for index in shown])
     axes.set_xlabel(column_name)
     axes.set_ylabel(row_name)

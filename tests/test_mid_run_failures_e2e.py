@@ -8,7 +8,6 @@ line it ends with, its exit status, and the state its runs are left in.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -43,6 +42,10 @@ def _env(server_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     return python_env(server_url, **{**settings, **extra})
 
 
+def _piped(env: dict[str, str]) -> dict:
+    return dict(cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _one_run(client: MlflowClient, experiment: str = "mid-run"):
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id]) if found else []
@@ -56,7 +59,12 @@ def _epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
 def _error_lines(stderr: str) -> list[str]:
     """stderr without TensorFlow's and absl's start-up chatter."""
     noise = ("WARNING: All log messages", "I0000", "W0000", "oneDNN", "cuda", "E0000", "INFO mlflow.store.db")
-    return [line for line in stderr.splitlines() if line.strip() and not any(word in line for word in noise)]
+    # Optuna's own log lines, such as "[I 2026-...] A new study created in RDB".
+    return [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and not any(word in line for word in noise) and not line.startswith("[I ")
+    ]
 
 
 def test_a_killed_tracking_server_stops_the_run_in_bounded_time_and_loses_no_metric(tmp_path):
@@ -65,7 +73,12 @@ def test_a_killed_tracking_server_stops_the_run_in_bounded_time_and_loses_no_met
     client = MlflowClient(server.url)
     env = _env(server.url, tmp_path)
     process = subprocess.Popen(
-        [sys.executable, *LONG_DENSE], cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *LONG_DENSE],
+        cwd=PROJECT_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         run = wait_for(lambda: _one_run(client), "the run to start", process=process)
@@ -96,7 +109,10 @@ def test_a_killed_tracking_server_stops_the_run_in_bounded_time_and_loses_no_met
         after = client.get_run(run.info.run_id)
         # Never FINISHED as if complete: FAILED, with why, and every trained epoch's metrics.
         assert after.info.status == "FAILED"
-        assert "did not answer" in after.data.tags["failed_reason"] or "has not answered" in after.data.tags["failed_reason"]
+        assert (
+            "did not answer" in after.data.tags["failed_reason"]
+            or "has not answered" in after.data.tags["failed_reason"]
+        )
         assert _epochs_logged(client, run.info.run_id) == trained_epochs
         assert "val_accuracy" in after.data.tags["metrics_delivered_late"]
         assert not (tmp_path / "spool" / f"{run.info.run_id}.json").exists()
@@ -112,9 +128,7 @@ def test_metrics_the_server_missed_while_it_was_down_are_sent_again_when_it_retu
     client = MlflowClient(server.url)
     env = _env(server.url, tmp_path, MNIST_MLFLOW_SERVER_TIMEOUT_S="60")
     command = [DENSE, "--epochs", "120", "--max_train_examples", "300", "--batch_size", "100"]
-    process = subprocess.Popen(
-        [sys.executable, *command], cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([sys.executable, *command], **_piped(env))
     try:
         run = wait_for(lambda: _one_run(client), "the run to start", process=process)
         wait_for(lambda: len(_epochs_logged(client, run.info.run_id)) >= 2, "two epochs", process=process)
@@ -266,3 +280,52 @@ def test_a_full_disk_under_a_local_store_is_one_line_and_a_failed_reason(tmp_pat
     result = run_script([sys.executable, *SHORT_DENSE], env, cwd=full_filesystem)
     _assert_failed_upload(MlflowClient(store), result, started, "no space left on device")
     assert f"to {full_filesystem}/mlruns/" in result.stderr
+
+
+def test_a_killed_study_database_is_one_line_and_every_run_of_the_worker_ends_stated(mlflow_server, tmp_path):
+    from urllib.parse import quote
+
+    from harness.servers import PostgresServer
+
+    search_space_file = tmp_path / "two.yaml"
+    search_space_file.write_text("parameters:\n  units: [16, 32]\n")
+    search_space_file = str(search_space_file)
+
+    password = "pg:s3cret@%"
+    client = MlflowClient(mlflow_server.url)
+    with PostgresServer(password=password) as database:
+        storage = database.url.replace("search@", f"search:{quote(password, safe='')}@")
+        env = _env(mlflow_server.url, tmp_path, MLFLOW_EXPERIMENT_NAME="dead-database", **database.client_env())
+        command = [SEARCH, "--space", search_space_file, "--epochs", "300", "--max_train_examples", "300"]
+        process = subprocess.Popen(
+            [sys.executable, *command, "--storage", storage],
+            cwd=PROJECT_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+
+            def training_child():
+                found = client.get_experiment_by_name("dead-database")
+                runs = client.search_runs([found.experiment_id]) if found else []
+                return [run for run in runs if run.data.tags.get("study_role") == "child" and run.data.metrics]
+
+            wait_for(training_child, "a trial to train", process=process)
+            database.kill()
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            process.kill()
+    lines = _error_lines(stderr)
+    assert process.returncode == 1, (stdout[-2000:], stderr[-3000:])
+    assert len(lines) == 1, lines
+    shown = database.url.replace("search@", "search:***@")
+    assert f"error: the study storage {shown} cannot be reached" in lines[0], lines[0]
+    assert "s3cret" not in stdout + stderr
+    found = client.get_experiment_by_name("dead-database")
+    runs = client.search_runs([found.experiment_id])
+    assert runs and all(run.info.status in ("FAILED", "KILLED") for run in runs), [r.info.status for r in runs]
+    for run in runs:
+        reason = run.data.tags.get("failed_reason") or run.data.tags.get("killed_reason")
+        assert "study storage" in reason, (run.data.tags.get("study_role"), reason)

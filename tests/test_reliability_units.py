@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +154,40 @@ def test_process_identity_tells_a_live_process_from_a_dead_one():
     # Another host's processes cannot be seen from here; no information says nothing either.
     assert lifecycle.process_is_gone({**mine, lifecycle.HOST_TAG: "another-host"}) is None
     assert lifecycle.process_is_gone({}) is None
+    # A pid of another PID namespace or another boot names another process: never judged here.
+    dead = {**mine, lifecycle.PID_TAG: str(child.pid)}
+    assert lifecycle.process_is_gone({**dead, lifecycle.PID_NAMESPACE_TAG: "pid:[1]"}) is None
+    assert lifecycle.process_is_gone({**dead, lifecycle.BOOT_TAG: "another-boot"}) is None
+    # A run recorded before namespaces were is not judged either.
+    assert lifecycle.process_is_gone({k: v for k, v in dead.items() if k != lifecycle.PID_NAMESPACE_TAG}) is None
+
+
+def test_reconcile_closes_a_run_only_on_an_expired_heartbeat_or_a_dead_process(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mnist_mlflow import tracking
+    from mnist_mlflow.tracking import watch
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    try:
+        client = MlflowClient()
+        experiment_id = client.create_experiment("heartbeats")
+        now = time.time()
+        other_host = {lifecycle.HOST_TAG: "elsewhere", lifecycle.PID_TAG: "7", lifecycle.START_TAG: "1.0"}
+        expired = client.create_run(experiment_id, tags={**other_host, watch.ALIVE_UNTIL_TAG: f"{now - 120:.0f}"})
+        fresh = client.create_run(experiment_id, tags={**other_host, watch.ALIVE_UNTIL_TAG: f"{now + 60:.0f}"})
+        # Past its time, but within the allowance for clocks that disagree.
+        skewed = client.create_run(experiment_id, tags={**other_host, watch.ALIVE_UNTIL_TAG: f"{now - 5:.0f}"})
+        unknown = client.create_run(experiment_id, tags=other_host)
+        closed = dict(tracking.reconcile_runs([experiment_id]))
+        assert set(closed) == {expired.info.run_id}
+        assert "no process has renewed its heartbeat" in closed[expired.info.run_id]
+        for run in (fresh, skewed, unknown):
+            assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_a_diverging_loss_stops_training_at_once(small_splits):
@@ -234,6 +269,18 @@ def test_a_decompression_bomb_is_one_line_and_the_other_files_are_predicted(tmp_
     result = _predict(fake_server, [str(bomb), *good])
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and str(bomb) in result.stderr
+    assert f"{good[0]}: 1 (probability 1.000)" in result.stdout
+
+
+def test_a_fifo_is_refused_and_the_other_files_are_predicted(tmp_path, fake_server):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    good = _digit_files(tmp_path, 1)
+    FakeModelServer.answer = _rows(GOOD)
+    result = _predict(fake_server, [str(fifo), str(tmp_path), *good])
+    assert result.returncode == 1
+    assert f"{fifo}: cannot read image (not a regular file" in result.stderr
+    assert f"{tmp_path}: cannot read image (a folder" in result.stderr
     assert f"{good[0]}: 1 (probability 1.000)" in result.stdout
 
 

@@ -5,6 +5,7 @@ no password is ever recorded or printed by the project."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import optuna
 import pytest
 from conftest import PROJECT_DIR, RUN_AND_REPORT_IMPORTS, run_script
 from mlflow.tracking import MlflowClient
-from test_reliability_e2e import DENSE, PROMOTE, SEARCH, TWO_POINT_GRID, experiment_runs
+from test_reliability_e2e import DENSE, PROMOTE, RECONCILE, SEARCH, TWO_POINT_GRID, experiment_runs
 
 from harness.servers import PostgresServer, python_env, tracking_server
 
@@ -258,3 +259,36 @@ def test_no_password_is_recorded_or_printed(auth_server, tmp_path):
             ]
             assert not [line for line in ours if secret in line]
     assert len(runs) >= 4  # launcher, parent, two trials
+
+
+def test_reconcile_by_a_read_only_user_is_one_line(auth_server, tmp_path):
+    """A reader may look at runs but not close them: one line naming the refusal, not a traceback."""
+    import requests
+    from mlflow.tracking import MlflowClient
+
+    from mnist_mlflow import lifecycle
+
+    admin = requests.auth.HTTPBasicAuth("admin", ADMIN_PASSWORD)
+    created = requests.post(
+        f"{auth_server.url}/api/2.0/mlflow/users/create",
+        json={"username": "reader", "password": "reader-Pass-1234"},
+        auth=admin,
+        timeout=30,
+    )
+    assert created.status_code == 200, created.text
+    # A RUNNING run whose process is gone, in this very namespace and boot: reconcile would close it.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client = MlflowClient(with_credentials(auth_server.url, "admin", ADMIN_PASSWORD))
+    experiment_id = client.create_experiment("e2e-read-only")
+    identity = {**lifecycle.process_identity(), lifecycle.PID_TAG: str(dead.pid)}
+    run = client.create_run(experiment_id, tags=identity)
+    env = python_env(auth_server.url, MLFLOW_TRACKING_USERNAME="reader", MLFLOW_TRACKING_PASSWORD="reader-Pass-1234")
+    result = run_script([sys.executable, RECONCILE, "--experiment", "e2e-read-only"], env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: the MLflow tracking server at {auth_server.url} refused the request (HTTP 403): the account in "
+        "MLFLOW_TRACKING_USERNAME lacks the permission; ask the server's admin to grant it"
+    ]
+    assert "reader-Pass" not in result.stdout + result.stderr
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"

@@ -56,6 +56,8 @@ def run_study(study: Study) -> StudyResult:
     tracking_uri = tracking.prepare_tracking(study.kind)
     study.prepare()
     parent = study.open_parent()
+    # Renews the parent's heartbeat while this process works on the study (tracking.watch).
+    tracking.WATCH.add(parent.run_id, check_status=False)
     for line in study.start_lines(parent, tracking_uri):
         print(line, flush=True)
     tracking.print_runs_view(parent.experiment_id)
@@ -67,13 +69,21 @@ def run_study(study: Study) -> StudyResult:
         status = "FINISHED"
     except KeyboardInterrupt as interruption:
         status, reason = "KILLED", lifecycle.interruption_reason(interruption)
-        with lifecycle.signals_deferred():
-            study.on_interrupt()
+        if isinstance(interruption, tracking.TrackingServerLost):
+            status = "LOST"  # Nothing can be written to the server; the parent's heartbeat expires.
+        else:
+            with lifecycle.signals_deferred():
+                study.on_interrupt()
+        raise
+    except RunFailedError as failure:
+        reason = str(failure)
         raise
     finally:
         # Another worker still at work keeps the parent RUNNING; it closes the parent itself.
-        parent_too = status == "FINISHED" or not study.others_running()
-        tracking.close_study_parent(parent, status, parent_too=parent_too, reason=reason)
+        tracking.WATCH.remove(parent.run_id)
+        if status != "LOST":
+            parent_too = status == "FINISHED" or not study.others_running()
+            tracking.close_study_parent(parent, status, parent_too=parent_too, reason=reason)
     print(study.end_line(parent, trained), flush=True)
     tracking.print_runs_view(parent.experiment_id)
     return StudyResult(parent, study.study_id, trained, summary, version)

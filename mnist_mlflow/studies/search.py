@@ -54,6 +54,7 @@ from mnist_mlflow.studies.search_workers import (
     retry_failed,
     work_left,
 )
+from mnist_mlflow.studies.study_storage import lost_storage, quiet_lost_storage_in_threads
 
 
 class OptunaStudy:
@@ -81,6 +82,7 @@ class OptunaStudy:
 
     def prepare(self) -> None:
         self.storage = open_storage(self.config.resolved_storage())
+        quiet_lost_storage_in_threads(self.config.resolved_storage())
         data.load_splits(DataConfig(seed=self.config.seed, max_train_examples=self.config.max_train_examples))
 
     def open_parent(self) -> tracking.StudyParent:
@@ -97,6 +99,15 @@ class OptunaStudy:
         ]
 
     def run_children(self, parent: tracking.StudyParent) -> int:
+        try:
+            return self._run_children(parent)
+        except Exception as error:
+            lost = lost_storage(error, self.config.resolved_storage())
+            if lost is None:
+                raise
+            raise lost from None
+
+    def _run_children(self, parent: tracking.StudyParent) -> int:
         study = self.study
         objective = make_objective(self.config, self.space, parent.run_id, self.n_trials, self.counter)
 
@@ -135,7 +146,14 @@ class OptunaStudy:
         retry_failed(self.study)
 
     def others_running(self) -> bool:
-        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        try:
+            return bool(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        except Exception as error:
+            if lost_storage(error, self.config.resolved_storage()) is None:
+                raise
+            # Nobody can tell without the database: the parent is closed with the reason, and
+            # the next worker, once the database is back, opens it again.
+            return False
 
     def end_line(self, parent: tracking.StudyParent, trained: int) -> str:
         return f"Search {self.study_id}: {trained} trials trained by this worker; parent run {parent.run_id}"

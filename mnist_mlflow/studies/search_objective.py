@@ -32,6 +32,7 @@ from mnist_mlflow.studies.search_keys import (
 )
 from mnist_mlflow.studies.search_spaces import SearchSpace
 from mnist_mlflow.studies.search_workers import SurplusTrial, check_not_surplus, retried_trial_number
+from mnist_mlflow.studies.study_storage import lost_storage
 
 
 class EpochReporter(keras.callbacks.Callback):
@@ -40,10 +41,11 @@ class EpochReporter(keras.callbacks.Callback):
     A pruned trial is not an error: its run still evaluates and logs the best epoch it reached.
     """
 
-    def __init__(self, trial, prune: bool) -> None:
+    def __init__(self, trial, prune: bool, storage_url: str) -> None:
         super().__init__()
         self.trial = trial
         self.prune = prune
+        self.storage_url = storage_url
         self.pruned_at_epoch: int | None = None
         self.epochs_reported = 0
 
@@ -51,9 +53,17 @@ class EpochReporter(keras.callbacks.Callback):
         value = (logs or {}).get("val_accuracy")
         if value is None:
             return
-        self.trial.report(float(value), epoch)
+        try:
+            self.trial.report(float(value), epoch)
+            prune = self.prune and self.trial.should_prune()
+        except Exception as error:
+            # A lost database ends the child run FAILED, with the reason, in one line.
+            lost = lost_storage(error, self.storage_url)
+            if lost is None:
+                raise
+            raise lost from None
         self.epochs_reported += 1
-        if self.prune and self.trial.should_prune():
+        if prune:
             self.pruned_at_epoch = epoch
             self.model.stop_training = True
 
@@ -96,7 +106,7 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
         earlier = finished_twin(trial, space) if sampler != "grid" else None
         if earlier is not None:
             return reuse_twin(trial, earlier)
-        reporter = EpochReporter(trial, prune=config.pruner != "none")
+        reporter = EpochReporter(trial, prune=config.pruner != "none", storage_url=config.resolved_storage())
         child = trial_child(trial, values, retry_of, config, space, worker)
         try:
             result = engine.train_child(

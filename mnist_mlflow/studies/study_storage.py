@@ -13,12 +13,55 @@ from typing import Any
 import numpy as np
 import optuna
 
-from mnist_mlflow.config import UserInputError
+from mnist_mlflow.config import RunFailedError, UserInputError
 from mnist_mlflow.redaction import redact_url
 
 
 class StorageUnavailableError(UserInputError):
     """The Optuna storage cannot be opened."""
+
+
+class StudyStorageLost(RunFailedError):
+    """The study's storage stopped answering while this worker was using it."""
+
+
+def lost_storage(error: BaseException | None, url: str) -> StudyStorageLost | None:
+    """The one-line failure for an error that says the storage cannot be reached, or None.
+
+    Optuna wraps a lost connection in ``StorageInternalError`` ("... invalid data in the
+    commit, e.g. exceeding max length"), which misleads; the chain holds SQLAlchemy's
+    ``OperationalError`` (a refused or broken connection), which is what it means.
+    """
+    import sqlalchemy.exc
+
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, StudyStorageLost):
+            return error
+        if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or (
+            type(error).__name__ == "OperationalError" and "connection" in str(error).lower()
+        ):
+            return StudyStorageLost(
+                f"the study storage {redact_url(url)} cannot be reached (the database stopped answering); "
+                "the trial is queued again, and the same command continues the study once it is back"
+            )
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
+def quiet_lost_storage_in_threads(url: str) -> None:
+    """Optuna's heartbeat thread prints a traceback when the database goes; the main thread
+    says it in one line instead, so the thread's lost-connection errors are not printed."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(arguments) -> None:
+        if lost_storage(arguments.exc_value, url) is None:
+            previous(arguments)
+
+    threading.excepthook = hook
 
 
 # Workers started together on a fresh database race to create Optuna's tables (optuna#1092);

@@ -238,7 +238,7 @@ def close_study_parent(parent: StudyParent, status: str, parent_too: bool = True
     """Ends the parent run (FINISHED, FAILED or KILLED) and the launcher's run if it is another one.
 
     ``parent_too=False`` ends only the launcher's run: another worker still uses the parent.
-    ``reason`` (why a study was KILLED) is recorded as the ``killed_reason`` tag.
+    ``reason`` (why a study was KILLED or FAILED) is recorded as ``killed_reason`` or ``failed_reason``.
     """
     client = MlflowClient()
     closing = []
@@ -248,8 +248,8 @@ def close_study_parent(parent: StudyParent, status: str, parent_too: bool = True
         closing.append(parent.launcher_run_id)
     with lifecycle.signals_deferred():
         for run_id in closing:
-            if reason and status == "KILLED":
-                client.set_tag(run_id, KILLED_REASON_TAG, reason)
+            if reason and status in ("KILLED", "FAILED"):
+                client.set_tag(run_id, KILLED_REASON_TAG if status == "KILLED" else "failed_reason", reason)
             client.set_terminated(run_id, status=status)
 
 
