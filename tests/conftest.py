@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # 8 s of silence is death (still four missed heartbeats, for a loaded machine).
 os.environ.setdefault("MNIST_MLFLOW_HEARTBEAT_INTERVAL_S", "2")
 os.environ.setdefault("MNIST_MLFLOW_HEARTBEAT_GRACE_S", "8")
+# What runs could not send when a test killed their tracking server stays out of ~/.cache.
+os.environ.setdefault("MNIST_MLFLOW_SPOOL_DIR", tempfile.mkdtemp(prefix="mnist-mlflow-test-spool-"))
 
 SMALL_TRAIN_EXAMPLES = 2000
 

@@ -126,7 +126,7 @@ def test_a_killed_process_leaves_a_run_that_the_next_start_closes(mlflow_server)
     dead = client.create_run(
         experiment_id,
         tags={
-            "process_host": closed.data.tags["process_host"],
+            **{name: closed.data.tags[name] for name in ("process_host", "process_boot_id", "process_pid_namespace")},
             "process_id": str(process.pid),
             "process_start_time": "1.00",
         },

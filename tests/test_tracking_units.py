@@ -65,7 +65,7 @@ def test_an_error_mangled_by_a_sigterm_still_ends_the_run_killed(sqlite_store, m
     stop was requested, any error is that stop: the run ends KILLED and Terminated goes on."""
     from mnist_mlflow import cli, lifecycle
 
-    monkeypatch.setattr(lifecycle, "_termination_reason", ["terminated by SIGTERM"])
+    monkeypatch.setattr(lifecycle, "_termination_reason", [lifecycle.Terminated("terminated by SIGTERM")])
     tracking.choose_experiment("mnist-dense")
     with pytest.raises(lifecycle.Terminated) as raised:
         with tracking.start_run("a-run", {}) as run_id:

@@ -183,10 +183,10 @@ def space_from_mapping(document: Any, source: str, default_name: str) -> SearchS
         raise ConfigError(
             f"space {source} must be a YAML mapping with a 'parameters' key; got {type(document).__name__}"
         )
-    unknown_keys = sorted(str(key) for key in set(document) - {"name", "sampler", "fixed", "parameters"})
+    unknown_keys = sorted(str(key)[:40] for key in set(document) - {"name", "sampler", "fixed", "parameters"})[:10]
     if unknown_keys:
         raise ConfigError(
-            f"space {source}: unknown key(s) {brief(', '.join(unknown_keys))}; known: name, sampler, fixed, parameters"
+            f"space {source}: unknown key(s) {', '.join(unknown_keys)}; known: name, sampler, fixed, parameters"
         )
     raw_parameters = document.get("parameters")
     if not isinstance(raw_parameters, Mapping) or not raw_parameters:

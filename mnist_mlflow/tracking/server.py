@@ -24,7 +24,7 @@ SERVER_TIMEOUT_ENV = "MNIST_MLFLOW_SERVER_TIMEOUT_S"
 # How long a run keeps going while its tracking server does not answer, by default.
 DEFAULT_SERVER_TIMEOUT_S = 60.0
 # MLflow's retry settings, and the bounded values the project uses where the user set none:
-# four retries, one, two, four and eight seconds apart, each attempt waiting at most 20 s.
+# four retries, one, two, four and eight seconds apart, and a bounded wait for each attempt.
 BOUNDED_HTTP_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",

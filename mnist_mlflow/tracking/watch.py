@@ -34,6 +34,8 @@ from mnist_mlflow.tracking.server import SERVER_TIMEOUT_ENV, server_timeout_s, t
 # The heartbeat tag: until when (seconds since the epoch) the holder promises to either renew
 # it or have stopped. A holder stops within its server timeout of losing the server.
 ALIVE_UNTIL_TAG = "process_alive_until"
+# The longest pause between two looks of the watch: a heartbeat costs two small requests.
+MAX_WATCH_INTERVAL_S = 15.0
 # Clocks of different hosts disagree a little; a heartbeat counts as expired only this much later.
 CLOCK_SKEW_S = 30.0
 SPOOL_DIR_ENV = "MNIST_MLFLOW_SPOOL_DIR"
@@ -41,8 +43,9 @@ LATE_METRICS_TAG = "metrics_delivered_late"
 
 
 def watch_interval_s() -> float:
-    """How often the watch looks at the server: four times per timeout, at most every 15 s."""
-    return max(1.0, min(15.0, server_timeout_s() / 4))
+    """How often the watch looks at the server: four times per timeout, and at least every
+    ``MAX_WATCH_INTERVAL_S``."""
+    return max(1.0, min(MAX_WATCH_INTERVAL_S, server_timeout_s() / 4))
 
 
 class TrackingServerLost(lifecycle.Terminated):
