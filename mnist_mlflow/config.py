@@ -218,6 +218,12 @@ class TrainingConfig:
         "0 trains every epoch",
         whole_number(minimum=0),
     )
+    checkpoint: bool = parameter(
+        True,
+        "keep a checkpoint with the run after every epoch, so that a killed run resumes from its last epoch; "
+        "false: none",
+        BOOLEAN,
+    )
 
     def __post_init__(self) -> None:
         check_parameters(self)

@@ -371,40 +371,61 @@ def shift_images(images, max_shift: int, seed):
 
 
 def training_dataset(
-    images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, max_shift: int = 0, batches_per_step: int = 1
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    max_shift: int = 0,
+    batches_per_step: int = 1,
+    epoch=None,
 ):
-    """Batches of ``(float32 images, labels)``, reshuffled every epoch with a seeded order.
+    """Batches of ``(float32 images, labels)`` of one epoch, in a seeded order.
 
-    The arrays are placed in memory as tensors once; each epoch shuffles only the indices and
-    gathers one whole batch per step. With ``max_shift``, every image is moved by up to that
-    many pixels in each direction, a fresh random shift each time it is drawn (augmentation).
-    With ``batches_per_step``, each element holds that many consecutive batches, for a model
-    that steps through them itself (models.MultiStepSequential); the order is the same.
+    The order, and the random shifts of the batches, are drawn from ``(seed, epoch)`` alone,
+    where ``epoch`` is a ``tf.Variable`` read afresh on each pass (set it as each epoch begins;
+    without one, every pass is epoch 0). So a run resumed at epoch ``e`` sees exactly the
+    batches the run left alone would have seen, whatever passes came before. The arrays are
+    placed in memory as tensors once; each pass shuffles only the indices and gathers one
+    whole batch per step. With ``max_shift``, every image is moved by up to that many pixels in
+    each direction (augmentation). With ``batches_per_step``, each element holds that many
+    consecutive batches, for a model that steps through them itself
+    (models.MultiStepSequential); the order is the same.
     """
     import tensorflow as tf
 
     image_tensor = tf.constant(images)
     label_tensor = tf.constant(labels)
+    count = len(labels)
+    step_examples = batch_size * batches_per_step
+    steps = -(-count // step_examples)
+    seed_tensor = tf.constant(seed, tf.int64)
+    if epoch is None:
+        epoch = tf.constant(0, tf.int64)
 
     def gather(indices, batch_seed):
         batch = tf.cast(tf.gather(image_tensor, indices), tf.float32)
         if max_shift:
-            batch = shift_images(batch, max_shift, tf.stack([batch_seed, tf.constant(seed, tf.int64)]))
+            batch = shift_images(batch, max_shift, tf.stack([batch_seed, seed_tensor]))
         return batch, tf.gather(label_tensor, indices)
 
-    batches = (
-        tf.data.Dataset.range(len(labels))
-        .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size * batches_per_step)
-    )
-    # One seed per batch, drawn afresh every epoch, for the shifts of that batch.
-    batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    dataset = (
-        tf.data.Dataset.zip(batches, batch_seeds)
+    def one_epoch(_):
+        current = tf.convert_to_tensor(epoch, tf.int64)
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count, dtype=tf.int64), seed=tf.stack([seed_tensor, current])
+        )
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(step_examples)
+        # One seed per batch, for its shifts: a function of the epoch and the batch's place in it.
+        batch_seeds = tf.data.Dataset.range(steps).map(lambda step: current * steps + step)
+        return tf.data.Dataset.zip(batches, batch_seeds)
+
+    return (
+        tf.data.Dataset.range(1)
+        .flat_map(one_epoch)
+        # flat_map hides the length; Keras uses it for the progress bar and the step count.
+        .apply(tf.data.experimental.assert_cardinality(steps))
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    return dataset
 
 
 def evaluation_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int = 1000):

@@ -12,8 +12,10 @@ training therefore creates no run when the script is started directly.
 from __future__ import annotations
 
 import platform
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from mnist_mlflow import data, evaluation, models, plots, tracking, training
@@ -34,6 +36,15 @@ class StudyPlacement:
 
 
 @dataclass(frozen=True)
+class ResumeFrom:
+    """A killed run whose checkpoint a new run starts from: the same run reopened
+    (``same_run``), or a new run that takes over its work (a search trial queued again)."""
+
+    run_id: str
+    same_run: bool = True
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """One tracked run to make: how to build and train its model, and what the run records."""
 
@@ -47,6 +58,9 @@ class RunPlan:
     parent_run_id: str | None = None
     description: str | None = None
     callbacks: Sequence[Any] = ()
+    # A digest of the training config: a killed run is resumed only by the same work.
+    fingerprint: str = ""
+    resume: ResumeFrom | None = None
 
 
 @dataclass
@@ -133,6 +147,7 @@ def plan_run(
         params=config.as_params(),
         register_as=register_as,
         callbacks=tuple(callbacks),
+        fingerprint=tracking.run_fingerprint(config.as_params()),
     )
     if study is None:
         return plan
@@ -148,19 +163,43 @@ def plan_run(
 
 def run_standalone(config: DenseRunConfig | CnnRunConfig, callbacks: Sequence[Any] = ()) -> RunResult:
     """A run of its own: checks the tracking server and closes the experiment's dead runs first,
+    resumes the experiment's newest killed run of this entry point if it did the same work,
     and ends by printing how to open the run in the MLflow UI."""
     plan = plan_run(config, callbacks=callbacks)
     tracking.prepare_tracking(plan.tags["entry_point"])
+    if config.training.checkpoint:
+        killed = tracking.killed_with_checkpoint(plan.tags["entry_point"], tracking.current_experiment_id())
+        plan = replace(plan, resume=resume_choice(killed, plan))
     result = make_run(plan)
     tracking.print_runs_view(tracking.current_experiment_id(), result.run_id)
     return result
 
 
+def resume_choice(killed, plan: RunPlan) -> ResumeFrom | None:
+    """Resumes ``killed`` (a run with a checkpoint, or None) only if it did the same work as
+    ``plan``; otherwise says in one line that a new run starts."""
+    if killed is None:
+        return None
+    if killed.data.tags.get(tracking.RUN_FINGERPRINT_TAG) == plan.fingerprint:
+        return ResumeFrom(killed.info.run_id)
+    epoch = int(killed.data.tags[tracking.CHECKPOINT_EPOCH_TAG]) + 1
+    print(
+        f"Not resuming run {killed.info.run_id} (killed after epoch {epoch}): its configuration differs "
+        f"({tracking.checkpoint_differences(killed, plan.params)}); starting a new run",
+        flush=True,
+    )
+    return None
+
+
 def run_study_child(
-    config: DenseRunConfig | CnnRunConfig, study: StudyPlacement, callbacks: Sequence[Any] = ()
+    config: DenseRunConfig | CnnRunConfig,
+    study: StudyPlacement,
+    callbacks: Sequence[Any] = (),
+    resume: ResumeFrom | None = None,
 ) -> RunResult:
-    """A child run of a study, under its parent (the engine has checked the server already)."""
-    return make_run(plan_run(config, study, callbacks))
+    """A child run of a study, under its parent (the engine has checked the server already);
+    with ``resume``, from that killed run's checkpoint."""
+    return make_run(replace(plan_run(config, study, callbacks), resume=resume))
 
 
 def run_dense(config: DenseRunConfig, callbacks: Sequence[Any] = ()) -> RunResult:
@@ -206,6 +245,9 @@ def make_run(plan: RunPlan) -> RunResult:
     tracking_uri = tracking.tracking_uri_shown()
     training_config = plan.training
     splits = data.load_splits(plan.data)
+    checkpoint = None
+    if plan.resume is not None:
+        checkpoint = training.Checkpoint.read(tracking.download_checkpoint(plan.resume.run_id))
 
     model, steps_per_execution, jit_compile = build_and_compile(plan, len(splits.train_labels))
     tracking.enable_autolog()
@@ -215,10 +257,17 @@ def make_run(plan: RunPlan) -> RunResult:
         "host": platform.node(),
         **tracking.environment_summary(),
     }
+    continuing = plan.resume.run_id if plan.resume is not None and plan.resume.same_run else None
     with tracking.start_run(
-        plan.run_name, all_tags, description=plan.description, parent_run_id=plan.parent_run_id
+        plan.run_name,
+        {**all_tags, tracking.RUN_FINGERPRINT_TAG: plan.fingerprint},
+        description=plan.description,
+        parent_run_id=plan.parent_run_id,
+        continue_run_id=continuing,
     ) as run_id:
         print(f"MLflow run {run_id} ({plan.run_name}) at {tracking_uri}", flush=True)
+        if checkpoint is not None:
+            announce_resume(run_id, plan, checkpoint)
         tracking.log_params(
             {
                 **plan.params,
@@ -238,7 +287,15 @@ def make_run(plan: RunPlan) -> RunResult:
 
         # The ledger keeps every epoch's metrics until the server has them (tracking.watch).
         callbacks = [*plan.callbacks, tracking.epoch_ledger(run_id)]
-        result = training.train_and_evaluate(model, splits, training_config, callbacks=callbacks)
+        result = training.train_and_evaluate(
+            model,
+            splits,
+            training_config,
+            callbacks=callbacks,
+            checkpoint_folder=Path(tempfile.mkdtemp(prefix="mnist-mlflow-checkpoint-")),
+            on_checkpoint=lambda folder, epoch, changed: tracking.log_checkpoint(run_id, folder, epoch, changed),
+            resume=checkpoint,
+        )
         tracking.log_metrics(result.metrics())
         log_evaluation(result, splits)
         model_uri = tracking.log_keras_model(
@@ -261,6 +318,24 @@ def make_run(plan: RunPlan) -> RunResult:
             )
             print(f"Registered as {plan.register_as} version {version}", flush=True)
         return RunResult(run_id=run_id, metrics=result.metrics(), model_uri=model_uri, registered_version=version)
+
+
+def announce_resume(run_id: str, plan: RunPlan, checkpoint: training.Checkpoint) -> None:
+    """Records and says what is resumed, from which epoch; sends the checkpoint's history
+    (and, for a new run taking over, the checkpoint itself) to the run."""
+    done, epochs = checkpoint.epoch + 1, plan.training.epochs
+    if plan.resume.same_run:
+        count = tracking.record_resume(run_id, checkpoint.epoch)
+        what = f"Resuming run {run_id} (resume {count}) from its checkpoint after epoch {done} of {epochs}"
+    else:
+        tracking.record_resume(run_id, checkpoint.epoch)
+        tracking.set_run_tags(run_id, {"resumed_from_run": plan.resume.run_id})
+        tracking.set_run_tags(plan.resume.run_id, {"resumed_by_run": run_id})
+        names = sorted(path.name for path in checkpoint.folder.iterdir())
+        tracking.log_checkpoint(run_id, checkpoint.folder, checkpoint.epoch, names)
+        what = f"Taking over killed run {plan.resume.run_id} from its checkpoint after epoch {done} of {epochs}"
+    tracking.deliver_history(run_id, checkpoint.state["history"])
+    print(what, flush=True)
 
 
 def log_evaluation(result: training.TrainingResult, splits: data.Splits) -> None:

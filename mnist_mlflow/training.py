@@ -6,10 +6,12 @@ Keras callbacks (such as a tracker's) can be passed in.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -81,6 +83,147 @@ class RestoreBestWeights(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._best_weights is not None:
             self.model.set_weights(self._best_weights)
+
+
+class SetEpoch(keras.callbacks.Callback):
+    """Tells the training data set which epoch begins, so that it draws that epoch's order
+    (see :func:`mnist_mlflow.data.training_dataset`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tensorflow as tf
+
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
+
+
+# The files of a checkpoint folder (see EpochCheckpoint).
+CHECKPOINT_WEIGHTS = "latest.weights.h5"
+CHECKPOINT_BEST_WEIGHTS = "best.weights.h5"
+CHECKPOINT_SEED_STATES = "seed_states.npz"
+CHECKPOINT_STATE = "state.json"
+
+
+def _seed_state_variables(model: keras.Model) -> list:
+    """The states of the model's random-number generators (a Dropout layer's, say).
+
+    Keras's ``save_weights`` keeps the layers' weights and the optimizer's state, but not these,
+    and the next epoch's dropout masks depend on them.
+    """
+    return [variable for variable in model.variables if "seed_generator_state" in variable.path]
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every finished epoch, writes to ``folder`` everything resuming needs, then calls
+    ``on_saved(folder, epoch, changed_files)``, which keeps it somewhere safer (with the run).
+
+    What is written: the weights and the optimizer's state (Keras's ``save_weights``); the
+    states of the model's random generators; the best epoch's weights, when the epoch is a new
+    best; and, as JSON, the epoch, the history so far, the best value and epoch, the early
+    stopping state and the epoch times. The order of the next epoch's batches and shifts
+    follows from the epoch number (see :func:`train_and_evaluate`).
+
+    Keras's ``BackupAndRestore`` does the first part on the local disk only; this keeps the
+    rest too, which a result identical to the uninterrupted run needs.
+    """
+
+    def __init__(self, folder: Path, best, timer, early_stopping, on_saved, history: dict | None = None) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        self.best = best
+        self.timer = timer
+        self.early_stopping = early_stopping
+        self.on_saved = on_saved
+        self.history: dict[str, list[float]] = {name: list(values) for name, values in (history or {}).items()}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        changed = [CHECKPOINT_WEIGHTS, CHECKPOINT_STATE]
+        self.model.save_weights(self.folder / CHECKPOINT_WEIGHTS, overwrite=True)
+        seeds = _seed_state_variables(self.model)
+        if seeds:
+            np.savez(self.folder / CHECKPOINT_SEED_STATES, *[np.asarray(variable.numpy()) for variable in seeds])
+            changed.append(CHECKPOINT_SEED_STATES)
+        if self.best.best_epoch == epoch:
+            self.model.save_weights(self.folder / CHECKPOINT_BEST_WEIGHTS, overwrite=True)
+            changed.append(CHECKPOINT_BEST_WEIGHTS)
+        stopping = self.early_stopping
+        state = {
+            "epoch": epoch,
+            "history": self.history,
+            "epoch_times": self.timer.epoch_times,
+            "epoch_cpu_times": self.timer.epoch_cpu_times,
+            "best_value": self.best.best_value,
+            "best_epoch": self.best.best_epoch,
+            "early_stopping": None
+            if stopping is None
+            else {"wait": stopping.wait, "best": float(stopping.best), "best_epoch": stopping.best_epoch},
+            "stopped": bool(self.model.stop_training),
+        }
+        (self.folder / CHECKPOINT_STATE).write_text(json.dumps(state))
+        self.on_saved(self.folder, epoch, changed)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder written by :class:`EpochCheckpoint`, read back."""
+
+    folder: Path
+    state: dict
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Checkpoint:
+        folder = Path(folder)
+        return cls(folder, json.loads((folder / CHECKPOINT_STATE).read_text()))
+
+    @property
+    def epoch(self) -> int:
+        """The last finished epoch (0-based)."""
+        return int(self.state["epoch"])
+
+
+class RestoreCheckpoint(keras.callbacks.Callback):
+    """Puts a checkpoint back when training begins, so that ``fit`` goes on at the next epoch.
+
+    It does what Keras's ``BackupAndRestore`` does (builds the optimizer, loads the weights and
+    sets the model's initial epoch, so that ``fit``'s own ``initial_epoch``, which MLflow's
+    autolog records as a parameter, stays 0), and puts back what that leaves out: the random
+    generators' states, the best weights and value, the early stopping state and the epoch times.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, best, timer, early_stopping) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.best = best
+        self.timer = timer
+        self.early_stopping = early_stopping
+
+    def on_train_begin(self, logs=None):
+        model, folder, state = self.model, self.checkpoint.folder, self.checkpoint.state
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        if (folder / CHECKPOINT_BEST_WEIGHTS).exists():
+            model.load_weights(folder / CHECKPOINT_BEST_WEIGHTS)
+            self.best._best_weights = model.get_weights()
+        model.load_weights(folder / CHECKPOINT_WEIGHTS)
+        if (folder / CHECKPOINT_SEED_STATES).exists():
+            with np.load(folder / CHECKPOINT_SEED_STATES) as saved:
+                for variable, index in zip(_seed_state_variables(model), range(len(saved.files))):
+                    variable.assign(saved[f"arr_{index}"])
+        self.best.best_value, self.best.best_epoch = float(state["best_value"]), int(state["best_epoch"])
+        self.timer.epoch_times[:] = state["epoch_times"]
+        self.timer.epoch_cpu_times[:] = state["epoch_cpu_times"]
+        if self.early_stopping is not None and state["early_stopping"]:
+            saved = state["early_stopping"]
+            self.early_stopping.wait = saved["wait"]
+            self.early_stopping.best = saved["best"]
+            self.early_stopping.best_epoch = saved["best_epoch"]
+        # A run whose early stopping had already ended it trains no further epoch.
+        model._initial_epoch = self.params["epochs"] if state["stopped"] else self.checkpoint.epoch + 1
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -194,6 +337,9 @@ def train_and_evaluate(
     config: TrainingConfig,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
+    checkpoint_folder: Path | None = None,
+    on_checkpoint: Callable[[Path, int, list[str]], None] | None = None,
+    resume: Checkpoint | None = None,
 ) -> TrainingResult:
     """Fits a compiled model as ``config`` says, restores its best-``val_accuracy`` weights and
     evaluates on test.
@@ -202,6 +348,11 @@ def train_and_evaluate(
     training image by up to that many pixels each time it is drawn (augmentation).
     A MultiStepSequential takes several batches per step where that is faster
     (``batches_per_step_for``); the training itself is the same.
+
+    With ``checkpoint_folder`` (and ``config.checkpoint``), every finished epoch is saved there
+    and handed to ``on_checkpoint``. With ``resume``, training goes on after that checkpoint's
+    epoch and ends with the same weights, bit for bit, as the run left alone would have (on
+    the same machine and software).
     """
     batch_size, epochs, seed, max_shift = config.batch_size, config.epochs, config.seed, config.max_shift
     timer = EpochTimer()
@@ -209,6 +360,7 @@ def train_and_evaluate(
     batches_per_step = batches_per_step_for(model, len(splits.train_labels), batch_size)
     if isinstance(model, MultiStepSequential):
         model.step_batch_size = batch_size if batches_per_step > 1 else None
+    epoch_counter = SetEpoch()
     train_data = training_dataset(
         splits.train_images,
         splits.train_labels,
@@ -216,27 +368,35 @@ def train_and_evaluate(
         seed,
         max_shift=max_shift,
         batches_per_step=batches_per_step,
+        epoch=epoch_counter.epoch,
     )
     validation_data = evaluation_dataset(splits.validation_images, splits.validation_labels)
 
     # Keras's own early stopping; the best epoch's weights are restored by RestoreBestWeights.
-    early_stopping = (
-        [keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience)]
+    stopping = (
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience)
         if config.patience
-        else []
+        else None
     )
+    early_stopping = [stopping] if stopping else []
+    keeping = []
+    if resume is not None:
+        keeping.append(RestoreCheckpoint(resume, best, timer, stopping))
+    if checkpoint_folder is not None and config.checkpoint:
+        earlier = resume.state["history"] if resume is not None else None
+        keeping.append(EpochCheckpoint(checkpoint_folder, best, timer, stopping, on_checkpoint, earlier))
     start = time.perf_counter()
     history = model.fit(
         train_data,
         epochs=epochs,
         validation_data=validation_data,
-        # The data set reshuffles itself every epoch.
+        # The data set shuffles each epoch in an order of its own (SetEpoch).
         shuffle=False,
         # Keras takes the batches as the data set makes them and ignores this. MLflow's autolog
         # records it as the run's batch_size: without it, autolog would record batch_size=None,
         # clash with the entry point's batch_size parameter and log nothing at all.
         batch_size=batch_size,
-        callbacks=[StopOnNonFiniteLoss(), timer, best, *early_stopping, *callbacks],
+        callbacks=[epoch_counter, StopOnNonFiniteLoss(), timer, best, *early_stopping, *keeping, *callbacks],
         verbose=verbose,
     )
     train_time_s = time.perf_counter() - start
@@ -246,12 +406,17 @@ def train_and_evaluate(
     tested_model = with_standard_layers(model) if computes_in_bfloat16(model) else model
     test_probabilities = tested_model.predict(evaluation_dataset(splits.test_images, splits.test_labels), verbose=0)
     test_loss, test_accuracy = loss_and_accuracy(splits.test_labels, test_probabilities)
+    trained = {name: [float(value) for value in values] for name, values in history.history.items()}
+    if resume is not None:
+        trained = {
+            name: [*resume.state["history"].get(name, []), *trained.get(name, [])] for name in resume.state["history"]
+        }
     return TrainingResult(
-        history={name: [float(value) for value in values] for name, values in history.history.items()},
+        history=trained,
         epoch_times=list(timer.epoch_times),
         best_epoch=best.best_epoch,
         train_time_s=train_time_s,
-        examples_per_s=len(splits.train_labels) * len(history.history["loss"]) / train_time_s,
+        examples_per_s=len(splits.train_labels) * len(history.history.get("loss", [])) / train_time_s,
         test_loss=float(test_loss),
         test_accuracy=float(test_accuracy),
         test_probabilities=test_probabilities,

@@ -125,10 +125,24 @@ def _log_summary(parent: tracking.StudyParent, summary: StudySummary) -> str | N
     return version
 
 
+def resumable_child(parent: tracking.StudyParent, kind: str, child: ChildSpec) -> tracked_run.ResumeFrom | None:
+    """The study's killed run of this child, to resume from its checkpoint, if it did the same work."""
+    if not child.config.training.checkpoint:
+        return None
+    killed = tracking.killed_with_checkpoint(kind, parent.experiment_id, parent.run_id, child.key)
+    return tracked_run.resume_choice(killed, tracked_run.plan_run(child.config))
+
+
 def train_child(
-    kind: str, study_id: str, parent_run_id: str, child: ChildSpec, callbacks: Sequence[Any] = ()
+    kind: str,
+    study_id: str,
+    parent_run_id: str,
+    child: ChildSpec,
+    callbacks: Sequence[Any] = (),
+    resume: tracked_run.ResumeFrom | None = None,
 ) -> tracked_run.RunResult:
-    """Trains one child as a run under the parent, tagged with the study and its key."""
+    """Trains one child as a run under the parent, tagged with the study and its key; with
+    ``resume``, from a killed run's checkpoint."""
     placement = tracked_run.StudyPlacement(
         parent_run_id=parent_run_id,
         run_name=child.run_name,
@@ -142,7 +156,7 @@ def train_child(
         params=dict(child.params),
         description=child.description,
     )
-    return tracked_run.run_study_child(child.config, placement, callbacks)
+    return tracked_run.run_study_child(child.config, placement, callbacks, resume=resume)
 
 
 def new_study_id(kind: str) -> str:
@@ -208,9 +222,10 @@ class ListStudy:
             if child.key in finished:
                 print(f"{prefix}: FINISHED earlier in run {finished[child.key].run_id}; reused", flush=True)
                 continue
-            print(f"{prefix}: training", flush=True)
+            resume = resumable_child(parent, self.kind, child)
+            print(f"{prefix}: {'resuming' if resume else 'training'}", flush=True)
             try:
-                train_child(self.kind, self.study_id, parent.run_id, child)
+                train_child(self.kind, self.study_id, parent.run_id, child, resume=resume)
             except TrainingDivergedError as error:
                 # The child's run has ended FAILED with the reason; the other children go on.
                 print(f"{prefix}: FAILED: {error}", flush=True)

@@ -108,9 +108,15 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
             return reuse_twin(trial, earlier)
         reporter = EpochReporter(trial, prune=config.pruner != "none", storage_url=config.resolved_storage())
         child = trial_child(trial, values, retry_of, config, space, worker)
+        resume = dead_trial_checkpoint(parent_run_id, retry_of, child) if retry_of is not None else None
         try:
             result = engine.train_child(
-                tracking.SEARCH_KIND, config.resolved_study_name(), parent_run_id, child, callbacks=[reporter]
+                tracking.SEARCH_KIND,
+                config.resolved_study_name(),
+                parent_run_id,
+                child,
+                callbacks=[reporter],
+                resume=resume,
             )
         except TrainingDivergedError as error:
             # Recorded as a failed trial and never queued again: the same parameters and seed
@@ -123,6 +129,16 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
         return record_result(trial, result, reporter)
 
     return objective
+
+
+def dead_trial_checkpoint(parent_run_id: str, retry_of: int, child: ChildSpec) -> tracked_run.ResumeFrom | None:
+    """The killed run of the trial this one retries, for a new run to take over from its
+    checkpoint, if it trained the same config. Its own run stays KILLED, pointing to the new one."""
+    killed = tracking.killed_with_checkpoint(
+        tracking.SEARCH_KIND, parent_run_id=parent_run_id, child_key=trial_key(retry_of)
+    )
+    choice = tracked_run.resume_choice(killed, tracked_run.plan_run(child.config))
+    return None if choice is None else tracked_run.ResumeFrom(choice.run_id, same_run=False)
 
 
 def reuse_twin(trial, earlier) -> float:

@@ -8,6 +8,8 @@ The rest of the library trains, evaluates and plots; this package records:
   closing the runs of processes that are gone;
 - :mod:`~mnist_mlflow.tracking.studies`: a study's parent run, its children and its summary;
 - :mod:`~mnist_mlflow.tracking.registry`: the servable model, the registry and promotion;
+- :mod:`~mnist_mlflow.tracking.checkpoints`: each epoch's checkpoint kept with the run, and
+  resuming a killed run from it;
 - :mod:`~mnist_mlflow.tracking.watch`: a run's link to the server while it trains: the
   heartbeat, a run closed by someone else, a server gone, metrics delivered late.
 
@@ -15,6 +17,17 @@ The names below are the package's interface; callers write ``tracking.start_run`
 not know which module holds it.
 """
 
+from mnist_mlflow.tracking.checkpoints import (
+    CHECKPOINT_EPOCH_TAG,
+    RUN_FINGERPRINT_TAG,
+    deliver_history,
+    download_checkpoint,
+    killed_with_checkpoint,
+    log_checkpoint,
+    record_resume,
+    run_fingerprint,
+)
+from mnist_mlflow.tracking.checkpoints import differences as checkpoint_differences
 from mnist_mlflow.tracking.registry import (
     KERAS_MODEL_FILE,
     SERVED_MODEL_CODE,
@@ -49,6 +62,7 @@ from mnist_mlflow.tracking.runs import (
     prepare_tracking,
     reconcile_runs,
     set_run_tags,
+    set_system_metrics_node,
     set_tag,
     start_run,
 )
@@ -96,6 +110,16 @@ from mnist_mlflow.tracking.watch import (
 )
 
 __all__ = [
+    "CHECKPOINT_EPOCH_TAG",
+    "RUN_FINGERPRINT_TAG",
+    "checkpoint_differences",
+    "deliver_history",
+    "download_checkpoint",
+    "killed_with_checkpoint",
+    "log_checkpoint",
+    "record_resume",
+    "run_fingerprint",
+    "set_system_metrics_node",
     "WATCH",
     "RunClosedElsewhere",
     "TrackingServerLost",

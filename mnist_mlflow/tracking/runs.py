@@ -203,7 +203,11 @@ def enable_autolog() -> None:
 
 @contextlib.contextmanager
 def start_run(
-    run_name: str, tags: Mapping[str, str], description: str | None = None, parent_run_id: str | None = None
+    run_name: str,
+    tags: Mapping[str, str],
+    description: str | None = None,
+    parent_run_id: str | None = None,
+    continue_run_id: str | None = None,
 ) -> Iterator[str]:
     """Starts (or, under ``mlflow run``, resumes) a run, names and tags it, and yields its id.
 
@@ -213,15 +217,33 @@ def start_run(
     ``killed_reason``, on Ctrl-C, SIGTERM or the end of the launcher; and FAILED otherwise,
     tagged ``failed_reason`` when the failure has a one-line reason. So no run is ever left
     RUNNING by this process while it can still act.
+
+    With ``continue_run_id``, that (killed) run is reopened instead: RUNNING again, the same
+    run. Under ``mlflow run`` the launcher's own run is then left to the launcher, with a note
+    that points to the run this launch continued.
     """
-    if parent_run_id:
+    _quiet_system_metrics_logging()
+    if continue_run_id:
+        run_context = mlflow.start_run(run_id=continue_run_id, log_system_metrics=True)
+        launcher = launcher_run_id()
+        if launcher and launcher != continue_run_id:
+            client = MlflowClient()
+            client.set_tag(launcher, "resumed_run_id", continue_run_id)
+            client.set_tag(launcher, "mlflow.note.content", f"This launch continued run {continue_run_id}.")
+    elif parent_run_id:
         experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
         run_context = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, description=description
+            experiment_id=experiment_id,
+            run_name=run_name,
+            parent_run_id=parent_run_id,
+            description=description,
+            log_system_metrics=True,
         )
     else:
         # The launcher's run, or a new run in the experiment chosen for this kind of work.
-        run_context = mlflow.start_run(experiment_id=current_experiment_id(), description=description)
+        run_context = mlflow.start_run(
+            experiment_id=current_experiment_id(), description=description, log_system_metrics=True
+        )
     with run_context as run:
         run_id = run.info.run_id
         try:
@@ -264,6 +286,20 @@ def start_run(
                 raise RunFailedError(failure) from None
             _end_active_run("KILLED", KILLED_REASON_TAG, stop.reason)
             raise stop from error
+
+
+def _quiet_system_metrics_logging() -> None:
+    """MLflow's system-metrics monitor logs a line at every start and stop, and a warning when
+    the server does not answer; the project says what matters in its own lines."""
+    import logging
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+
+
+def set_system_metrics_node(node_id: str) -> None:
+    """Names this machine in the system metrics of the runs it makes (``system/<node>/...``),
+    so that a study's runs show which worker did what."""
+    mlflow.system_metrics.set_system_metrics_node_id(node_id)
 
 
 def _let_go(run_id: str) -> None:

@@ -1,0 +1,120 @@
+"""Checkpoints kept with the run, and resuming a killed run from its last finished epoch.
+
+Each finished epoch's checkpoint (written by :class:`mnist_mlflow.training.EpochCheckpoint`)
+goes to the run's artifacts under ``checkpoint/``, in the tracking server's artifact store,
+so that any machine can resume it. The tag ``checkpoint_epoch`` says which epoch it holds.
+
+A run is resumed only when it is the same work: its ``run_fingerprint`` tag, a digest of every
+parameter, must equal the new command's. A run resumed goes back to RUNNING; its metric history
+goes on at the next step; the tag ``resume_count`` counts the resumes and ``resumed_<n>`` says
+when, where and from which epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+CHECKPOINT_ARTIFACT_PATH = "checkpoint"
+CHECKPOINT_EPOCH_TAG = "checkpoint_epoch"
+RUN_FINGERPRINT_TAG = "run_fingerprint"
+RESUME_COUNT_TAG = "resume_count"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+def run_fingerprint(params: Mapping[str, Any]) -> str:
+    """A digest of a run's parameters: two runs with the same one do the same work."""
+    text = json.dumps({name: str(value) for name, value in sorted(params.items())})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def log_checkpoint(run_id: str, folder: Path, epoch: int, changed: list[str]) -> None:
+    """Uploads the checkpoint files that changed this epoch, then records the epoch they hold."""
+    client = MlflowClient()
+    for name in changed:
+        client.log_artifact(run_id, str(Path(folder) / name), CHECKPOINT_ARTIFACT_PATH)
+    client.set_tag(run_id, CHECKPOINT_EPOCH_TAG, str(epoch))
+
+
+def download_checkpoint(run_id: str) -> Path:
+    """The run's checkpoint, downloaded to a fresh local folder."""
+    folder = Path(tempfile.mkdtemp(prefix="mnist-mlflow-resume-"))
+    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT_PATH, dst_path=str(folder))
+    return folder / CHECKPOINT_ARTIFACT_PATH
+
+
+def killed_with_checkpoint(
+    entry_point: str,
+    experiment_id: str | None = None,
+    parent_run_id: str | None = None,
+    child_key: str | None = None,
+):
+    """The newest KILLED run of this kind that holds a checkpoint, or None.
+
+    A run of its own in ``experiment_id`` (``parent_run_id`` None), or a study's child of that
+    parent, in the parent's experiment, with that key.
+    """
+    if experiment_id is None:
+        experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    filters = ["attributes.status = 'KILLED'", f"tags.entry_point = '{entry_point}'"]
+    if parent_run_id:
+        filters.append(f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
+    if child_key:
+        filters.append(f"tags.study_child_key = '{child_key}'")
+    runs = MlflowClient().search_runs(
+        [experiment_id], " and ".join(filters), order_by=["attributes.start_time DESC"], max_results=50
+    )
+    for run in runs:
+        tags = run.data.tags
+        if CHECKPOINT_EPOCH_TAG not in tags:
+            continue
+        if parent_run_id is None and PARENT_RUN_TAG in tags:
+            continue
+        return run
+    return None
+
+
+def differences(run, params: Mapping[str, Any], limit: int = 3) -> str:
+    """How a run's parameters differ from ``params``, as ``name: there -> here``, a few of them."""
+    recorded = run.data.params
+    changed = [
+        f"{name} {recorded.get(name, 'unset')} there, {value} here"
+        for name, value in sorted(params.items())
+        if str(recorded.get(name)) != str(value)
+    ]
+    return "; ".join(changed[:limit]) + ("; ..." if len(changed) > limit else "") or "its fingerprint"
+
+
+def record_resume(run_id: str, epoch: int) -> int:
+    """Counts one more resume of the run, and says when, where and from which epoch."""
+    client = MlflowClient()
+    count = int(client.get_run(run_id).data.tags.get(RESUME_COUNT_TAG, "0")) + 1
+    client.set_tag(run_id, RESUME_COUNT_TAG, str(count))
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    client.set_tag(run_id, f"resumed_{count}", f"after epoch {epoch + 1}, at {when}, on {platform.node()}")
+    return count
+
+
+def deliver_history(run_id: str, history: Mapping[str, list[float]]) -> int:
+    """Logs the checkpoint's per-epoch values the run lacks (a kill can fall between the
+    checkpoint and the metrics of an epoch); returns how many were sent."""
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    now_ms = int(time.time() * 1000)
+    missing = []
+    for key, values in history.items():
+        have = {point.step for point in client.get_metric_history(run_id, key)}
+        missing += [Metric(key, float(value), now_ms, step) for step, value in enumerate(values) if step not in have]
+    for start in range(0, len(missing), 1000):
+        client.log_batch(run_id, metrics=missing[start : start + 1000])
+    return len(missing)

@@ -1,0 +1,192 @@
+"""Killed runs and trials resume from their last finished epoch and end bit for bit as the
+runs left alone: real SIGKILL and SIGTERM, a real `mlflow server`, real search workers."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import PROJECT_DIR, run_script
+from mlflow.tracking import MlflowClient
+from test_reliability_e2e import wait_for
+
+from harness.servers import python_env
+
+pytestmark = pytest.mark.e2e
+
+DENSE = str(PROJECT_DIR / "entrypoints" / "dense.py")
+CNN = str(PROJECT_DIR / "entrypoints" / "cnn.py")
+SEARCH = str(PROJECT_DIR / "entrypoints" / "search.py")
+DENSE_ARGS = ["--epochs", "40", "--max_train_examples", "1000", "--dropout", "0.2"]
+CNN_ARGS = [
+    "--epochs",
+    "8",
+    "--max_train_examples",
+    "600",
+    "--filters",
+    "4,8",
+    "--dense_units",
+    "16",
+    "--batch_size",
+    "50",
+    "--register_as",
+    "",
+]
+
+
+def _runs(client: MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def _checkpointed(client: MlflowClient, experiment: str, epoch: int):
+    """The experiment's one RUNNING run once its checkpoint holds at least ``epoch``."""
+    runs = [run for run in _runs(client, experiment) if run.info.status == "RUNNING"]
+    if len(runs) == 1 and int(runs[0].data.tags.get("checkpoint_epoch", "-1")) >= epoch:
+        return runs[0]
+    return None
+
+
+def _weights(client: MlflowClient, run_id: str) -> dict[str, np.ndarray]:
+    """The run's last checkpoint's weights (the layers' and the optimizer's), by name."""
+    folder = tempfile.mkdtemp()
+    path = client.download_artifacts(run_id, "checkpoint/latest.weights.h5", folder)
+    arrays = {}
+    with h5py.File(path) as file:
+        file.visititems(
+            lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
+        )
+    return arrays
+
+
+def _history(client: MlflowClient, run_id: str, key: str = "val_accuracy") -> list[tuple[int, float]]:
+    return sorted((point.step, point.value) for point in client.get_metric_history(run_id, key))
+
+
+def _assert_same_result(client: MlflowClient, resumed: str, alone: str, epochs: int) -> None:
+    history = _history(client, resumed)
+    assert [step for step, _ in history] == list(range(epochs)), "each step exactly once"
+    assert history == _history(client, alone)
+    for key in ("loss", "val_loss"):
+        assert _history(client, resumed, key) == _history(client, alone, key)
+    mine, theirs = _weights(client, resumed), _weights(client, alone)
+    assert mine.keys() == theirs.keys() and mine
+    for name in mine:
+        assert np.array_equal(mine[name], theirs[name]), name
+    resumed_run, alone_run = client.get_run(resumed), client.get_run(alone)
+    for metric in ("test_accuracy", "best_val_accuracy", "best_epoch"):
+        assert resumed_run.data.metrics[metric] == alone_run.data.metrics[metric], metric
+
+
+def _kill_and_resume(tmp_path, server_url, script, args, experiment, kill_signal, at_epoch):
+    client = MlflowClient(server_url)
+    env = python_env(server_url, MLFLOW_EXPERIMENT_NAME=experiment)
+    process = subprocess.Popen(
+        [sys.executable, script, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        run = wait_for(lambda: _checkpointed(client, experiment, at_epoch), f"epoch {at_epoch + 1}", process=process)
+        process.send_signal(kill_signal)
+        process.communicate(timeout=120)
+    finally:
+        process.kill()
+    killed_at = int(client.get_run(run.info.run_id).data.tags["checkpoint_epoch"])
+    result = run_script([sys.executable, script, *args], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming run {run.info.run_id} (resume 1) from its checkpoint after epoch {killed_at + 1}" in result.stdout
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED"
+    assert after.data.tags["resume_count"] == "1" and "after epoch" in after.data.tags["resumed_1"]
+    assert len(_runs(client, experiment)) == 1, "the same run, not a new one"
+    return run.info.run_id, killed_at
+
+
+def _alone(tmp_path, server_url, script, args, experiment) -> str:
+    client = MlflowClient(server_url)
+    result = run_script(
+        [sys.executable, script, *args], python_env(server_url, MLFLOW_EXPERIMENT_NAME=experiment), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = _runs(client, experiment)
+    return run.info.run_id
+
+
+def test_a_dense_run_killed_with_sigkill_resumes_to_the_same_weights(mlflow_server, tmp_path):
+    resumed, killed_at = _kill_and_resume(
+        tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, "resume-dense", signal.SIGKILL, at_epoch=3
+    )
+    assert killed_at < 39
+    alone = _alone(tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, "resume-dense-alone")
+    _assert_same_result(MlflowClient(mlflow_server.url), resumed, alone, 40)
+
+
+def test_a_cnn_run_stopped_with_sigterm_resumes_to_the_same_weights(mlflow_server, tmp_path):
+    resumed, killed_at = _kill_and_resume(
+        tmp_path, mlflow_server.url, CNN, CNN_ARGS, "resume-cnn", signal.SIGTERM, at_epoch=1
+    )
+    assert killed_at < 7
+    alone = _alone(tmp_path, mlflow_server.url, CNN, CNN_ARGS, "resume-cnn-alone")
+    _assert_same_result(MlflowClient(mlflow_server.url), resumed, alone, 8)
+
+
+def test_a_changed_configuration_starts_anew_and_says_so(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.url)
+    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="resume-changed")
+    process = subprocess.Popen([sys.executable, DENSE, *DENSE_ARGS], cwd=tmp_path, env=env, stdout=subprocess.PIPE)
+    try:
+        killed = wait_for(lambda: _checkpointed(client, "resume-changed", 1), "epoch 2", process=process)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+    finally:
+        process.kill()
+    changed = [DENSE, *DENSE_ARGS[:-1], "0.3"]
+    result = run_script([sys.executable, *changed], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Not resuming run {killed.info.run_id} (killed after epoch" in result.stdout
+    assert "dropout 0.2 there, 0.3 here" in result.stdout
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert len(_runs(client, "resume-changed")) == 2
+
+
+def test_a_trial_whose_worker_died_is_taken_over_from_its_checkpoint_by_another_worker(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.url)
+    space = tmp_path / "one.yaml"
+    space.write_text("parameters:\n  units: [24]\n  dropout: [0.2]\n")
+    common = ["--space", str(space), "--epochs", "30", "--max_train_examples", "1000", "--register_as", ""]
+
+    def search(experiment: str, storage: Path):
+        env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+        return [sys.executable, SEARCH, *common, "--storage", f"sqlite:///{storage}"], env
+
+    command, env = search("resume-search", tmp_path / "optuna.db")
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def trial_checkpointed():
+        children = [run for run in _runs(client, "resume-search") if run.data.tags.get("study_role") == "child"]
+        return next((run for run in children if int(run.data.tags.get("checkpoint_epoch", "-1")) >= 2), None)
+
+    try:
+        dead = wait_for(trial_checkpointed, "the trial's third epoch", process=first)
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+    second = run_script(command, env, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Taking over killed run {dead.info.run_id} from its checkpoint after epoch" in second.stdout
+    children = [run for run in _runs(client, "resume-search") if run.data.tags.get("study_role") == "child"]
+    finished = [run for run in children if run.info.status == "FINISHED"]
+    assert len(finished) == 1 and finished[0].data.tags["resumed_from_run"] == dead.info.run_id
+    assert client.get_run(dead.info.run_id).data.tags["resumed_by_run"] == finished[0].info.run_id
+
+    command, env = search("resume-search-alone", tmp_path / "alone.db")
+    alone = run_script(command, env, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    (reference,) = [run for run in _runs(client, "resume-search-alone") if run.data.tags.get("study_role") == "child"]
+    _assert_same_result(client, finished[0].info.run_id, reference.info.run_id, 30)
