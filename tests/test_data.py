@@ -60,6 +60,30 @@ def test_training_dataset_covers_every_example_once_per_epoch_in_a_seeded_order(
     assert np.array_equal(np.concatenate([b.numpy() for _, b in again]), epochs[0])
 
 
+def test_each_epoch_s_order_follows_from_the_seed_and_the_epoch_alone():
+    """What resuming at any epoch relies on: no state carried from one pass to the next."""
+    import tensorflow as tf
+
+    images = np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1)
+    labels = np.arange(50)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    dataset = data.training_dataset(images, labels, batch_size=8, seed=3, max_shift=0, epoch=epoch)
+
+    def order(passes_before: int, at_epoch: int) -> list[int]:
+        for _ in range(passes_before):
+            list(dataset)
+        epoch.assign(at_epoch)
+        return np.concatenate([batch.numpy() for _, batch in dataset]).tolist()
+
+    first = order(0, 4)
+    assert sorted(first) == list(range(50))
+    assert order(3, 4) == first, "earlier passes must not change an epoch's order"
+    assert order(0, 5) != first
+    fresh = tf.Variable(4, dtype=tf.int64)
+    again = data.training_dataset(images, labels, batch_size=8, seed=3, epoch=fresh)
+    assert np.concatenate([batch.numpy() for _, batch in again]).tolist() == first
+
+
 def test_manual_dir_without_the_files_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     with pytest.raises(data.DataUnavailableError, match=data.DATA_DIR_ENV):

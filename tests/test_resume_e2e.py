@@ -39,6 +39,9 @@ CNN_ARGS = [
     "",
 ]
 
+# MLflow samples system metrics every 10 s by default; these short runs would have none.
+SAMPLE_EVERY_SECOND = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+
 
 def _runs(client: MlflowClient, experiment: str):
     found = client.get_experiment_by_name(experiment)
@@ -135,6 +138,17 @@ def test_a_cnn_run_stopped_with_sigterm_resumes_to_the_same_weights(mlflow_serve
     _assert_same_result(MlflowClient(mlflow_server.url), resumed, alone, 8)
 
 
+def test_every_training_run_logs_system_metrics(mlflow_server, tmp_path):
+    env = python_env(
+        mlflow_server.url, MLFLOW_EXPERIMENT_NAME="system-metrics", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"
+    )
+    result = run_script([sys.executable, DENSE, "--epochs", "20", "--max_train_examples", "3000"], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = _runs(MlflowClient(mlflow_server.url), "system-metrics")
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        assert f"system/{name}" in run.data.metrics
+
+
 def test_a_changed_configuration_starts_anew_and_says_so(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.url)
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="resume-changed")
@@ -161,7 +175,10 @@ def test_a_trial_whose_worker_died_is_taken_over_from_its_checkpoint_by_another_
     common = ["--space", str(space), "--epochs", "30", "--max_train_examples", "1000", "--register_as", ""]
 
     def search(experiment: str, storage: Path):
-        env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+        # System metrics every second, so that this short trial has some.
+        env = python_env(
+            mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"
+        )
         return [sys.executable, SEARCH, *common, "--storage", f"sqlite:///{storage}"], env
 
     command, env = search("resume-search", tmp_path / "optuna.db")
@@ -184,6 +201,9 @@ def test_a_trial_whose_worker_died_is_taken_over_from_its_checkpoint_by_another_
     finished = [run for run in children if run.info.status == "FINISHED"]
     assert len(finished) == 1 and finished[0].data.tags["resumed_from_run"] == dead.info.run_id
     assert client.get_run(dead.info.run_id).data.tags["resumed_by_run"] == finished[0].info.run_id
+    # Each worker names itself in its runs' system metrics: which machine did what.
+    worker = finished[0].data.tags["worker"].replace(":", "-")
+    assert f"system/{worker}/cpu_utilization_percentage" in finished[0].data.metrics
 
     command, env = search("resume-search-alone", tmp_path / "alone.db")
     alone = run_script(command, env, cwd=tmp_path)

@@ -32,6 +32,8 @@ the engine.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import optuna
@@ -81,6 +83,8 @@ class OptunaStudy:
         self.counter = [0]
 
     def prepare(self) -> None:
+        # Each worker's runs carry its system metrics under its own name: which machine did what.
+        tracking.set_system_metrics_node(f"{platform.node()}-{os.getpid()}")
         self.storage = open_storage(self.config.resolved_storage())
         quiet_lost_storage_in_threads(self.config.resolved_storage())
         data.load_splits(DataConfig(seed=self.config.seed, max_train_examples=self.config.max_train_examples))

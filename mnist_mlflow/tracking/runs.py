@@ -223,8 +223,11 @@ def start_run(
     that points to the run this launch continued.
     """
     _quiet_system_metrics_logging()
+    # MLflow's system metrics (CPU, memory, and a GPU where there is one) for every run, unless
+    # the user turned them off with MLflow's own variable.
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     if continue_run_id:
-        run_context = mlflow.start_run(run_id=continue_run_id, log_system_metrics=True)
+        run_context = mlflow.start_run(run_id=continue_run_id)
         launcher = launcher_run_id()
         if launcher and launcher != continue_run_id:
             client = MlflowClient()
@@ -237,13 +240,10 @@ def start_run(
             run_name=run_name,
             parent_run_id=parent_run_id,
             description=description,
-            log_system_metrics=True,
         )
     else:
         # The launcher's run, or a new run in the experiment chosen for this kind of work.
-        run_context = mlflow.start_run(
-            experiment_id=current_experiment_id(), description=description, log_system_metrics=True
-        )
+        run_context = mlflow.start_run(experiment_id=current_experiment_id(), description=description)
     with run_context as run:
         run_id = run.info.run_id
         try:
