@@ -287,15 +287,17 @@ def make_run(plan: RunPlan) -> RunResult:
 
         # The ledger keeps every epoch's metrics until the server has them (tracking.watch).
         callbacks = [*plan.callbacks, tracking.epoch_ledger(run_id)]
+        keeper = tracking.CheckpointKeeper(run_id)
         result = training.train_and_evaluate(
             model,
             splits,
             training_config,
             callbacks=callbacks,
             checkpoint_folder=Path(tempfile.mkdtemp(prefix="mnist-mlflow-checkpoint-")),
-            on_checkpoint=lambda folder, epoch, changed: tracking.log_checkpoint(run_id, folder, epoch, changed),
+            on_checkpoint=keeper,
             resume=checkpoint,
         )
+        keeper.wait()
         tracking.log_metrics(result.metrics())
         log_evaluation(result, splits)
         model_uri = tracking.log_keras_model(
@@ -331,8 +333,7 @@ def announce_resume(run_id: str, plan: RunPlan, checkpoint: training.Checkpoint)
         tracking.record_resume(run_id, checkpoint.epoch)
         tracking.set_run_tags(run_id, {"resumed_from_run": plan.resume.run_id})
         tracking.set_run_tags(plan.resume.run_id, {"resumed_by_run": run_id})
-        names = sorted(path.name for path in checkpoint.folder.iterdir())
-        tracking.log_checkpoint(run_id, checkpoint.folder, checkpoint.epoch, names)
+        tracking.CheckpointKeeper(run_id).upload_now(checkpoint.folder, checkpoint.epoch, checkpoint.files())
         what = f"Taking over killed run {plan.resume.run_id} from its checkpoint after epoch {done} of {epochs}"
     tracking.deliver_history(run_id, checkpoint.state["history"])
     print(what, flush=True)

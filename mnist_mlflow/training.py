@@ -101,9 +101,13 @@ class SetEpoch(keras.callbacks.Callback):
 
 # The files of a checkpoint folder (see EpochCheckpoint).
 CHECKPOINT_WEIGHTS = "latest.weights.h5"
-CHECKPOINT_BEST_WEIGHTS = "best.weights.h5"
 CHECKPOINT_SEED_STATES = "seed_states.npz"
 CHECKPOINT_STATE = "state.json"
+
+
+def best_weights_file(epoch: int) -> str:
+    """The file of the best epoch's weights: named by its epoch, so it is never rewritten."""
+    return f"best-{epoch:04d}.weights.h5"
 
 
 def _seed_state_variables(model: keras.Model) -> list:
@@ -117,40 +121,54 @@ def _seed_state_variables(model: keras.Model) -> list:
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """After every finished epoch, writes to ``folder`` everything resuming needs, then calls
-    ``on_saved(folder, epoch, changed_files)``, which keeps it somewhere safer (with the run).
+    ``on_saved(folder, epoch, files)`` with the files of this epoch's checkpoint, which keeps
+    them somewhere safer (with the run).
 
     What is written: the weights and the optimizer's state (Keras's ``save_weights``); the
-    states of the model's random generators; the best epoch's weights, when the epoch is a new
-    best; and, as JSON, the epoch, the history so far, the best value and epoch, the early
-    stopping state and the epoch times. The order of the next epoch's batches and shifts
-    follows from the epoch number (see :func:`train_and_evaluate`).
+    states of the model's random generators; the best epoch's weights, in a file of their own
+    when the epoch is a new best and is not the latest (then the latest weights are the
+    best); and, as JSON, the epoch, the history so far, the best value, epoch and file, the
+    early stopping state and the epoch times. The order of the next epoch's batches and shifts
+    follows from the epoch number (see :func:`mnist_mlflow.data.training_dataset`).
 
     Keras's ``BackupAndRestore`` does the first part on the local disk only; this keeps the
     rest too, which a result identical to the uninterrupted run needs.
     """
 
-    def __init__(self, folder: Path, best, timer, early_stopping, on_saved, history: dict | None = None) -> None:
+    def __init__(self, folder: Path, best, timer, early_stopping, on_saved, resumed: dict | None = None) -> None:
         super().__init__()
         self.folder = Path(folder)
         self.best = best
         self.timer = timer
         self.early_stopping = early_stopping
         self.on_saved = on_saved
-        self.history: dict[str, list[float]] = {name: list(values) for name, values in (history or {}).items()}
+        resumed = resumed or {}
+        self.history: dict[str, list[float]] = {
+            name: list(values) for name, values in resumed.get("history", {}).items()
+        }
+        # The best epoch's own file, once the best is no longer the latest epoch.
+        self.best_file: str | None = resumed.get("best_file")
 
     def on_epoch_end(self, epoch, logs=None):
         for name, value in (logs or {}).items():
             self.history.setdefault(name, []).append(float(value))
         self.folder.mkdir(parents=True, exist_ok=True)
-        changed = [CHECKPOINT_WEIGHTS, CHECKPOINT_STATE]
+        files = [CHECKPOINT_WEIGHTS, CHECKPOINT_STATE]
+        if self.best.best_epoch != epoch and self.best_file is None:
+            # The best epoch was the previous one: its weights (kept in memory) get a file.
+            self.best_file = best_weights_file(self.best.best_epoch)
+            current = self.model.get_weights()
+            self.model.set_weights(self.best._best_weights)
+            self.model.save_weights(self.folder / self.best_file, overwrite=True)
+            self.model.set_weights(current)
+            files.append(self.best_file)
+        elif self.best.best_epoch == epoch:
+            self.best_file = None
         self.model.save_weights(self.folder / CHECKPOINT_WEIGHTS, overwrite=True)
         seeds = _seed_state_variables(self.model)
         if seeds:
             np.savez(self.folder / CHECKPOINT_SEED_STATES, *[np.asarray(variable.numpy()) for variable in seeds])
-            changed.append(CHECKPOINT_SEED_STATES)
-        if self.best.best_epoch == epoch:
-            self.model.save_weights(self.folder / CHECKPOINT_BEST_WEIGHTS, overwrite=True)
-            changed.append(CHECKPOINT_BEST_WEIGHTS)
+            files.append(CHECKPOINT_SEED_STATES)
         stopping = self.early_stopping
         state = {
             "epoch": epoch,
@@ -159,13 +177,15 @@ class EpochCheckpoint(keras.callbacks.Callback):
             "epoch_cpu_times": self.timer.epoch_cpu_times,
             "best_value": self.best.best_value,
             "best_epoch": self.best.best_epoch,
+            # None: the latest weights are the best.
+            "best_file": self.best_file,
             "early_stopping": None
             if stopping is None
             else {"wait": stopping.wait, "best": float(stopping.best), "best_epoch": stopping.best_epoch},
             "stopped": bool(self.model.stop_training),
         }
         (self.folder / CHECKPOINT_STATE).write_text(json.dumps(state))
-        self.on_saved(self.folder, epoch, changed)
+        self.on_saved(self.folder, epoch, files)
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,11 @@ class Checkpoint:
     def epoch(self) -> int:
         """The last finished epoch (0-based)."""
         return int(self.state["epoch"])
+
+    def files(self) -> list[str]:
+        """The files this checkpoint is made of."""
+        names = [CHECKPOINT_WEIGHTS, CHECKPOINT_STATE, CHECKPOINT_SEED_STATES, self.state.get("best_file")]
+        return [name for name in names if name and (self.folder / name).exists()]
 
 
 class RestoreCheckpoint(keras.callbacks.Callback):
@@ -206,10 +231,12 @@ class RestoreCheckpoint(keras.callbacks.Callback):
         model, folder, state = self.model, self.checkpoint.folder, self.checkpoint.state
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        if (folder / CHECKPOINT_BEST_WEIGHTS).exists():
-            model.load_weights(folder / CHECKPOINT_BEST_WEIGHTS)
+        if state.get("best_file"):
+            model.load_weights(folder / state["best_file"])
             self.best._best_weights = model.get_weights()
         model.load_weights(folder / CHECKPOINT_WEIGHTS)
+        if not state.get("best_file"):
+            self.best._best_weights = model.get_weights()
         if (folder / CHECKPOINT_SEED_STATES).exists():
             with np.load(folder / CHECKPOINT_SEED_STATES) as saved:
                 for variable, index in zip(_seed_state_variables(model), range(len(saved.files))):
@@ -383,7 +410,7 @@ def train_and_evaluate(
     if resume is not None:
         keeping.append(RestoreCheckpoint(resume, best, timer, stopping))
     if checkpoint_folder is not None and config.checkpoint:
-        earlier = resume.state["history"] if resume is not None else None
+        earlier = resume.state if resume is not None else None
         keeping.append(EpochCheckpoint(checkpoint_folder, best, timer, stopping, on_checkpoint, earlier))
     start = time.perf_counter()
     history = model.fit(

@@ -59,7 +59,8 @@ def _checkpointed(client: MlflowClient, experiment: str, epoch: int):
 def _weights(client: MlflowClient, run_id: str) -> dict[str, np.ndarray]:
     """The run's last checkpoint's weights (the layers' and the optimizer's), by name."""
     folder = tempfile.mkdtemp()
-    path = client.download_artifacts(run_id, "checkpoint/latest.weights.h5", folder)
+    slot = client.get_run(run_id).data.tags["checkpoint_slot"]
+    path = client.download_artifacts(run_id, f"checkpoint/{slot}/latest.weights.h5", folder)
     arrays = {}
     with h5py.File(path) as file:
         file.visititems(
@@ -120,12 +121,12 @@ def _alone(tmp_path, server_url, script, args, experiment) -> str:
     return run.info.run_id
 
 
-def test_a_dense_run_killed_with_sigkill_resumes_to_the_same_weights(mlflow_server, tmp_path):
-    resumed, killed_at = _kill_and_resume(
-        tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, "resume-dense", signal.SIGKILL, at_epoch=3
-    )
+@pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_killed_dense_run_resumes_to_the_same_weights(mlflow_server, tmp_path, kill_signal):
+    name = f"resume-dense-{kill_signal.name}"
+    resumed, killed_at = _kill_and_resume(tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, name, kill_signal, at_epoch=3)
     assert killed_at < 39
-    alone = _alone(tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, "resume-dense-alone")
+    alone = _alone(tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, f"{name}-alone")
     _assert_same_result(MlflowClient(mlflow_server.url), resumed, alone, 40)
 
 
@@ -168,7 +169,10 @@ def test_a_changed_configuration_starts_anew_and_says_so(mlflow_server, tmp_path
     assert len(_runs(client, "resume-changed")) == 2
 
 
-def test_a_trial_whose_worker_died_is_taken_over_from_its_checkpoint_by_another_worker(mlflow_server, tmp_path):
+@pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_trial_whose_worker_died_is_taken_over_from_its_checkpoint_by_another_worker(
+    mlflow_server, tmp_path, kill_signal
+):
     client = MlflowClient(mlflow_server.url)
     space = tmp_path / "one.yaml"
     space.write_text("parameters:\n  units: [24]\n  dropout: [0.2]\n")
@@ -181,23 +185,24 @@ def test_a_trial_whose_worker_died_is_taken_over_from_its_checkpoint_by_another_
         )
         return [sys.executable, SEARCH, *common, "--storage", f"sqlite:///{storage}"], env
 
-    command, env = search("resume-search", tmp_path / "optuna.db")
+    experiment = f"resume-search-{kill_signal.name}"
+    command, env = search(experiment, tmp_path / "optuna.db")
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def trial_checkpointed():
-        children = [run for run in _runs(client, "resume-search") if run.data.tags.get("study_role") == "child"]
+        children = [run for run in _runs(client, experiment) if run.data.tags.get("study_role") == "child"]
         return next((run for run in children if int(run.data.tags.get("checkpoint_epoch", "-1")) >= 2), None)
 
     try:
         dead = wait_for(trial_checkpointed, "the trial's third epoch", process=first)
-        first.send_signal(signal.SIGKILL)
+        first.send_signal(kill_signal)
         first.communicate(timeout=60)
     finally:
         first.kill()
     second = run_script(command, env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Taking over killed run {dead.info.run_id} from its checkpoint after epoch" in second.stdout
-    children = [run for run in _runs(client, "resume-search") if run.data.tags.get("study_role") == "child"]
+    children = [run for run in _runs(client, experiment) if run.data.tags.get("study_role") == "child"]
     finished = [run for run in children if run.info.status == "FINISHED"]
     assert len(finished) == 1 and finished[0].data.tags["resumed_from_run"] == dead.info.run_id
     assert client.get_run(dead.info.run_id).data.tags["resumed_by_run"] == finished[0].info.run_id
@@ -205,8 +210,39 @@ def test_a_trial_whose_worker_died_is_taken_over_from_its_checkpoint_by_another_
     worker = finished[0].data.tags["worker"].replace(":", "-")
     assert f"system/{worker}/cpu_utilization_percentage" in finished[0].data.metrics
 
-    command, env = search("resume-search-alone", tmp_path / "alone.db")
+    command, env = search(f"{experiment}-alone", tmp_path / "alone.db")
     alone = run_script(command, env, cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr[-3000:]
-    (reference,) = [run for run in _runs(client, "resume-search-alone") if run.data.tags.get("study_role") == "child"]
+    (reference,) = [run for run in _runs(client, f"{experiment}-alone") if run.data.tags.get("study_role") == "child"]
     _assert_same_result(client, finished[0].info.run_id, reference.info.run_id, 30)
+
+
+def test_a_study_s_killed_child_resumes_under_its_parent(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.url)
+    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="resume-study")
+    command = [
+        sys.executable,
+        str(PROJECT_DIR / "entrypoints" / "weight_decay.py"),
+        *["--factors", "0.0001,0.001", "--replicates", "1", "--epochs", "40", "--max_train_examples", "500"],
+        *["--sweep_id", "resume-study-1"],
+    ]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def child_checkpointed():
+        children = [run for run in _runs(client, "resume-study") if run.data.tags.get("study_role") == "child"]
+        return next((run for run in children if int(run.data.tags.get("checkpoint_epoch", "-1")) >= 2), None)
+
+    try:
+        child = wait_for(child_checkpointed, "a child's third epoch", process=process)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    result = run_script(command, env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming run {child.info.run_id} (resume 1)" in result.stdout
+    after = client.get_run(child.info.run_id)
+    assert after.info.status == "FINISHED" and after.data.tags["resume_count"] == "1"
+    assert [step for step, _ in _history(client, child.info.run_id)] == list(range(40))
+    children = [run for run in _runs(client, "resume-study") if run.data.tags.get("study_role") == "child"]
+    assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)

@@ -20,10 +20,10 @@ not know which module holds it.
 from mnist_mlflow.tracking.checkpoints import (
     CHECKPOINT_EPOCH_TAG,
     RUN_FINGERPRINT_TAG,
+    CheckpointKeeper,
     deliver_history,
     download_checkpoint,
     killed_with_checkpoint,
-    log_checkpoint,
     record_resume,
     run_fingerprint,
 )
@@ -116,7 +116,7 @@ __all__ = [
     "deliver_history",
     "download_checkpoint",
     "killed_with_checkpoint",
-    "log_checkpoint",
+    "CheckpointKeeper",
     "record_resume",
     "run_fingerprint",
     "set_system_metrics_node",

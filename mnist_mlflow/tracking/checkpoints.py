@@ -2,7 +2,11 @@
 
 Each finished epoch's checkpoint (written by :class:`mnist_mlflow.training.EpochCheckpoint`)
 goes to the run's artifacts under ``checkpoint/``, in the tracking server's artifact store,
-so that any machine can resume it. The tag ``checkpoint_epoch`` says which epoch it holds.
+so that any machine can resume it. It is uploaded in the background while the next epoch
+trains (:class:`CheckpointKeeper`), into one of two slots, ``checkpoint/a`` and
+``checkpoint/b``, in turn; the best epoch's weights go to ``checkpoint/best/``. Only once
+every file of an epoch is up do the tags ``checkpoint_epoch`` and ``checkpoint_slot`` name
+it, so a kill in the middle of an upload leaves the previous checkpoint whole.
 
 A run is resumed only when it is the same work: its ``run_fingerprint`` tag, a digest of every
 parameter, must equal the new command's. A run resumed goes back to RUNNING; its metric history
@@ -15,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +32,9 @@ from mlflow.tracking import MlflowClient
 
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 CHECKPOINT_EPOCH_TAG = "checkpoint_epoch"
+CHECKPOINT_SLOT_TAG = "checkpoint_slot"
+SLOTS = ("a", "b")
+BEST_FOLDER = "best"
 RUN_FINGERPRINT_TAG = "run_fingerprint"
 RESUME_COUNT_TAG = "resume_count"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -37,19 +46,78 @@ def run_fingerprint(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def log_checkpoint(run_id: str, folder: Path, epoch: int, changed: list[str]) -> None:
-    """Uploads the checkpoint files that changed this epoch, then records the epoch they hold."""
-    client = MlflowClient()
-    for name in changed:
-        client.log_artifact(run_id, str(Path(folder) / name), CHECKPOINT_ARTIFACT_PATH)
-    client.set_tag(run_id, CHECKPOINT_EPOCH_TAG, str(epoch))
+class CheckpointKeeper:
+    """Keeps each epoch's checkpoint with run ``run_id``, uploading in the background.
+
+    Called with an epoch's files, it copies them aside (the next epoch writes over the folder)
+    and uploads them in a thread while training goes on; the next call, and :meth:`wait`,
+    first wait for the previous upload and raise its error if it failed.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        from mlflow.artifacts import get_artifact_repository
+
+        self.run_id = run_id
+        client = MlflowClient()
+        self.repository = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+        self.client = client
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def __call__(self, folder: Path, epoch: int, files: list[str]) -> None:
+        self.wait()
+        staging = Path(tempfile.mkdtemp(prefix="mnist-mlflow-checkpoint-upload-"))
+        for name in files:
+            shutil.copy2(Path(folder) / name, staging / name)
+        self._thread = threading.Thread(
+            target=self._upload, args=(staging, epoch, files), name="checkpoint-upload", daemon=True
+        )
+        self._thread.start()
+
+    def upload_now(self, folder: Path, epoch: int, files: list[str]) -> None:
+        """Uploads a checkpoint at once (a new run taking over a killed run's checkpoint)."""
+        self(folder, epoch, files)
+        self.wait()
+
+    def wait(self) -> None:
+        """Waits for the upload in flight; raises its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _upload(self, staging: Path, epoch: int, files: list[str]) -> None:
+        slot = SLOTS[epoch % 2]
+        try:
+            for name in files:
+                folder = f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER if name.startswith('best-') else slot}"
+                self.repository.log_artifact(str(staging / name), folder)
+            self.client.set_tag(self.run_id, CHECKPOINT_SLOT_TAG, slot)
+            self.client.set_tag(self.run_id, CHECKPOINT_EPOCH_TAG, str(epoch))
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread by wait()
+            self._error = error
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def download_checkpoint(run_id: str) -> Path:
-    """The run's checkpoint, downloaded to a fresh local folder."""
+    """The run's last whole checkpoint, downloaded to a fresh local folder."""
+    run = MlflowClient().get_run(run_id)
+    slot = run.data.tags.get(CHECKPOINT_SLOT_TAG, SLOTS[0])
     folder = Path(tempfile.mkdtemp(prefix="mnist-mlflow-resume-"))
-    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT_PATH, dst_path=str(folder))
-    return folder / CHECKPOINT_ARTIFACT_PATH
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{slot}", dst_path=str(folder)
+        )
+    )
+    best = json.loads((downloaded / "state.json").read_text()).get("best_file")
+    if best:
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER}/{best}", dst_path=str(downloaded)
+        )
+    return downloaded
 
 
 def killed_with_checkpoint(
