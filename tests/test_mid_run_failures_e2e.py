@@ -72,14 +72,7 @@ def test_a_killed_tracking_server_stops_the_run_in_bounded_time_and_loses_no_met
     server = tracking_server(root).start()
     client = MlflowClient(server.url)
     env = _env(server.url, tmp_path)
-    process = subprocess.Popen(
-        [sys.executable, *LONG_DENSE],
-        cwd=PROJECT_DIR,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = subprocess.Popen([sys.executable, *LONG_DENSE], **_piped(env))
     try:
         run = wait_for(lambda: _one_run(client), "the run to start", process=process)
         wait_for(lambda: len(_epochs_logged(client, run.info.run_id)) >= 3, "three epochs", process=process)
@@ -297,14 +290,7 @@ def test_a_killed_study_database_is_one_line_and_every_run_of_the_worker_ends_st
         storage = database.url.replace("search@", f"search:{quote(password, safe='')}@")
         env = _env(mlflow_server.url, tmp_path, MLFLOW_EXPERIMENT_NAME="dead-database", **database.client_env())
         command = [SEARCH, "--space", search_space_file, "--epochs", "300", "--max_train_examples", "300"]
-        process = subprocess.Popen(
-            [sys.executable, *command, "--storage", storage],
-            cwd=PROJECT_DIR,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = subprocess.Popen([sys.executable, *command, "--storage", storage], **_piped(env))
         try:
 
             def training_child():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import PROJECT_DIR, run_script
 from mlflow.tracking import MlflowClient
-from test_reliability_e2e import wait_for
+from test_reliability_e2e import signal_when
 
 from harness.servers import python_env
 
@@ -56,6 +56,12 @@ def _checkpointed(client: MlflowClient, experiment: str, epoch: int):
     return None
 
 
+def _child_checkpointed(client: MlflowClient, experiment: str, epoch: int):
+    """A study child of the experiment whose checkpoint holds at least ``epoch``."""
+    children = [run for run in _runs(client, experiment) if run.data.tags.get("study_role") == "child"]
+    return next((run for run in children if int(run.data.tags.get("checkpoint_epoch", "-1")) >= epoch), None)
+
+
 def _weights(client: MlflowClient, run_id: str) -> dict[str, np.ndarray]:
     """The run's last checkpoint's weights (the layers' and the optimizer's), by name."""
     folder = tempfile.mkdtemp()
@@ -94,12 +100,9 @@ def _kill_and_resume(tmp_path, server_url, script, args, experiment, kill_signal
     process = subprocess.Popen(
         [sys.executable, script, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    try:
-        run = wait_for(lambda: _checkpointed(client, experiment, at_epoch), f"epoch {at_epoch + 1}", process=process)
-        process.send_signal(kill_signal)
-        process.communicate(timeout=120)
-    finally:
-        process.kill()
+    run, _ = signal_when(
+        process, lambda: _checkpointed(client, experiment, at_epoch), f"epoch {at_epoch + 1}", kill_signal
+    )
     killed_at = int(client.get_run(run.info.run_id).data.tags["checkpoint_epoch"])
     result = run_script([sys.executable, script, *args], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -154,12 +157,7 @@ def test_a_changed_configuration_starts_anew_and_says_so(mlflow_server, tmp_path
     client = MlflowClient(mlflow_server.url)
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="resume-changed")
     process = subprocess.Popen([sys.executable, DENSE, *DENSE_ARGS], cwd=tmp_path, env=env, stdout=subprocess.PIPE)
-    try:
-        killed = wait_for(lambda: _checkpointed(client, "resume-changed", 1), "epoch 2", process=process)
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=120)
-    finally:
-        process.kill()
+    killed, _ = signal_when(process, lambda: _checkpointed(client, "resume-changed", 1), "epoch 2", signal.SIGTERM)
     changed = [DENSE, *DENSE_ARGS[:-1], "0.3"]
     result = run_script([sys.executable, *changed], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -189,16 +187,9 @@ def test_a_trial_whose_worker_died_is_taken_over_from_its_checkpoint_by_another_
     command, env = search(experiment, tmp_path / "optuna.db")
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def trial_checkpointed():
-        children = [run for run in _runs(client, experiment) if run.data.tags.get("study_role") == "child"]
-        return next((run for run in children if int(run.data.tags.get("checkpoint_epoch", "-1")) >= 2), None)
-
-    try:
-        dead = wait_for(trial_checkpointed, "the trial's third epoch", process=first)
-        first.send_signal(kill_signal)
-        first.communicate(timeout=60)
-    finally:
-        first.kill()
+    dead, _ = signal_when(
+        first, lambda: _child_checkpointed(client, experiment, 2), "the trial's third epoch", kill_signal
+    )
     second = run_script(command, env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Taking over killed run {dead.info.run_id} from its checkpoint after epoch" in second.stdout
@@ -228,16 +219,9 @@ def test_a_study_s_killed_child_resumes_under_its_parent(mlflow_server, tmp_path
     ]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def child_checkpointed():
-        children = [run for run in _runs(client, "resume-study") if run.data.tags.get("study_role") == "child"]
-        return next((run for run in children if int(run.data.tags.get("checkpoint_epoch", "-1")) >= 2), None)
-
-    try:
-        child = wait_for(child_checkpointed, "a child's third epoch", process=process)
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=60)
-    finally:
-        process.kill()
+    child, _ = signal_when(
+        process, lambda: _child_checkpointed(client, "resume-study", 2), "a child's third epoch", signal.SIGKILL
+    )
     result = run_script(command, env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming run {child.info.run_id} (resume 1)" in result.stdout

@@ -30,6 +30,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from mnist_mlflow.tracking.watch import send_missing
+
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 CHECKPOINT_EPOCH_TAG = "checkpoint_epoch"
 CHECKPOINT_SLOT_TAG = "checkpoint_slot"
@@ -175,14 +177,6 @@ def record_resume(run_id: str, epoch: int) -> int:
 def deliver_history(run_id: str, history: Mapping[str, list[float]]) -> int:
     """Logs the checkpoint's per-epoch values the run lacks (a kill can fall between the
     checkpoint and the metrics of an epoch); returns how many were sent."""
-    from mlflow.entities import Metric
-
-    client = MlflowClient()
     now_ms = int(time.time() * 1000)
-    missing = []
-    for key, values in history.items():
-        have = {point.step for point in client.get_metric_history(run_id, key)}
-        missing += [Metric(key, float(value), now_ms, step) for step, value in enumerate(values) if step not in have]
-    for start in range(0, len(missing), 1000):
-        client.log_batch(run_id, metrics=missing[start : start + 1000])
-    return len(missing)
+    points = {key: {step: (value, now_ms) for step, value in enumerate(values)} for key, values in history.items()}
+    return sum(map(len, send_missing(MlflowClient(), run_id, points).values()))

@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
@@ -243,15 +244,11 @@ def _steps_text(missing: dict[str, list[int]]) -> str:
     return f"{sum(map(len, missing.values()))} values of {', '.join(sorted(missing))} at steps {shown}"
 
 
-def deliver_ledger(run_id: str) -> str | None:
-    """Sends again the ledger's values the server lacks; returns what was sent, or None."""
+def send_missing(client: MlflowClient, run_id: str, points: Mapping[str, Mapping[int, tuple[float, int]]]):
+    """Logs the ``points`` (key -> step -> (value, timestamp)) that the run's metric history
+    lacks, in batches; returns the steps sent, by key."""
     from mlflow.entities import Metric
 
-    points = _ledgers.pop(run_id, {})
-    if not points:
-        return None
-    mlflow.flush_async_logging()
-    client = MlflowClient()
     missing: dict[str, list[int]] = {}
     metrics = []
     for key, by_step in points.items():
@@ -259,11 +256,22 @@ def deliver_ledger(run_id: str) -> str | None:
         for step, (value, timestamp) in sorted(by_step.items()):
             if step not in have:
                 missing.setdefault(key, []).append(step)
-                metrics.append(Metric(key, value, timestamp, step))
-    if not metrics:
-        return None
+                metrics.append(Metric(key, float(value), int(timestamp), step))
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    return missing
+
+
+def deliver_ledger(run_id: str) -> str | None:
+    """Sends again the ledger's values the server lacks; returns what was sent, or None."""
+    points = _ledgers.pop(run_id, {})
+    if not points:
+        return None
+    mlflow.flush_async_logging()
+    client = MlflowClient()
+    missing = send_missing(client, run_id, points)
+    if not missing:
+        return None
     text = _steps_text(missing)
     client.set_tag(run_id, LATE_METRICS_TAG, text[:5000])
     return text
@@ -300,8 +308,6 @@ def deliver_spooled_runs() -> list[str]:
     Each run gets the metric values it lacks and is closed FAILED with the reason it stopped,
     if it is still RUNNING. A record the server cannot take yet stays for the next command.
     """
-    from mlflow.entities import Metric
-
     folder = spool_dir()
     if not folder.is_dir():
         return []
@@ -315,17 +321,12 @@ def deliver_spooled_runs() -> list[str]:
                 continue
             run_id = record["run_id"]
             run = client.get_run(run_id)
-            missing: dict[str, list[int]] = {}
-            metrics = []
-            for key, steps in record["metrics"].items():
-                have = {point.step for point in client.get_metric_history(run_id, key)}
-                for step_text, (value, timestamp) in steps.items():
-                    if int(step_text) not in have:
-                        missing.setdefault(key, []).append(int(step_text))
-                        metrics.append(Metric(key, float(value), int(timestamp), int(step_text)))
-            for start in range(0, len(metrics), 1000):
-                client.log_batch(run_id, metrics=metrics[start : start + 1000])
-            late = _steps_text(missing) if metrics else "none"
+            points = {
+                key: {int(step): (value, timestamp) for step, (value, timestamp) in steps.items()}
+                for key, steps in record["metrics"].items()
+            }
+            missing = send_missing(client, run_id, points)
+            late = _steps_text(missing) if missing else "none"
             client.set_tag(run_id, LATE_METRICS_TAG, late[:5000])
             if run.info.status == "RUNNING":
                 client.set_tag(run_id, "failed_reason", record["reason"][:5000])
