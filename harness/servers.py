@@ -30,6 +30,9 @@ def python_env(tracking_uri: str | None = None, **extra: str) -> dict[str, str]:
     `mlflow models serve` starts `uvicorn`, both from PATH.
     """
     env = dict(os.environ)
+    # A search run in the test process names its node (MLflow keeps it in this variable); a
+    # process started here is another node and names itself, if at all.
+    env.pop("MLFLOW_SYSTEM_METRICS_NODE_ID", None)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     if tracking_uri is not None:

@@ -30,7 +30,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.tracking.watch import send_missing
+from mnist_mlflow.tracking.server import server_timeout_s
+from mnist_mlflow.tracking.watch import send_missing, server_lost
 
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 CHECKPOINT_EPOCH_TAG = "checkpoint_epoch"
@@ -52,8 +53,11 @@ class CheckpointKeeper:
     """Keeps each epoch's checkpoint with run ``run_id``, uploading in the background.
 
     Called with an epoch's files, it copies them aside (the next epoch writes over the folder)
-    and uploads them in a thread while training goes on; the next call, and :meth:`wait`,
-    first wait for the previous upload and raise its error if it failed.
+    and uploads them in a thread while training goes on. While the tracking server does not
+    answer, the thread keeps trying, for as long as the run's server timeout; meanwhile
+    training goes on, and the epochs that end during the upload keep no checkpoint of their
+    own (the next one that can be sent does). Any other failure (say, a full disk) is raised
+    by the next call, or by :meth:`wait` at the end of training.
     """
 
     def __init__(self, run_id: str) -> None:
@@ -65,9 +69,17 @@ class CheckpointKeeper:
         self.client = client
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # Best-weight files already with the run: an epoch's checkpoint names one, which an
+        # earlier epoch wrote, and which is sent with the first checkpoint that goes up.
+        self._best_sent: set[str] = set()
 
     def __call__(self, folder: Path, epoch: int, files: list[str]) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return  # The previous upload is still trying; this epoch keeps no checkpoint.
         self.wait()
+        best = json.loads((Path(folder) / "state.json").read_text()).get("best_file")
+        if best and best not in self._best_sent and best not in files and (Path(folder) / best).exists():
+            files = [*files, best]
         staging = Path(tempfile.mkdtemp(prefix="mnist-mlflow-checkpoint-upload-"))
         for name in files:
             shutil.copy2(Path(folder) / name, staging / name)
@@ -92,12 +104,21 @@ class CheckpointKeeper:
 
     def _upload(self, staging: Path, epoch: int, files: list[str]) -> None:
         slot = SLOTS[epoch % 2]
+        give_up = time.monotonic() + server_timeout_s()
         try:
-            for name in files:
-                folder = f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER if name.startswith('best-') else slot}"
-                self.repository.log_artifact(str(staging / name), folder)
-            self.client.set_tag(self.run_id, CHECKPOINT_SLOT_TAG, slot)
-            self.client.set_tag(self.run_id, CHECKPOINT_EPOCH_TAG, str(epoch))
+            while True:
+                try:
+                    for name in files:
+                        folder = f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER if name.startswith('best-') else slot}"
+                        self.repository.log_artifact(str(staging / name), folder)
+                    self.client.set_tag(self.run_id, CHECKPOINT_SLOT_TAG, slot)
+                    self.client.set_tag(self.run_id, CHECKPOINT_EPOCH_TAG, str(epoch))
+                    self._best_sent.update(name for name in files if name.startswith("best-"))
+                    return
+                except Exception as error:
+                    if server_lost(error) is None or time.monotonic() > give_up:
+                        raise
+                    time.sleep(2)
         except BaseException as error:  # noqa: BLE001 - handed to the main thread by wait()
             self._error = error
         finally:
