@@ -110,6 +110,8 @@ def _kill_and_resume(tmp_path, server_url, script, args, experiment, kill_signal
     after = client.get_run(run.info.run_id)
     assert after.info.status == "FINISHED"
     assert after.data.tags["resume_count"] == "1" and "after epoch" in after.data.tags["resumed_1"]
+    # A FINISHED run carries no killed_reason: why it had stopped moved into the resume's record.
+    assert "killed_reason" not in after.data.tags and "it had stopped: " in after.data.tags["resumed_1"]
     assert len(_runs(client, experiment)) == 1, "the same run, not a new one"
     return run.info.run_id, killed_at
 

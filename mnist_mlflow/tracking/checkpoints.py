@@ -30,6 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from mnist_mlflow.tracking.runs import KILLED_REASON_TAG
 from mnist_mlflow.tracking.server import server_timeout_s
 from mnist_mlflow.tracking.watch import send_missing, server_lost
 
@@ -186,12 +187,20 @@ def differences(run, params: Mapping[str, Any], limit: int = 3) -> str:
 
 
 def record_resume(run_id: str, epoch: int) -> int:
-    """Counts one more resume of the run, and says when, where and from which epoch."""
+    """Counts one more resume of the run, and says when, where, from which epoch and why it had
+    stopped. The run's ``killed_reason`` moves into that record: the run is no longer killed."""
     client = MlflowClient()
-    count = int(client.get_run(run_id).data.tags.get(RESUME_COUNT_TAG, "0")) + 1
+    tags = client.get_run(run_id).data.tags
+    count = int(tags.get(RESUME_COUNT_TAG, "0")) + 1
     client.set_tag(run_id, RESUME_COUNT_TAG, str(count))
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    client.set_tag(run_id, f"resumed_{count}", f"after epoch {epoch + 1}, at {when}, on {platform.node()}")
+    record = f"after epoch {epoch + 1}, at {when}, on {platform.node()}"
+    killed = tags.get(KILLED_REASON_TAG)
+    if killed:
+        record += f"; it had stopped: {killed}"
+    client.set_tag(run_id, f"resumed_{count}", record[:5000])
+    if killed:
+        client.delete_tag(run_id, KILLED_REASON_TAG)
     return count
 
 
