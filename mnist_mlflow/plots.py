@@ -164,6 +164,70 @@ def accuracy_vs_time_figure(
     return figure
 
 
+def pareto_front_figure(
+    trial_numbers: list[int],
+    costs: list[float],
+    accuracies: list[float],
+    on_front: list[bool],
+    chosen: int | None,
+    cost_label: str,
+    within: float,
+    title: str = "Validation accuracy against cost: the Pareto front",
+):
+    """Every finished trial as a point, the Pareto front joined as a staircase, the chosen trial
+    circled, and the band of accuracy within ``within`` of the best shaded.
+
+    The cost axis is logarithmic when the costs span more than a factor of 20.
+    """
+    figure, axes = plt.subplots(figsize=(9, 6))
+    costs_array = np.asarray(costs, dtype=float)
+    percent = np.asarray(accuracies, dtype=float) * 100
+    front = np.asarray(on_front, dtype=bool)
+    axes.scatter(costs_array[~front], percent[~front], color="tab:gray", s=25, alpha=0.7, label="dominated trial")
+    order = np.argsort(costs_array[front])
+    axes.step(
+        costs_array[front][order],
+        percent[front][order],
+        where="post",
+        color="tab:orange",
+        linewidth=2,
+        marker="o",
+        label="Pareto front",
+        zorder=3,
+    )
+    for number, cost, accuracy in zip(
+        np.asarray(trial_numbers)[front], costs_array[front], percent[front], strict=True
+    ):
+        axes.annotate(str(number), (cost, accuracy), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    if percent.size:
+        best = percent.max()
+        axes.axhspan(best - within * 100, best, color="tab:green", alpha=0.12, label=f"within {within:.2%} of the best")
+    if chosen is not None:
+        index = list(trial_numbers).index(chosen)
+        axes.scatter(
+            costs_array[index],
+            percent[index],
+            s=250,
+            facecolors="none",
+            edgecolors="tab:red",
+            linewidths=2,
+            zorder=4,
+            label=f"chosen: trial {chosen}",
+        )
+    positive = costs_array[costs_array > 0]
+    if positive.size and positive.max() / positive.min() > 20:
+        axes.set_xscale("log")
+    if percent.size:
+        axes.set_ylim(max(percent.min() - 1, np.percentile(percent, 10) - 5), min(100.2, percent.max() + 0.5))
+    axes.set_xlabel(cost_label)
+    axes.set_ylabel("Best validation accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
 def error_bar_figure(
     factors: list[float],
     means: list[float],
@@ -318,12 +382,24 @@ def best_of_n_figure(
 
 
 def parameter_importance_figure(study):
-    """Optuna's own parameter-importance plot (fANOVA) of a study with at least two finished trials."""
+    """Optuna's own parameter-importance plot (its default evaluator, PED-ANOVA) of a study with at
+    least two finished trials.
+
+    In a multi-objective study it shows what matters for the first objective, validation accuracy.
+    Optuna's evaluator takes a given target for one to lower, so the accuracy is negated; the
+    importances do not depend on the sign.
+    """
+    import warnings
+
     from optuna.visualization.matplotlib import plot_param_importances
 
+    options = {}
+    if len(study.directions) > 1:
+        options = {"target": lambda trial: -trial.values[0], "target_name": "validation accuracy"}
     # Optuna switches matplotlib to its own style; keep that to this figure.
-    with plt.style.context("default"):
-        axes = plot_param_importances(study)
+    with plt.style.context("default"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low")
+        axes = plot_param_importances(study, **options)
     figure = axes.figure
     figure.set_size_inches(8, 5)
     figure.tight_layout()

@@ -71,6 +71,9 @@ class RunResult:
     metrics: dict[str, float]
     model_uri: str
     registered_version: str | None = None
+    trainable_parameters: int = 0
+    # What another epoch costs: the median epoch after the first (training.TrainingResult).
+    steady_epoch_time_s: float = 0.0
 
 
 def _training_name(training: TrainingConfig, dropout_rate: float) -> str:
@@ -319,7 +322,14 @@ def make_run(plan: RunPlan) -> RunResult:
                 test_accuracy=result.test_accuracy,
             )
             print(f"Registered as {plan.register_as} version {version}", flush=True)
-        return RunResult(run_id=run_id, metrics=result.metrics(), model_uri=model_uri, registered_version=version)
+        return RunResult(
+            run_id=run_id,
+            metrics=result.metrics(),
+            model_uri=model_uri,
+            registered_version=version,
+            trainable_parameters=models.count_trainable_parameters(model),
+            steady_epoch_time_s=result.steady_epoch_time_s,
+        )
 
 
 def announce_resume(run_id: str, plan: RunPlan, checkpoint: training.Checkpoint) -> None:

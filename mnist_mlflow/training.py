@@ -304,6 +304,13 @@ class TrainingResult:
     def mean_epoch_time_s(self) -> float:
         return float(np.mean(self.epoch_times))
 
+    @property
+    def steady_epoch_time_s(self) -> float:
+        """The median epoch's wall seconds, not counting the first, which also traces and compiles
+        the step: what another epoch of this model costs. One epoch alone is its own figure."""
+        later = self.epoch_times[1:] or self.epoch_times
+        return float(np.median(later))
+
     def metrics(self) -> dict[str, float]:
         """The run-level summary metrics (per-epoch histories are separate)."""
         return {

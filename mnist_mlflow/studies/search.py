@@ -97,7 +97,12 @@ class OptunaStudy:
         verb = "Joined" if parent.resumed else "Started"
         return [
             f"{verb} search {self.study_id} ({self.sampler} sampler, "
-            f"{self.config.pruner} pruner, at most {self.n_trials} "
+            + (
+                f"Pareto front of accuracy against {self.config.cost}, no pruning, "
+                if self.config.is_multi_objective()
+                else f"{self.config.pruner} pruner, "
+            )
+            + f"at most {self.n_trials} "
             f"trials) in {redact_url(self.config.resolved_storage())}; parent run {parent.run_id} at {tracking_uri}",
             f"More workers, or a resumed session, join it with the same command (study_name={self.study_id}).",
         ]

@@ -22,10 +22,21 @@ TEST_ACCURACY_ATTR = "test_accuracy"
 BEST_EPOCH_ATTR = "best_epoch"
 EPOCHS_TRAINED_ATTR = "epochs_trained"
 TRAIN_TIME_ATTR = "train_time_s"
+SECONDS_PER_EPOCH_ATTR = "seconds_per_epoch"
+PARAMETERS_ATTR = "parameters"
 
 # What a trial with the parameters of an earlier finished trial takes over from it (not its
 # epochs or time: it trained nothing).
-REUSED_ATTRS = (RUN_ID_ATTR, MODEL_URI_ATTR, BEST_VAL_ACCURACY_ATTR, TEST_ACCURACY_ATTR, BEST_EPOCH_ATTR)
+# The reused trial keeps the twin's seconds per epoch too: in a Pareto study that is its cost.
+REUSED_ATTRS = (
+    RUN_ID_ATTR,
+    MODEL_URI_ATTR,
+    BEST_VAL_ACCURACY_ATTR,
+    TEST_ACCURACY_ATTR,
+    BEST_EPOCH_ATTR,
+    SECONDS_PER_EPOCH_ATTR,
+    PARAMETERS_ATTR,
+)
 
 
 def trial_key(number: int) -> str:

@@ -21,9 +21,11 @@ from mnist_mlflow.studies.search_keys import (
     DIVERGED_ATTR,
     EPOCHS_TRAINED_ATTR,
     MODEL_URI_ATTR,
+    PARAMETERS_ATTR,
     REUSED_ATTRS,
     RUN_ID_ATTR,
     SAME_AS_TRIAL_ATTR,
+    SECONDS_PER_EPOCH_ATTR,
     SURPLUS_ATTR,
     TEST_ACCURACY_ATTR,
     TRAIN_TIME_ATTR,
@@ -39,19 +41,26 @@ class EpochReporter(keras.callbacks.Callback):
     """Reports each epoch's validation accuracy to the Optuna trial and stops training when the pruner says so.
 
     A pruned trial is not an error: its run still evaluates and logs the best epoch it reached.
+    A multi-objective study takes no intermediate values (Optuna's ``report`` refuses them), so
+    there the epochs are only counted.
     """
 
-    def __init__(self, trial, prune: bool, storage_url: str) -> None:
+    def __init__(self, trial, pruner: str, storage_url: str, multi_objective: bool = False) -> None:
         super().__init__()
         self.trial = trial
-        self.prune = prune
+        self.pruner = pruner
+        self.prune = pruner != "none"
         self.storage_url = storage_url
+        self.multi_objective = multi_objective
         self.pruned_at_epoch: int | None = None
         self.epochs_reported = 0
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get("val_accuracy")
         if value is None:
+            return
+        if self.multi_objective:
+            self.epochs_reported += 1
             return
         try:
             self.trial.report(float(value), epoch)
@@ -93,7 +102,10 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
     sampler = config.resolved_sampler()
     worker = f"{platform.node()}:{os.getpid()}"
 
-    def objective(trial) -> float:
+    multi_objective = config.is_multi_objective()
+    failed = (float("nan"),) * len(config.directions()) if multi_objective else float("nan")
+
+    def objective(trial) -> float | tuple[float, float]:
         values = space.suggest(trial)
         retry_of = retried_trial_number(trial)
         try:
@@ -106,7 +118,7 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
         earlier = finished_twin(trial, space) if sampler != "grid" else None
         if earlier is not None:
             return reuse_twin(trial, earlier)
-        reporter = EpochReporter(trial, prune=config.pruner != "none", storage_url=config.resolved_storage())
+        reporter = EpochReporter(trial, config.pruner, config.resolved_storage(), multi_objective)
         child = trial_child(trial, values, retry_of, config, space, worker)
         resume = dead_trial_checkpoint(parent_run_id, retry_of, child) if retry_of is not None else None
         try:
@@ -124,9 +136,9 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
             trial.set_user_attr(DIVERGED_ATTR, str(error))
             print(f"Trial {trial.number}: FAILED: {error}", flush=True)
             # Optuna records a trial whose objective is NaN as failed, without a traceback.
-            return float("nan")
+            return failed
         counter[0] += 1
-        return record_result(trial, result, reporter)
+        return record_result(trial, result, reporter, config)
 
     return objective
 
@@ -141,7 +153,7 @@ def dead_trial_checkpoint(parent_run_id: str, retry_of: int, child: ChildSpec) -
     return None if choice is None else tracked_run.ResumeFrom(choice.run_id, same_run=False)
 
 
-def reuse_twin(trial, earlier) -> float:
+def reuse_twin(trial, earlier) -> float | tuple[float, ...]:
     """Random and TPE draw with replacement; with the same seed, training again gives the same
     model, so the earlier trial's result is reused, not recomputed."""
     print(f"Trial {trial.number}: same parameters as finished trial {earlier.number}; its result is reused", flush=True)
@@ -149,7 +161,7 @@ def reuse_twin(trial, earlier) -> float:
         if name in earlier.user_attrs:
             trial.set_user_attr(name, earlier.user_attrs[name])
     trial.set_user_attr(SAME_AS_TRIAL_ATTR, earlier.number)
-    return earlier.value
+    return earlier.value if len(earlier.values) == 1 else tuple(earlier.values)
 
 
 def trial_child(
@@ -182,9 +194,14 @@ def trial_child(
     )
 
 
-def record_result(trial, result: tracked_run.RunResult, reporter: EpochReporter) -> float:
+def record_result(
+    trial, result: tracked_run.RunResult, reporter: EpochReporter, config: SearchConfig
+) -> float | tuple[float, float]:
     """What the trial's run measured, into the trial and the run's tags; raises TrialPruned for a
-    pruned trial, which still keeps its best epoch's run and model."""
+    pruned trial, which still keeps its best epoch's run and model.
+
+    Returns the validation accuracy, and for a Pareto study the cost beside it.
+    """
     metrics = result.metrics
     for name, value in {
         RUN_ID_ATTR: result.run_id,
@@ -194,6 +211,8 @@ def record_result(trial, result: tracked_run.RunResult, reporter: EpochReporter)
         BEST_EPOCH_ATTR: int(metrics["best_epoch"]),
         EPOCHS_TRAINED_ATTR: reporter.epochs_reported,
         TRAIN_TIME_ATTR: metrics["train_time_s"],
+        SECONDS_PER_EPOCH_ATTR: result.steady_epoch_time_s,
+        PARAMETERS_ATTR: result.trainable_parameters,
     }.items():
         trial.set_user_attr(name, value)
     pruned = reporter.pruned_at_epoch is not None
@@ -202,7 +221,10 @@ def record_result(trial, result: tracked_run.RunResult, reporter: EpochReporter)
         state_tags["pruned_after_epoch"] = str(reporter.pruned_at_epoch + 1)
     tracking.set_run_tags(result.run_id, state_tags)
     if pruned:
-        raise optuna.TrialPruned(f"below the median after epoch {reporter.pruned_at_epoch + 1}")
+        raise optuna.TrialPruned(f"stopped by the {reporter.pruner} pruner after epoch {reporter.pruned_at_epoch + 1}")
+    if config.is_multi_objective():
+        cost = result.steady_epoch_time_s if config.cost == "seconds_per_epoch" else result.trainable_parameters
+        return metrics["best_val_accuracy"], float(cost)
     return metrics["best_val_accuracy"]
 
 

@@ -12,6 +12,11 @@ from mnist_mlflow.studies.search_spaces import SearchSpace
 # Median pruning: judge no trial before 5 have finished, and none before its third epoch.
 PRUNER_STARTUP_TRIALS = 5
 PRUNER_WARMUP_EPOCHS = 2
+# Successive halving and Hyperband keep the best third of the trials at each rung (Optuna's
+# and the papers' default factor). The first rung is one epoch: an epoch is the unit a trial
+# reports, and the course's trials learn most of what they will in their first epochs.
+HALVING_FACTOR = 3
+HALVING_MIN_EPOCHS = 1
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int):
@@ -69,7 +74,23 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         """Nothing to reseed: every trial's sampler is seeded from its number."""
 
 
-def make_pruner(name: str):
+def make_pruner(name: str, epochs: int):
+    """Optuna's pruner ``name`` for trials of ``epochs`` epochs, each reported at steps 0 to epochs - 1.
+
+    - ``median``: stops a trial below the median of the finished trials at the same epoch.
+    - ``successive_halving`` (asynchronous, ASHA): at 1, 3, 9... epochs, a trial goes on only if it
+      is in the best third of the trials that reached that rung.
+    - ``hyperband``: several successive-halving brackets, from aggressive to none, each trial in
+      one bracket; it hedges against a first rung that judges too early.
+    """
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=HALVING_MIN_EPOCHS, reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0
+        )
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=HALVING_MIN_EPOCHS, max_resource=epochs, reduction_factor=HALVING_FACTOR
+        )
     return optuna.pruners.NopPruner()

@@ -18,8 +18,10 @@ from mnist_mlflow.studies.search_keys import (
     DIVERGED_ATTR,
     EPOCHS_TRAINED_ATTR,
     MODEL_URI_ATTR,
+    PARAMETERS_ATTR,
     RUN_ID_ATTR,
     SAME_AS_TRIAL_ATTR,
+    SECONDS_PER_EPOCH_ATTR,
     SURPLUS_ATTR,
     TEST_ACCURACY_ATTR,
     TRAIN_TIME_ATTR,
@@ -49,6 +51,8 @@ def trials_table(study, space: SearchSpace) -> pd.DataFrame:
                 "best_epoch": attrs.get(BEST_EPOCH_ATTR, np.nan),
                 "epochs_trained": attrs.get(EPOCHS_TRAINED_ATTR, len(trial.intermediate_values)),
                 "train_time_s": attrs.get(TRAIN_TIME_ATTR, np.nan),
+                "seconds_per_epoch": attrs.get(SECONDS_PER_EPOCH_ATTR, np.nan),
+                "parameters": attrs.get(PARAMETERS_ATTR, np.nan),
                 "worker": attrs.get(WORKER_ATTR, ""),
                 "retry_of": "" if retry_of is None else retry_of,
                 "run_id": attrs.get(RUN_ID_ATTR, ""),
@@ -84,9 +88,12 @@ def search_summary(study, config: SearchConfig, space: SearchSpace) -> StudySumm
         texts={"search/space.json": json.dumps(space.describe(), indent=2)},
         metrics=_trial_counts(table, config.epochs),
     )
-    best = _best_trial(table)
-    if best is not None:
-        _describe_best(summary, best, study, config, space)
+    if config.is_multi_objective():
+        _add_pareto_front(summary, table, study, config, space)
+    else:
+        best = _best_trial(table)
+        if best is not None:
+            _describe_best(summary, best, study, config, space)
     trained = table[table["state"].isin(["COMPLETE", "PRUNED"])]
     _add_best_of_n(summary, trained, space)
     heatmap = grid_heatmap(table, space)
@@ -104,7 +111,8 @@ def search_summary(study, config: SearchConfig, space: SearchSpace) -> StudySumm
             print(f"Search {study.study_name}: {note}", flush=True)
             summary.tags["parameter_importance_note"] = note
     summary.texts["search/trials.md"] = summaries.markdown_table(
-        table.drop(columns=["run_id", "note"]), {"val_accuracy": ".2%", "test_accuracy": ".2%", "train_time_s": ".1f"}
+        table.drop(columns=["run_id", "note"]),
+        {"val_accuracy": ".2%", "test_accuracy": ".2%", "train_time_s": ".1f", "seconds_per_epoch": ".2f"},
     )
     return summary
 
@@ -146,18 +154,98 @@ def _best_trial(table: pd.DataFrame):
     return complete.sort_values(["val_accuracy", "trial"], ascending=[False, True]).iloc[0]
 
 
-def _describe_best(summary: StudySummary, best, study, config: SearchConfig, space: SearchSpace) -> None:
-    """The best trial's metrics and tags, the winner, its registration and the line printed about it."""
+def pareto_front(table: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """The COMPLETE trials no other COMPLETE trial beats on both validation accuracy (higher) and
+    ``cost`` (lower), by increasing cost. A trial that reused a twin's result is its twin, not a
+    second point."""
+    finished = table[(table["state"] == "COMPLETE") & ~table["note"].str.startswith("same as")]
+    finished = finished[np.isfinite(finished["val_accuracy"].astype(float)) & np.isfinite(finished[cost].astype(float))]
+    keep = []
+    for index, trial in finished.iterrows():
+        better_or_equal = (finished["val_accuracy"] >= trial["val_accuracy"]) & (finished[cost] <= trial[cost])
+        strictly = (finished["val_accuracy"] > trial["val_accuracy"]) | (finished[cost] < trial[cost])
+        if not (better_or_equal & strictly).any():
+            keep.append(index)
+    return finished.loc[keep].sort_values([cost, "val_accuracy", "trial"], ascending=[True, False, True])
+
+
+def choose_from_front(front: pd.DataFrame, cost: str, within: float):
+    """The selection rule: the cheapest trial of the front whose validation accuracy is within
+    ``within`` of the front's best; of equal cost, the more accurate, then the earlier."""
+    best = front["val_accuracy"].max()
+    near = front[front["val_accuracy"] >= best - within - 1e-12]
+    return near.sort_values([cost, "val_accuracy", "trial"], ascending=[True, False, True]).iloc[0]
+
+
+def selection_rule(config: SearchConfig) -> str:
+    what = "seconds per epoch" if config.cost == "seconds_per_epoch" else "trainable parameters"
+    if config.pick_within == 0:
+        return f"the most accurate trial of the Pareto front (of equals, the fewest {what})"
+    return (
+        f"the trial of the Pareto front with the fewest {what} whose validation accuracy is within "
+        f"{config.pick_within:g} ({config.pick_within:.2%}) of the best; set pick_within to change it"
+    )
+
+
+def _add_pareto_front(summary: StudySummary, table: pd.DataFrame, study, config: SearchConfig, space: SearchSpace):
+    """A Pareto study's front (table and figure), the rule that picks one trial of it, and that trial."""
+    cost = config.cost
+    front = pareto_front(table, cost)
+    summary.metrics["pareto_front_size"] = float(len(front))
+    summary.tags["selection_rule"] = selection_rule(config)
+    if not len(front):
+        return
+    chosen = choose_from_front(front, cost, config.pick_within)
+    columns = ["trial", *space.parameters, "val_accuracy", "test_accuracy", "seconds_per_epoch", "parameters", "run_id"]
+    shown = front[columns].assign(chosen=front["trial"] == chosen["trial"])
+    summary.tables["search/pareto_front.json"] = shown
+    summary.texts["search/pareto_front.md"] = (
+        f"Pareto front of validation accuracy against {cost.replace('_', ' ')}. "
+        f"Chosen by rule: {selection_rule(config)}.\n\n"
+        + summaries.markdown_table(
+            shown.drop(columns=["run_id"]),
+            {"val_accuracy": ".2%", "test_accuracy": ".2%", "seconds_per_epoch": ".3f", "parameters": ",.0f"},
+        )
+    )
+    points = table[(table["state"] == "COMPLETE") & ~table["note"].str.startswith("same as")]
+    points = points[np.isfinite(points[cost].astype(float))]
+    summary.figures["search/pareto_front.png"] = plots.pareto_front_figure(
+        [int(number) for number in points["trial"]],
+        [float(value) for value in points[cost]],
+        [float(value) for value in points["val_accuracy"]],
+        list(points["trial"].isin(front["trial"])),
+        int(chosen["trial"]),
+        "Mean seconds per epoch" if cost == "seconds_per_epoch" else "Trainable parameters",
+        config.pick_within,
+    )
+    summary.metrics.update(
+        best_val_accuracy=float(front["val_accuracy"].max()),
+        chosen_cost=float(chosen[cost]),
+    )
+    _describe_best(summary, chosen, study, config, space, prefix="chosen")
+    summary.printed += f"; {cost} {float(chosen[cost]):g}, chosen as {selection_rule(config)}"
+
+
+def _describe_best(
+    summary: StudySummary, best, study, config: SearchConfig, space: SearchSpace, prefix: str = "best"
+) -> None:
+    """The best (or chosen) trial's metrics and tags, the winner, its registration and the line printed about it."""
     best_params = {name: _plain(best[name]) for name in space.parameters}
     summary.metrics.update(
-        best_val_accuracy=float(best["val_accuracy"]),
-        best_test_accuracy=float(best["test_accuracy"]),
-        best_trial_number=float(best["trial"]),
+        {
+            f"{prefix}_val_accuracy": float(best["val_accuracy"]),
+            f"{prefix}_test_accuracy": float(best["test_accuracy"]),
+            f"{prefix}_trial_number": float(best["trial"]),
+        }
     )
     summary.tags.update(
-        best_params=json.dumps(best_params), best_run_id=str(best["run_id"]), best_trial=str(int(best["trial"]))
+        {
+            f"{prefix}_params": json.dumps(best_params),
+            f"{prefix}_run_id": str(best["run_id"]),
+            f"{prefix}_trial": str(int(best["trial"])),
+        }
     )
-    summary.tags.update({f"best_{name}": str(value) for name, value in best_params.items()})
+    summary.tags.update({f"{prefix}_{name}": str(value) for name, value in best_params.items()})
     summary.winner_run_id = str(best["run_id"])
     model_uri = study.trials[int(best["trial"])].user_attrs.get(MODEL_URI_ATTR)
     if config.register_as and model_uri:
@@ -169,7 +257,7 @@ def _describe_best(summary: StudySummary, best, study, config: SearchConfig, spa
             float(best["test_accuracy"]),
         )
     summary.printed = (
-        f"Best trial {int(best['trial'])}: val_accuracy "
+        f"{prefix.capitalize()} trial {int(best['trial'])}: val_accuracy "
         f"{best['val_accuracy']:.4f}, test_accuracy {best['test_accuracy']:.4f}, "
         + ", ".join(f"{name}={value}" for name, value in best_params.items())
     )

@@ -79,8 +79,12 @@ def open_storage(url: str):
 
 
 def study_settings(config: SearchConfig, space: SearchSpace) -> dict[str, Any]:
-    """What must be equal for two workers (or sessions) to share a study."""
-    return {
+    """What must be equal for two workers (or sessions) to share a study.
+
+    The objective and its cost are recorded only for a Pareto study, so that a single-objective
+    study of an earlier release is still joined.
+    """
+    settings = {
         "space": space.describe(),
         "sampler": config.resolved_sampler(),
         "epochs": config.epochs,
@@ -88,6 +92,9 @@ def study_settings(config: SearchConfig, space: SearchSpace) -> dict[str, Any]:
         "max_train_examples": config.max_train_examples,
         "seed": config.seed,
     }
+    if config.is_multi_objective():
+        settings.update(objective=config.objective, cost=config.cost)
+    return settings
 
 
 def study_description(config: SearchConfig, space: SearchSpace) -> str:
@@ -99,11 +106,18 @@ def study_description(config: SearchConfig, space: SearchSpace) -> str:
         for name, choices in space.parameters.items()
     )
     fixed = ", ".join(f"{name}={value}" for name, value in space.all_fixed().items())
+    objective = (
+        f"Objectives: best-epoch validation accuracy (maximised) and {config.cost.replace('_', ' ')} (minimised); "
+        f"the Pareto front is kept and the cheapest trial within {config.pick_within:g} of the best accuracy "
+        "is registered. "
+        if config.is_multi_objective()
+        else ""
+    )
     return (
         f"Hyperparameter search {config.resolved_study_name()} ({config.resolved_sampler()} sampler, "
         f"{config.pruner} pruner, at most {config.resolved_n_trials()} trials over all workers). "
         f"Model: Dense(units, activation) -> Dropout -> Dense(10, softmax), Adam, {config.epochs} epochs, "
-        f"best epoch by validation accuracy. Varies: {varied}. Repeats: nothing (one run per trial). "
+        f"best epoch by validation accuracy. {objective}Varies: {varied}. Repeats: nothing (one run per trial). "
         f"Holds fixed: {fixed}, seed={config.seed} (split and initial weights), "
         f"max_train_examples={config.max_train_examples or 'all'}. Each child run is one trial."
     )
@@ -117,7 +131,7 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
     """
     study_name = config.resolved_study_name()
     sampler = make_sampler(config.resolved_sampler(), space, config.seed)
-    pruner = make_pruner(config.pruner)
+    pruner = make_pruner(config.pruner, config.epochs)
     settings = study_settings(config, space)
     tracking_uri = tracking.tracking_uri_shown()
     launcher_run_id = tracking.claim_launcher_run()
@@ -145,6 +159,8 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
         )
 
     def record_parent(study, parent: tracking.StudyParent) -> None:
+        # Optuna's own plots and dashboard then name the objectives.
+        study.set_metric_names(["val_accuracy", config.cost] if config.is_multi_objective() else ["val_accuracy"])
         study.set_user_attr(SETTINGS_ATTR, settings)
         study.set_user_attr(TRACKING_ATTR, tracking_uri)
         # Written last: a joining worker waits for it, and then finds the other two in place.
@@ -156,7 +172,7 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
         parent = new_parent()
         try:
             study = optuna.create_study(
-                storage=storage, study_name=study_name, direction="maximize", sampler=sampler, pruner=pruner
+                storage=storage, study_name=study_name, directions=config.directions(), sampler=sampler, pruner=pruner
             )
         except optuna.exceptions.DuplicatedStudyError:
             # Another worker created the study a moment ago; join it instead.
@@ -167,7 +183,7 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
             return study, parent
 
     attrs = wait_for_attrs(study)
-    check_joinable(study, attrs, settings, tracking_uri)
+    check_joinable(study, attrs, settings, tracking_uri, config.directions())
     if PARENT_ATTR in attrs:
         return study, tracking.attach_study_parent(
             tracking.SEARCH_KIND, study_name, attrs[PARENT_ATTR], launcher_run_id
@@ -181,13 +197,17 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
     return study, parent
 
 
-def check_joinable(study, attrs: dict[str, Any], settings: dict[str, Any], tracking_uri: str) -> None:
+def check_joinable(
+    study, attrs: dict[str, Any], settings: dict[str, Any], tracking_uri: str, directions: list[str]
+) -> None:
     """Refuses to join a study that is not one of this project's searches, was started with other
     settings, or records its runs at another tracking server."""
     study_name = study.study_name
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+    found = [direction.name.lower() for direction in study.directions]
+    if found != directions:
         raise UserInputError(
-            f"study_name={study_name!r} is an Optuna study that minimises; it is not one of this project's searches"
+            f"study_name={study_name!r} is an Optuna study that optimises {found}, not {directions}; "
+            "it is not a search with this objective (choose another study_name)"
         )
     existing = attrs.get(SETTINGS_ATTR)
     if existing is not None and existing != settings:
