@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     check_tracking_first()
     # A storage that cannot be opened is one line before TensorFlow is imported, too. The search
     # opens it again when it starts (a few milliseconds once its tables exist).
-    open_storage(config.resolved_storage())
+    # Its connection is given back at once: each worker holds only those the search uses.
+    open_storage(config.resolved_storage()).engine.dispose()
     import_training_libraries()
 
     from mnist_mlflow.studies.search import run_search

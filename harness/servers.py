@@ -113,6 +113,7 @@ def tracking_server(
     workers: int = 2,
     admin_password: str | None = None,
     backend_store_uri: str | None = None,
+    gunicorn_opts: str = "--log-level warning",
 ) -> ServerProcess:
     """A real `mlflow server` with a local artifact root, on 127.0.0.1.
 
@@ -145,7 +146,7 @@ def tracking_server(
         # client session), and a tracked run makes about a hundred requests. gunicorn, the
         # other runner `mlflow server` supports, answers in 2-4 ms.
         "--gunicorn-opts",
-        "--log-level warning",
+        gunicorn_opts,
     ]
     # The job runner (huey consumers for MLflow's GenAI jobs) starts eight more processes
     # that the project never uses.
@@ -292,10 +293,17 @@ class PostgresServer:
     """
 
     def __init__(
-        self, port: int | None = None, user: str = "search", database: str = "optuna", password: str | None = None
+        self,
+        port: int | None = None,
+        user: str = "search",
+        database: str = "optuna",
+        password: str | None = None,
+        max_connections: int = 200,
+        durable: bool = False,
     ):
         """With ``password``, every connection must log in with it (scram-sha-256 in pg_hba.conf);
-        without, the server trusts every local connection."""
+        without, the server trusts every local connection. The tests run without fsync; a
+        benchmark that measures the database passes ``durable=True``, as a real server runs."""
         import tempfile
 
         self.port = port or free_port()
@@ -312,6 +320,8 @@ class PostgresServer:
             shutil.chown(self.root, self.owner.pw_uid, self.owner.pw_gid)
             self.bin_dir = _bin_dir_usable_by(self.bin_dir, self.owner)
         self.password = password
+        self.max_connections = max_connections
+        self.durable = durable
         self.url = f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     def _as_owner(self) -> dict:
@@ -357,17 +367,21 @@ class PostgresServer:
             "-t",
             str(int(timeout_s)),
             "-o",
-            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200",
+            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync={'on' if self.durable else 'off'} "
+            f"-c max_connections={self.max_connections}",
             "start",
         )
         self.create_database(self.database)
         return self
 
+    def postmaster_pid(self) -> int:
+        return int((self.data_dir / "postmaster.pid").read_text().split()[0])
+
     def kill(self) -> None:
         """SIGKILLs the postmaster and every backend, as a crash or an OOM kill would."""
         import psutil
 
-        pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        pid = self.postmaster_pid()
         family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         for member in family:
             with contextlib.suppress(psutil.NoSuchProcess):

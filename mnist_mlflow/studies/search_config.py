@@ -54,7 +54,7 @@ class SearchConfig(Parameters):
     pruner: str = parameter(
         "none",
         "median: below the finished trials' median at the same epoch; successive_halving (ASHA) and "
-        "hyperband: outside the best third at 1, 3, 9... epochs (docs/search.md)",
+        "hyperband: outside the best third after epochs 2, 4, 10 (docs/search.md)",
         choice(*SEARCH_PRUNERS),
     )
     objective: str = parameter(

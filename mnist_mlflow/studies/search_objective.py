@@ -62,9 +62,12 @@ class EpochReporter(keras.callbacks.Callback):
         if self.multi_objective:
             self.epochs_reported += 1
             return
+        # The last epoch is never judged: stopping there saves nothing, and a pruned trial,
+        # though fully trained, would not count as finished.
+        last = epoch + 1 >= (self.params or {}).get("epochs", epoch + 2)
         try:
             self.trial.report(float(value), epoch)
-            prune = self.prune and self.trial.should_prune()
+            prune = self.prune and not last and self.trial.should_prune()
         except Exception as error:
             # A lost database ends the child run FAILED, with the reason, in one line.
             lost = lost_storage(error, self.storage_url)

@@ -13,10 +13,11 @@ from mnist_mlflow.studies.search_spaces import SearchSpace
 PRUNER_STARTUP_TRIALS = 5
 PRUNER_WARMUP_EPOCHS = 2
 # Successive halving and Hyperband keep the best third of the trials at each rung (Optuna's
-# and the papers' default factor). The first rung is one epoch: an epoch is the unit a trial
-# reports, and the course's trials learn most of what they will in their first epochs.
+# and the papers' default factor). A trial reports epoch k as Optuna's step k - 1, and Optuna
+# judges rung r at step min_resource * 3**r: with a minimum of 1, after epochs 2, 4 and 10.
+# The course's trials learn most of what they will in their first epochs.
 HALVING_FACTOR = 3
-HALVING_MIN_EPOCHS = 1
+HALVING_MIN_RESOURCE = 1
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int):
@@ -78,19 +79,22 @@ def make_pruner(name: str, epochs: int):
     """Optuna's pruner ``name`` for trials of ``epochs`` epochs, each reported at steps 0 to epochs - 1.
 
     - ``median``: stops a trial below the median of the finished trials at the same epoch.
-    - ``successive_halving`` (asynchronous, ASHA): at 1, 3, 9... epochs, a trial goes on only if it
-      is in the best third of the trials that reached that rung.
-    - ``hyperband``: several successive-halving brackets, from aggressive to none, each trial in
-      one bracket; it hedges against a first rung that judges too early.
+    - ``successive_halving`` (asynchronous, ASHA): after epochs 2, 4 and 10, a trial goes on
+      only if it is in the best third of the trials that reached that rung.
+    - ``hyperband``: several successive-halving brackets, from aggressive to none (for 10 epochs:
+      rungs after epochs 2, 4, 10; after 4, 10; after 10), each trial in one bracket chosen from
+      its number; it hedges against a first rung that judges too early.
+
+    No pruner judges a trial's last epoch (``search_objective.EpochReporter``).
     """
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=HALVING_MIN_EPOCHS, reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0
+            min_resource=HALVING_MIN_RESOURCE, reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0
         )
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=HALVING_MIN_EPOCHS, max_resource=epochs, reduction_factor=HALVING_FACTOR
+            min_resource=HALVING_MIN_RESOURCE, max_resource=epochs, reduction_factor=HALVING_FACTOR
         )
     return optuna.pruners.NopPruner()

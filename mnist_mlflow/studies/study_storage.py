@@ -64,6 +64,13 @@ def quiet_lost_storage_in_threads(url: str) -> None:
     threading.excepthook = hook
 
 
+# A worker uses the database from two threads, its own and Optuna's heartbeat, each for a few
+# milliseconds at a time. SQLAlchemy's default pool would keep up to 15 connections per
+# worker; one kept, and one more while both threads need one, lets a database's
+# max_connections hold twice as many workers (docs/scaling.md).
+STORAGE_POOL_SIZE = 1
+STORAGE_MAX_OVERFLOW = 1
+
 # Workers started together on a fresh database race to create Optuna's tables (optuna#1092);
 # creating them twice is harmless, so a storage that fails that way is opened again.
 STORAGE_OPEN_ATTEMPTS = 8
@@ -87,7 +94,11 @@ def open_storage(
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith(("postgresql", "mysql")):
-        engine_kwargs = {"connect_args": {"connect_timeout": 5}}
+        engine_kwargs = {
+            "connect_args": {"connect_timeout": 5},
+            "pool_size": STORAGE_POOL_SIZE,
+            "max_overflow": STORAGE_MAX_OVERFLOW,
+        }
     shown = redact_url(url)
     for attempt in range(STORAGE_OPEN_ATTEMPTS):
         try:
