@@ -97,7 +97,11 @@ def test_space_argument_that_is_neither_built_in_nor_a_file(tmp_path):
     ("params", "expected"),
     [
         ({"sampler": "annealing"}, "sampler='annealing' is not one of: grid, random, tpe"),
-        ({"pruner": "hyperband"}, "pruner='hyperband' is not one of: none, median"),
+        ({"pruner": "asha"}, "pruner='asha' is not one of: none, median, successive_halving, hyperband"),
+        ({"objective": "speed"}, "objective='speed' is not one of: accuracy, accuracy_and_time"),
+        ({"cost": "flops"}, "cost='flops' is not one of: seconds_per_epoch, parameters"),
+        ({"pick_within": "1.5"}, "pick_within='1.5' must lie in [0, 1]"),
+        ({"objective": "accuracy_and_time", "pruner": "hyperband"}, "pruner='hyperband' cannot prune objective"),
         ({"n_trials": "30"}, "n_trials=30 is more than the 25 points"),
         ({"n_trials": "-1"}, "n_trials='-1' must be at least 0"),
         ({"epochs": "0"}, "epochs='0' must be at least 1"),
@@ -172,3 +176,67 @@ def test_heartbeat_settings_come_from_the_environment_and_are_checked(monkeypatc
     monkeypatch.setenv(search.HEARTBEAT_ENV, "soon")
     with pytest.raises(UserInputError, match="MNIST_MLFLOW_HEARTBEAT_INTERVAL_S='soon' is not a whole number"):
         search.heartbeat_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("none", optuna.pruners.NopPruner),
+        ("median", optuna.pruners.MedianPruner),
+        ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+    ],
+)
+def test_each_pruner_name_makes_optuna_s_pruner(name, kind):
+    from mnist_mlflow.studies.search_sampling import make_pruner
+
+    assert isinstance(make_pruner(name, epochs=10), kind)
+
+
+def test_a_pareto_study_has_its_own_default_name_and_two_directions():
+    config = SearchConfig(space="random", objective="accuracy_and_time", cost="parameters")
+    assert config.resolved_study_name() == "search-random-pareto-parameters"
+    assert config.directions() == ["maximize", "minimize"]
+    assert SearchConfig(space="random").directions() == ["maximize"]
+
+
+def _front_table(rows):
+    return pd.DataFrame(
+        [
+            {"trial": number, "state": state, "val_accuracy": accuracy, "parameters": cost, "note": note}
+            for number, state, accuracy, cost, note in rows
+        ]
+    )
+
+
+def test_pareto_front_keeps_only_undominated_finished_trials_and_the_rule_picks_the_cheapest_near_the_best():
+    from mnist_mlflow.studies.search_summary import choose_from_front, pareto_front
+
+    table = _front_table(
+        [
+            (0, "COMPLETE", 0.90, 1000, ""),
+            (1, "COMPLETE", 0.95, 5000, ""),
+            (2, "COMPLETE", 0.94, 2000, ""),  # within 0.01 of the best, and cheaper: the choice
+            (3, "COMPLETE", 0.93, 6000, ""),  # dominated by 1 and 2
+            (4, "PRUNED", 0.99, 10, ""),  # not finished: never on the front
+            (5, "COMPLETE", 0.95, 5000, "same as trial 1"),  # trial 1 again, not a second point
+            (6, "COMPLETE", 0.90, 1000, ""),  # equal to trial 0: both stay, neither dominates
+            (7, "FAIL", float("nan"), float("nan"), ""),
+        ]
+    )
+    front = pareto_front(table, "parameters")
+    assert list(front["trial"]) == [0, 6, 2, 1]
+    assert choose_from_front(front, "parameters", 0.01)["trial"] == 2
+    assert choose_from_front(front, "parameters", 0.0)["trial"] == 1
+    # A wide margin takes the cheapest of all; of equal cost and accuracy, the earlier trial.
+    assert choose_from_front(front, "parameters", 0.2)["trial"] == 0
+
+
+def test_joining_a_study_with_other_directions_is_refused(tmp_path):
+    from mnist_mlflow.config import UserInputError
+    from mnist_mlflow.studies.search_workers import check_joinable
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s", direction="maximize")
+    with pytest.raises(UserInputError, match=r"optimises \['maximize'\], not \['maximize', 'minimize'\]"):
+        check_joinable(study, {}, {}, "http://127.0.0.1:5000", ["maximize", "minimize"])
+    check_joinable(study, {}, {}, "http://127.0.0.1:5000", ["maximize"])

@@ -177,3 +177,72 @@ def test_a_dead_worker_is_found_by_the_heartbeat_and_the_other_worker_finishes_t
     assert sorted(run.info.status for run in runs) == ["FINISHED"] * 4 + ["KILLED"]
     assert running_runs(client, parent_run_id) == []
     assert client.get_run(parent_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_eight_workers_on_one_study_train_every_trial_exactly_once(tmp_path, tracking_uri, postgres):
+    """Eight real workers start at once on a fresh PostgreSQL database: one parent for all, every
+    trial of the budget trained once, by several workers, and nothing left RUNNING anywhere."""
+    storage = postgres.create_database("eight_workers")
+    study_name = "eight-workers"
+    n_trials = 16
+    command = [
+        sys.executable,
+        SEARCH,
+        "--space",
+        "random",
+        "--n_trials",
+        str(n_trials),
+        "--epochs",
+        "1",
+        "--max_train_examples",
+        "300",
+        "--storage",
+        storage,
+        "--study_name",
+        study_name,
+        "--register_as",
+        "",
+    ]
+    # The experiment is created by whichever worker gets there first: they race for it, too.
+    env = python_env(tracking_uri, MLFLOW_EXPERIMENT_NAME="search-eight-workers")
+    workers = [start_worker(command, env, tmp_path) for _ in range(8)]
+    outputs = [worker.communicate(timeout=1200)[0] for worker in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-4000:]
+
+    study = load_study(storage, study_name)
+    states = optuna.trial.TrialState
+    trained = [
+        trial
+        for trial in study.trials
+        if trial.state in (states.COMPLETE, states.PRUNED) and "surplus" not in trial.user_attrs
+    ]
+    assert len(trained) == n_trials
+    assert not [trial for trial in study.trials if trial.state in (states.RUNNING, states.WAITING)]
+    # Trials that drew the parameters of a finished one reuse its run; every other trial has one.
+    own_runs = [trial for trial in trained if "same_as_trial" not in trial.user_attrs]
+
+    client = MlflowClient(tracking_uri)
+    parent_run_id = study.user_attrs["mlflow_parent_run_id"]
+    # Every worker joined the one parent, and said so.
+    for output in outputs:
+        assert f"parent run {parent_run_id}" in output, output[-2000:]
+    parents = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id], "tags.study_role = 'parent'", max_results=100
+    )
+    assert [run.info.run_id for run in parents] == [parent_run_id]
+    assert client.get_run(parent_run_id).info.status == "FINISHED"
+    runs = children(client, parent_run_id)
+    numbers = [run.data.tags["optuna_trial_number"] for run in runs]
+    assert sorted(numbers) == sorted(str(trial.number) for trial in own_runs), "each trial has exactly one run"
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert {trial.user_attrs["mlflow_run_id"] for trial in own_runs} == {run.info.run_id for run in runs}
+    assert running_runs(client, parent_run_id) == []
+    # The work was shared: on two cores some workers may get few trials, but several get some.
+    assert len({run.data.tags["worker"] for run in runs}) >= 3, sorted(run.data.tags["worker"] for run in runs)
+    assert (
+        client.get_run(parent_run_id).data.metrics["trials_complete"]
+        + client.get_run(parent_run_id).data.metrics["trials_pruned"]
+        == n_trials
+    )
