@@ -1,7 +1,7 @@
 """Simulated search workers, past what one machine can start: where the database or the server saturates.
 
     python benchmarks/bench_workers.py     # first: records one real worker's traffic
-    python benchmarks/bench_load.py        # 50, 100, 200 simulated workers; about 12 minutes
+    python benchmarks/bench_load.py        # 10 to 200 simulated workers; about 15 minutes
 
 A simulated worker replays, with no TensorFlow, the storage and tracking traffic that one real
 worker recorded in ``benchmarks/results/worker_traffic.json``: per trial, the same Optuna
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -154,6 +155,7 @@ def simulated_workers(index: int, threads: int, options: dict, out_path: str) ->
     from mnist_mlflow.studies import study_storage
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     traffic = options["traffic"]
     plan = replay_plan(traffic)
     gap_s = traffic["trial_seconds"] / (len(plan) + 1)
@@ -440,7 +442,7 @@ class ConnectionPeak(threading.Thread):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", default="50,100,200")
+    parser.add_argument("--counts", default="10,25,50,100,200")
     parser.add_argument("--setups", default="direct,grpc")
     parser.add_argument("--window", type=float, default=40.0, help="seconds measured, after a warm-up")
     parser.add_argument("--max-connections", type=int, default=500, help="PostgreSQL's max_connections")
@@ -448,6 +450,7 @@ def main() -> None:
     parser.add_argument("--skip-options", action="store_true")
     args = parser.parse_args()
     args.project_dir = str(Path(__file__).resolve().parent.parent)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     traffic = json.loads((RESULTS_DIR / "worker_traffic.json").read_text())
     root = Path(tempfile.mkdtemp(prefix="bench-load-"))
     rows = []

@@ -66,7 +66,6 @@ def interruption_reason(error: BaseException) -> str:
     return "interrupted by Ctrl-C (SIGINT)"
 
 
-_pending_reason: list[str] = []
 # Stops requested by another thread (request_stop), raised by the SIGTERM handler in the main thread.
 _pending_stops: list[Terminated] = []
 # The stops this process was told of, once it was; see termination_from.
@@ -74,10 +73,7 @@ _termination_reason: list[Terminated] = []
 
 
 def _on_sigterm(signum, frame) -> None:
-    if _pending_stops:
-        stop = _pending_stops.pop()
-    else:
-        stop = Terminated(_pending_reason.pop() if _pending_reason else "terminated by SIGTERM")
+    stop = _pending_stops.pop() if _pending_stops else Terminated("terminated by SIGTERM")
     _termination_reason.append(stop)
     raise stop
 
@@ -230,7 +226,9 @@ def watch_launcher(interval_s: float = WATCH_INTERVAL_S) -> psutil.Process | Non
     def watch() -> None:
         while alive():
             time.sleep(interval_s)
-        _pending_reason.append(f"its mlflow run launcher (pid {launcher.pid}) ended")
+        # As request_stop, but the signal is sent even without the project's handler: then
+        # SIGTERM's default action ends the process, as the launcher's end means it should.
+        _pending_stops.append(Terminated(f"its mlflow run launcher (pid {launcher.pid}) ended"))
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

@@ -247,11 +247,15 @@ def start_run(
     with run_context as run:
         run_id = run.info.run_id
         try:
-            # Inside the try: a signal while the tags are being written still ends the run KILLED.
-            mlflow.set_tags({"mlflow.runName": run_name, **tags, **lifecycle.process_identity()})
-            watch.WATCH.add(run_id)
-            yield run_id
-            watch.WATCH.remove(run_id)
+            # The watch stops renewing the heartbeat before the run is ended, however it ends:
+            # otherwise it would find the run closed and take that for another process's doing.
+            try:
+                # Inside the try: a signal while the tags are being written still ends the run KILLED.
+                mlflow.set_tags({"mlflow.runName": run_name, **tags, **lifecycle.process_identity()})
+                watch.WATCH.add(run_id)
+                yield run_id
+            finally:
+                watch.WATCH.remove(run_id)
             late = watch.deliver_ledger(run_id)
             if late:
                 print(f"The tracking server had not taken {late}; sent them again", flush=True)
@@ -260,17 +264,14 @@ def start_run(
             _let_go(run_id)
             raise
         except KeyboardInterrupt as interruption:
-            watch.WATCH.remove(run_id)
             if isinstance(interruption, watch.TrackingServerLost):
                 raise _abandon(run_id, interruption) from None
             _end_active_run("KILLED", KILLED_REASON_TAG, lifecycle.interruption_reason(interruption))
             raise
         except RunFailedError as failure:
-            watch.WATCH.remove(run_id)
             _end_active_run("FAILED", FAILED_REASON_TAG, str(failure))
             raise
         except Exception as error:
-            watch.WATCH.remove(run_id)
             stop = lifecycle.termination_from(error)
             if isinstance(stop, watch.RunClosedElsewhere):
                 _let_go(run_id)
