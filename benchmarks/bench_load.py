@@ -48,20 +48,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import RESULTS_DIR, record_results
+from common import RESULTS_DIR, ConnectionCounter, percentile, record_results
 
 from harness.servers import PostgresServer, free_port, python_env, tracking_server
 
 METRICS_PER_BATCH = 8
 PROCESSES = 4
 WARM_UP_S = 15
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 class CpuMeter:
@@ -347,8 +340,7 @@ def run_setup(workers: int, setup: str, metric_logging: str, server, database, s
     for process in processes:
         process.start()
     meter.start()
-    peak = ConnectionPeak(database)
-    peak.start()
+    peak = ConnectionCounter(database.url.rsplit("/", 1)[0] + "/postgres", interval_s=0.5).start()
     time.sleep(max(0.0, window_start - time.time()))
     cpu_before = meter.total()
     simulator_before = _children_cpu(processes)
@@ -408,36 +400,6 @@ def _children_cpu(processes) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
-
-
-class ConnectionPeak(threading.Thread):
-    def __init__(self, database) -> None:
-        super().__init__(daemon=True)
-        self.url = database.url.rsplit("/", 1)[0] + "/postgres"
-        self.peak: dict[str, int] = defaultdict(int)
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
-        query = sqlalchemy.text(
-            "select datname, count(*) from pg_stat_activity where datname is not null "
-            "and pid <> pg_backend_pid() group by datname"
-        )
-        while not self.stopped.is_set():
-            try:
-                with engine.connect() as connection:
-                    for name, count in connection.execute(query):
-                        self.peak[name] = max(self.peak[name], int(count))
-            except Exception:  # noqa: BLE001 - a full server refuses this poll too; try again
-                pass
-            self.stopped.wait(0.5)
-
-    def stop(self) -> dict[str, int]:
-        self.stopped.set()
-        self.join(10)
-        return dict(self.peak)
 
 
 def main() -> None:

@@ -29,12 +29,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import PROJECT_DIR, RESULTS_DIR, record_results
+from common import PROJECT_DIR, RESULTS_DIR, ConnectionCounter, percentile, record_results
 
 from harness.servers import PostgresServer, python_env, tracking_server
 
@@ -42,43 +41,6 @@ WORKER = PROJECT_DIR / "benchmarks" / "timed_worker.py"
 GIB = 1024**3
 # gunicorn's access log: the request's path and its duration in microseconds.
 ACCESS_FORMAT = "%(m)s %(U)s %(D)s"
-
-
-class ConnectionCounter(threading.Thread):
-    """Polls ``pg_stat_activity`` and keeps the most connections seen per database."""
-
-    def __init__(self, admin_url: str, interval_s: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.admin_url = admin_url
-        self.interval_s = interval_s
-        self.peak: dict[str, int] = defaultdict(int)
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(self.admin_url, poolclass=sqlalchemy.pool.NullPool)
-        query = sqlalchemy.text(
-            "select datname, count(*) from pg_stat_activity where datname is not null "
-            "and pid <> pg_backend_pid() group by datname"
-        )
-        while not self.stopped.is_set():
-            with engine.connect() as connection:
-                for name, count in connection.execute(query):
-                    self.peak[name] = max(self.peak[name], int(count))
-            self.stopped.wait(self.interval_s)
-
-    def stop(self) -> dict[str, int]:
-        self.stopped.set()
-        self.join(10)
-        return dict(self.peak)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def server_latencies(log_path: Path, since: int) -> list[float]:
@@ -149,8 +111,7 @@ def run_count(count: int, args, storage_url: str, server, root: Path, counter_ur
         "",
     ]
     log_offset = server.access_log.stat().st_size if server.access_log.exists() else 0
-    connections = ConnectionCounter(counter_url)
-    connections.start()
+    connections = ConnectionCounter(counter_url).start()
     started = time.perf_counter()
     processes = []
     for index in range(count):

@@ -55,3 +55,52 @@ def record_results(name: str, record: dict, table: str) -> None:
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS_DIR / f"{name}.md").write_text(table)
     print(table)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``values`` (nearest rank), NaN for none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class ConnectionCounter:
+    """Polls PostgreSQL's ``pg_stat_activity`` in a thread and keeps the most connections seen
+    per database (its own poll not counted). A server that refuses the poll (full) is asked again."""
+
+    def __init__(self, admin_url: str, interval_s: float = 0.25) -> None:
+        import threading
+        from collections import defaultdict
+
+        self.admin_url = admin_url
+        self.interval_s = interval_s
+        self.peak: dict[str, int] = defaultdict(int)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(self.admin_url, poolclass=sqlalchemy.pool.NullPool)
+        query = sqlalchemy.text(
+            "select datname, count(*) from pg_stat_activity where datname is not null "
+            "and pid <> pg_backend_pid() group by datname"
+        )
+        while not self.stopped.is_set():
+            try:
+                with engine.connect() as connection:
+                    for name, count in connection.execute(query):
+                        self.peak[name] = max(self.peak[name], int(count))
+            except sqlalchemy.exc.OperationalError:
+                pass
+            self.stopped.wait(self.interval_s)
+
+    def start(self) -> ConnectionCounter:
+        self.thread.start()
+        return self
+
+    def stop(self) -> dict[str, int]:
+        self.stopped.set()
+        self.thread.join(10)
+        return dict(self.peak)

@@ -17,6 +17,25 @@ MAX_TICK_LABELS = 30
 MAX_ANNOTATED_COLUMNS = 15
 
 
+def _log_x_if_spread(axes, values) -> None:
+    """A logarithmic x axis when the positive values span more than a factor of 20."""
+    positive = [value for value in values if value > 0]
+    if positive and max(positive) / min(positive) > 20:
+        axes.set_xscale("log")
+
+
+def _finish(figure, axes, xlabel: str, ylabel: str, title: str, legend: str | None = "lower right"):
+    """Labels, title, a light grid and the legend; the figure laid out and returned."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3, which="both")
+    if legend:
+        axes.legend(loc=legend)
+    figure.tight_layout()
+    return figure
+
+
 def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], title: str = "Confusion matrix (test)"):
     """scikit-learn's annotated confusion matrix: true labels as rows, predicted labels as columns."""
     from sklearn.metrics import ConfusionMatrixDisplay
@@ -151,17 +170,9 @@ def accuracy_vs_time_figure(
             label=f"{label} (reference)" if is_highlight else None,
         )
         axes.annotate(label, (seconds, accuracy * 100), textcoords="offset points", xytext=(6, 4), fontsize=9)
-    positive = [seconds for seconds in seconds_per_epoch if seconds > 0]
-    if positive and max(positive) / min(positive) > 20:
-        axes.set_xscale("log")
-    axes.set_xlabel("Mean seconds per epoch")
-    axes.set_ylabel("Best validation accuracy (%)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3, which="both")
-    if highlight in labels:
-        axes.legend(loc="lower right")
-    figure.tight_layout()
-    return figure
+    _log_x_if_spread(axes, seconds_per_epoch)
+    legend = "lower right" if highlight in labels else None
+    return _finish(figure, axes, "Mean seconds per epoch", "Best validation accuracy (%)", title, legend)
 
 
 def pareto_front_figure(
@@ -214,18 +225,10 @@ def pareto_front_figure(
             zorder=4,
             label=f"chosen: trial {chosen}",
         )
-    positive = costs_array[costs_array > 0]
-    if positive.size and positive.max() / positive.min() > 20:
-        axes.set_xscale("log")
+    _log_x_if_spread(axes, list(costs_array))
     if percent.size:
         axes.set_ylim(max(percent.min() - 1, np.percentile(percent, 10) - 5), min(100.2, percent.max() + 0.5))
-    axes.set_xlabel(cost_label)
-    axes.set_ylabel("Best validation accuracy (%)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3, which="both")
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    return figure
+    return _finish(figure, axes, cost_label, "Best validation accuracy (%)", title)
 
 
 def error_bar_figure(
@@ -246,13 +249,8 @@ def error_bar_figure(
         axes.axhline(reference * 100, color="tab:red", linestyle="--", label=reference_label)
     if log_x:
         axes.set_xscale("log")
-    axes.set_xlabel("L2 weight-decay factor" + (" (log scale)" if log_x else ""))
-    axes.set_ylabel("Validation accuracy (%)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3, which="both")
-    axes.legend(loc="best")
-    figure.tight_layout()
-    return figure
+    xlabel = "L2 weight-decay factor" + (" (log scale)" if log_x else "")
+    return _finish(figure, axes, xlabel, "Validation accuracy (%)", title, legend="best")
 
 
 def heatmap_figure(
