@@ -44,6 +44,7 @@ LONGEST_FILES_FIRST = (
     "test_search_e2e.py",
     "test_studies_e2e.py",
     "test_search_workers_e2e.py",
+    "test_search_objectives_e2e.py",
     "test_security_e2e.py",
     "test_shared_server_e2e.py",
     "test_dense_e2e.py",
