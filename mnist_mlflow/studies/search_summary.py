@@ -154,12 +154,17 @@ def _best_trial(table: pd.DataFrame):
     return complete.sort_values(["val_accuracy", "trial"], ascending=[False, True]).iloc[0]
 
 
-def pareto_front(table: pd.DataFrame, cost: str) -> pd.DataFrame:
-    """The COMPLETE trials no other COMPLETE trial beats on both validation accuracy (higher) and
-    ``cost`` (lower), by increasing cost. A trial that reused a twin's result is its twin, not a
-    second point."""
+def measured_points(table: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """The COMPLETE trials with both a validation accuracy and ``cost``. A trial that reused a
+    twin's result is its twin, not a second point."""
     finished = table[(table["state"] == "COMPLETE") & ~table["note"].str.startswith("same as")]
-    finished = finished[np.isfinite(finished["val_accuracy"].astype(float)) & np.isfinite(finished[cost].astype(float))]
+    return finished[np.isfinite(finished["val_accuracy"].astype(float)) & np.isfinite(finished[cost].astype(float))]
+
+
+def pareto_front(table: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """The measured points no other beats on both validation accuracy (higher) and ``cost``
+    (lower), by increasing cost."""
+    finished = measured_points(table, cost)
     keep = []
     for index, trial in finished.iterrows():
         better_or_equal = (finished["val_accuracy"] >= trial["val_accuracy"]) & (finished[cost] <= trial[cost])
@@ -207,8 +212,7 @@ def _add_pareto_front(summary: StudySummary, table: pd.DataFrame, study, config:
             {"val_accuracy": ".2%", "test_accuracy": ".2%", "seconds_per_epoch": ".3f", "parameters": ",.0f"},
         )
     )
-    points = table[(table["state"] == "COMPLETE") & ~table["note"].str.startswith("same as")]
-    points = points[np.isfinite(points[cost].astype(float))]
+    points = measured_points(table, cost)
     summary.figures["search/pareto_front.png"] = plots.pareto_front_figure(
         [int(number) for number in points["trial"]],
         [float(value) for value in points[cost]],
