@@ -309,3 +309,42 @@ def test_a_malformed_answer_is_one_line_not_a_traceback(tmp_path, fake_server):
     result = _predict(fake_server, _digit_files(tmp_path, 1))
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+SWALLOWED_SIGTERM = """
+import gc, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from mnist_mlflow import lifecycle
+lifecycle.install_signal_handlers()
+
+class Finalised:
+    def __del__(self):
+        # The signal's handler runs here, inside a finaliser, where Python swallows exceptions.
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            sum(range(100))
+
+try:
+    Finalised()
+    gc.collect()
+    for _ in range(200):
+        time.sleep(0.01)
+    print("trained on: the stop was lost")
+except lifecycle.Terminated as stop:
+    print("stopped:", stop.reason)
+"""
+
+
+def test_a_sigterm_that_lands_in_a_finaliser_still_stops_the_process(tmp_path):
+    """Python does not raise an exception from a ``__del__`` or a weakref callback; a SIGTERM
+    handled there was once lost, and the search trained on to the end."""
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_DIR
+
+    result = subprocess.run(
+        [sys.executable, "-c", SWALLOWED_SIGTERM, str(PROJECT_DIR)], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "stopped: terminated by SIGTERM", result.stdout + result.stderr
+    assert "Exception ignored" not in result.stderr

@@ -240,3 +240,23 @@ def test_joining_a_study_with_other_directions_is_refused(tmp_path):
     with pytest.raises(UserInputError, match=r"optimises \['maximize'\], not \['maximize', 'minimize'\]"):
         check_joinable(study, {}, {}, "http://127.0.0.1:5000", ["maximize", "minimize"])
     check_joinable(study, {}, {}, "http://127.0.0.1:5000", ["maximize"])
+
+
+def test_optuna_s_warning_for_an_interrupted_trial_keeps_its_line_and_drops_the_traceback():
+    import logging
+    import sys
+
+    from mnist_mlflow.lifecycle import Terminated
+    from mnist_mlflow.studies.search_workers import INTERRUPTION_FILTER
+
+    def record_for(error):
+        try:
+            raise error
+        except BaseException:
+            return logging.LogRecord("optuna", logging.WARNING, __file__, 1, "Trial 4 failed", None, sys.exc_info())
+
+    interrupted = record_for(Terminated("terminated by SIGTERM"))
+    assert INTERRUPTION_FILTER.filter(interrupted) and interrupted.exc_info is None
+    crashed = record_for(ValueError("a real bug"))
+    assert INTERRUPTION_FILTER.filter(crashed) and crashed.exc_info is not None
+    assert INTERRUPTION_FILTER in logging.getLogger("optuna.study._optimize").filters

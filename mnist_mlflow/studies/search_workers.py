@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -53,6 +54,21 @@ PARENT_WAIT_S = 5
 
 # Heartbeats, stale-trial detection and retries are "experimental" in Optuna; say so once, here.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class _NoInterruptionTraceback(logging.Filter):
+    """Optuna logs a trial cut off by Ctrl-C or SIGTERM with the whole traceback. The warning line
+    stays; the traceback goes, since the process ends with one line saying why it stopped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+INTERRUPTION_FILTER = _NoInterruptionTraceback()
+logging.getLogger("optuna.study._optimize").addFilter(INTERRUPTION_FILTER)
 
 
 class SurplusTrial(Exception):
