@@ -23,7 +23,6 @@ import contextlib
 import os
 import platform
 import signal
-import sys
 import threading
 import time
 
@@ -108,39 +107,10 @@ def termination_from(error: BaseException) -> Terminated | None:
     return None
 
 
-def _redeliver_swallowed_interruption(unraisable) -> None:
-    """A signal's exception raised while Python runs a weakref callback or a ``__del__`` is not
-    raised but printed ("Exception ignored in ...") and lost: the process would train on as if
-    never stopped. Python hands such exceptions to ``sys.unraisablehook``; an interruption is
-    sent again here, so that it is raised in the main thread's own code a moment later.
-
-    It is sent from another thread, after a short pause: sent from here, the handler would run
-    at once, still inside the finaliser. Should it land in another one, it is sent again."""
-    error = unraisable.exc_value
-    if isinstance(error, Terminated):
-        _pending_stops.append(error)
-        number = signal.SIGTERM
-    elif isinstance(error, KeyboardInterrupt):
-        number = signal.SIGINT
-    else:
-        _previous_unraisablehook(unraisable)
-        return
-    resend = threading.Timer(REDELIVERY_DELAY_S, os.kill, (os.getpid(), number))
-    resend.daemon = True
-    resend.start()
-
-
-_previous_unraisablehook = sys.unraisablehook
-# Long enough for a finaliser to return, short against any stop a person or a scheduler waits on.
-REDELIVERY_DELAY_S = 0.05
-
-
 def install_signal_handlers() -> None:
-    """Makes SIGTERM raise :class:`Terminated` in the main thread (a no-op elsewhere), and makes
-    sure a Ctrl-C or SIGTERM that lands in a finaliser is not lost."""
+    """Makes SIGTERM raise :class:`Terminated` in the main thread (a no-op elsewhere)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-        sys.unraisablehook = _redeliver_swallowed_interruption
 
 
 @contextlib.contextmanager
