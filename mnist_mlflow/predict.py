@@ -2,7 +2,7 @@
 
     python -m mnist_mlflow.predict --url http://127.0.0.1:5001 seven.png three.jpg
 
-Each image (any size, colour or grey) is turned into what MNIST looks like: grey, the digit
+Each image (colour or grey, of up to 40 megapixels) is turned into what MNIST looks like: grey, the digit
 light on a dark background (inverted when it is dark on light), fitted into a 20x20 box and
 centred in 28x28 by its centre of mass. All readable files go in one request; an unreadable
 file is reported by name and the others are still predicted.
@@ -13,10 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import requests
+
+# The most pixels an image file may declare. The client reads digits, which MNIST holds in 28 x 28;
+# a phone's photo of one has up to a few tens of millions. A file's header may declare far more
+# than its bytes hold (a tiny PNG of a blank giant picture decodes into gigabytes), so the
+# declared size is checked before anything is decoded.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 def image_to_mnist(path: str | Path) -> np.ndarray:
@@ -30,7 +37,18 @@ def image_to_mnist(path: str | Path) -> np.ndarray:
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise ValueError(f"{kind}; give the path of a PNG or JPEG file")
-    with Image.open(path) as image:
+    with warnings.catch_warnings():
+        # Pillow warns of a large image as it opens it; the check below says it in one line instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
+        # Image.open reads the header only; the pixels are decoded by convert below.
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"it declares {width} x {height} = {width * height:,} pixels, more than the "
+                f"{MAX_IMAGE_PIXELS:,} this client decodes; scale it down first"
+            )
         grey = ImageOps.exif_transpose(image).convert("L")
     pixels = np.asarray(grey, dtype=np.float32)
     # MNIST digits are light on dark. Judge the background by the border pixels.
@@ -121,7 +139,7 @@ def main(argv=None) -> int:
             arrays.append(image_to_mnist(path))
             readable.append(path)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            # DecompressionBombError: a picture of more pixels than Pillow agrees to open.
+            # DecompressionBombError: Pillow refuses to open over twice its own limit, before our check.
             print(f"{path}: cannot read image ({error})", file=sys.stderr)
             failed += 1
     if readable:

@@ -46,6 +46,7 @@ Settings, read when the model is loaded (for example as variables of `mlflow mod
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import sys
 
@@ -96,6 +97,32 @@ def _as_array(images) -> np.ndarray:
     return np.asarray(images)
 
 
+def _numbers_of_objects(images: np.ndarray) -> np.ndarray:
+    """An array of Python objects as float64, when they are all numbers or nulls (NaN, refused later as
+    not finite); otherwise as it was. A whole number beyond any float (10**400) is out of range."""
+    values = images.ravel()
+    if not all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in values):
+        return images
+    numbers = np.empty(len(values), dtype=np.float64)
+    for position, value in enumerate(values):
+        try:
+            numbers[position] = np.nan if value is None else float(value)
+        except OverflowError:
+            rows = images.shape[0] if images.ndim else 1
+            bad = position // max(1, len(values) // max(1, rows))
+            raise ImageInputError(f"image {bad} holds a pixel out of range: pixels are raw intensities 0-255") from None
+    return numbers.reshape(images.shape)
+
+
+def _holds_booleans(nested, depth: int) -> bool:
+    """Whether nested lists of this depth hold a boolean anywhere. The leaves' types are gathered
+    by C loops (chain, map, set), which costs a small part of parsing the request's JSON."""
+    leaves = nested
+    for _ in range(depth - 1):
+        leaves = itertools.chain.from_iterable(leaves)
+    return any(issubclass(kind, (bool, np.bool_)) for kind in set(map(type, leaves)))
+
+
 def check_images(images, max_batch: int) -> np.ndarray:
     """The batch as float32 (n, 28, 28, 1) raw pixels, or ImageInputError naming what is wrong.
 
@@ -107,19 +134,18 @@ def check_images(images, max_batch: int) -> np.ndarray:
         # {"inputs": {...}}: named tensors, which this model does not take. Name a few keys, never the values.
         keys = ", ".join(repr(str(key)[:20]) for key in list(images)[:3])
         raise ImageInputError(f"inputs must be a list of images, not a mapping (keys {keys or 'none'})")
+    given_as = images
     try:
         images = _as_array(images)
     except (TypeError, ValueError):
         images = None
     if images is not None and images.dtype.kind == "O":
-        # Numbers mixed with JSON nulls: the nulls become NaN, refused below as not finite.
-        values = images.ravel()
-        if all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in values):
-            images = np.array([np.nan if value is None else value for value in values], dtype=np.float32).reshape(
-                images.shape
-            )
+        images = _numbers_of_objects(images)
     if images is None or images.dtype.kind not in "iuf":
         raise ImageInputError("inputs must be numbers: raw pixel intensities 0-255")
+    if isinstance(given_as, (list, tuple)) and _holds_booleans(given_as, images.ndim):
+        # NumPy turns true and false among numbers into 1.0 and 0.0; only the lists still tell.
+        raise ImageInputError("inputs must be numbers: raw pixel intensities 0-255, not true or false")
     given = images
     images = images.astype(np.float32, copy=False)
     if images.ndim == 2 and images.shape[1] == PIXELS:

@@ -109,3 +109,59 @@ def test_the_entry_points_refuse_an_enormous_batch_in_one_line(tmp_path, script)
         "error: batch_size=1000000000 is more than the 54,000 training examples "
         "(validation_fraction=0.1, max_train_examples=0)"
     ]
+
+
+def _runs_and_experiments(client):
+    experiments = client.search_experiments(view_type=3)  # ViewType.ALL: deleted ones too
+    runs = client.search_runs([experiment.experiment_id for experiment in experiments], run_view_type=3)
+    return {experiment.experiment_id for experiment in experiments}, {run.info.run_id for run in runs}
+
+
+# Each value stands for a flag that would refuse it: units for hidden_units (a whole number, the
+# size cap), batch_size (no larger than the training set), learning_rate (positive and finite).
+HOSTILE_SPACES = {
+    "infinity": ("units: [.inf]", "units=inf is not a finite number"),
+    "nan": ("units: [.nan]", "units=nan is not a finite number"),
+    "huge-units": ("units: [100000000]", "its largest trial (units=100000000, batch_size=32) cannot run"),
+    "huge-range": ("units: {low: 8, high: 100000000}", "more than the cap of 50,000,000"),
+    "huge-float-range": ("units: {low: 8, high: 1.0e+8}", "more than the cap of 50,000,000"),
+    "text-exponent": ("units: {low: 8, high: 1e8}", "units='1e8' is text to YAML, not a number"),
+    "batch-beyond-data": ("batch_size: [64, 100000]", "batch_size=100000 is more than the 300 training examples"),
+    "huge-whole-number": ("learning_rate: [1" + "0" * 400 + "]", "is out of range"),
+    "deep-nesting": ("units: " + "[" * 60_000 + "]" * 60_000, "nests lists or mappings more than 8 deep"),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", list(HOSTILE_SPACES))
+def test_a_hostile_space_file_is_one_line_and_creates_no_study_and_no_run(tmp_path, tracking_uri, case):
+    from mlflow import MlflowClient
+
+    body, expected = HOSTILE_SPACES[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(f"name: hostile\nparameters:\n  {body}\n")
+    assert path.stat().st_size < MAX_SPACE_FILE_BYTES
+    client = MlflowClient(tracking_uri)
+    before = _runs_and_experiments(client)
+    result = run_script(
+        [sys.executable, SEARCH, "--space", str(path), "--epochs", "1", "--max_train_examples", "300"]
+        + ["--n_trials", "1", "--register_as", ""],
+        python_env(tracking_uri),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines[:3]
+    # Nothing was created: no Optuna storage beside the file, no experiment and no run on the server.
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == [path.name]
+    assert _runs_and_experiments(client) == before
+
+
+def test_deep_nesting_is_refused_in_well_under_a_second(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("parameters:\n  units: " + "[" * 60_000 + "]" * 60_000 + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="nests lists or mappings more than 8 deep at line 2"):
+        SearchConfig(space=str(path))
+    assert time.perf_counter() - started < 0.5

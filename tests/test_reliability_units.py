@@ -272,6 +272,49 @@ def test_a_decompression_bomb_is_one_line_and_the_other_files_are_predicted(tmp_
     assert f"{good[0]}: 1 (probability 1.000)" in result.stdout
 
 
+# Runs the client and prints its peak memory (resident set, in KiB) as the last line of stdout.
+# VmHWM belongs to the program's own memory map; ru_maxrss would carry over the forking test
+# process's peak, which Linux keeps across exec.
+PREDICT_AND_REPORT_MEMORY = """
+import runpy, sys
+sys.argv = ["predict", *sys.argv[1:]]
+try:
+    runpy.run_module("mnist_mlflow.predict", run_name="__main__")
+finally:
+    status = open("/proc/self/status").read().splitlines()
+    print("peak KiB", next(line.split()[1] for line in status if line.startswith("VmHWM:")), flush=True)
+"""
+
+
+def test_a_small_file_that_declares_144_megapixels_is_refused_before_decoding(tmp_path, fake_server):
+    from PIL import Image
+
+    from mnist_mlflow.predict import MAX_IMAGE_PIXELS
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(bomb)
+    # Under Pillow's own refusal (twice its 89-megapixel limit), where it only warns.
+    assert bomb.stat().st_size < 64_000 and 12_000**2 < 2 * Image.MAX_IMAGE_PIXELS
+    good = _digit_files(tmp_path, 1)
+    FakeModelServer.answer = _rows(GOOD)
+    result = subprocess.run(
+        [sys.executable, "-c", PREDICT_AND_REPORT_MEMORY, "--url", fake_server, str(bomb), *good],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PROJECT_DIR,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"{bomb}: cannot read image (it declares 12000 x 12000 = 144,000,000 pixels, more than the "
+        f"{MAX_IMAGE_PIXELS:,} this client decodes; scale it down first)"
+    ]
+    assert f"{good[0]}: 1 (probability 1.000)" in result.stdout
+    # Decoding it would take 144 MB as grey bytes, and 576 MB more as float32 pixels.
+    peak_kib = int(result.stdout.strip().splitlines()[-1].split()[-1])
+    assert peak_kib < 300_000, peak_kib
+
+
 def test_a_fifo_is_refused_and_the_other_files_are_predicted(tmp_path, fake_server):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)

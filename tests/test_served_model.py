@@ -191,6 +191,10 @@ def test_the_keras_model_loads_for_further_training(logged_model, small_splits):
             "inputs must be a list of images, not a mapping (keys 'pixels')",
         ),
         ([[" 3 "] * 784], "inputs must be numbers"),
+        ([[True] + [0.5] * 783], "inputs must be numbers: raw pixel intensities 0-255, not true or false"),
+        ([[[[0.0]] * 28] * 28, [[[0.0]] * 27 + [[False]]] * 28], "not true or false"),
+        ([[0.0] * 783 + [10**400]], "image 0 holds a pixel out of range"),
+        ([[0] * 784, [0] * 783 + [10**400]], "image 1 holds a pixel out of range"),
     ],
     ids=[
         "nan",
@@ -208,6 +212,10 @@ def test_the_keras_model_loads_for_further_training(logged_model, small_splits):
         "1e308",
         "mapping",
         "numeric-strings",
+        "booleans-among-numbers",
+        "a-boolean-in-image-1",
+        "ten-to-the-400",
+        "ten-to-the-400-in-image-1",
     ],
 )
 def test_what_is_not_an_image_is_refused_with_http_400_and_a_message_without_the_data(images, message):

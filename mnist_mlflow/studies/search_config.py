@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from mnist_mlflow.config import SEED, ConfigError, max_train_examples_parameter
+from mnist_mlflow.config import (
+    SEED,
+    ConfigError,
+    DataConfig,
+    DenseModelConfig,
+    DenseRunConfig,
+    TrainingConfig,
+    max_train_examples_parameter,
+)
 from mnist_mlflow.parameters import (
     NAME,
     Parameters,
@@ -16,7 +25,7 @@ from mnist_mlflow.parameters import (
     text,
     whole_number,
 )
-from mnist_mlflow.studies.search_spaces import MAX_GRID_POINTS, SAMPLERS, SearchSpace, load_space
+from mnist_mlflow.studies.search_spaces import MAX_GRID_POINTS, SAMPLERS, SearchSpace, load_space, space_corner
 
 # Storage URL schemes Optuna's RDBStorage can use (with a driver suffix such as postgresql+psycopg2).
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -111,12 +120,42 @@ class SearchConfig(Parameters):
                 f"pruner={self.pruner!r} cannot prune objective=accuracy_and_time: Optuna's pruners judge one "
                 "objective and this study has two; use pruner=none (every trial trains all its epochs)"
             )
+        self._check_largest_trial(space)
         scheme = self.resolved_storage().partition(":")[0].partition("+")[0]
         if scheme not in STORAGE_SCHEMES or "://" not in self.resolved_storage():
             raise ConfigError(
                 f"storage={self.storage!r} is not an Optuna storage URL such as {DEFAULT_SEARCH_STORAGE} "
                 "or postgresql://user:password@host:5432/database"
             )
+
+    def trial_config(self, values: dict[str, Any]) -> DenseRunConfig:
+        """The ``dense`` run of one trial: Dense(units, activation) -> Dropout -> Dense(10), Adam."""
+        return DenseRunConfig(
+            model=DenseModelConfig(
+                hidden_units=(int(values["units"]),),
+                activations=(str(values["activation"]),),
+                dropout_rate=float(values["dropout"]),
+            ),
+            training=TrainingConfig(
+                optimizer="adam",
+                learning_rate=float(values["learning_rate"]),
+                batch_size=int(values["batch_size"]),
+                epochs=self.epochs,
+                seed=self.seed,
+            ),
+            data=DataConfig(seed=self.seed, max_train_examples=self.max_train_examples),
+        )
+
+    def _check_largest_trial(self, space: SearchSpace) -> None:
+        """Builds the trial of the space's largest values, so that a value the ``dense`` flags would
+        refuse (a network over the size cap, a batch larger than the data) is refused now, before
+        the study or any run exists, rather than by the first trial that draws it."""
+        largest = space_corner(space, largest=True)
+        try:
+            self.trial_config(largest)
+        except ConfigError as error:
+            varied = ", ".join(f"{name}={int(largest[name])}" for name in ("units", "batch_size"))
+            raise ConfigError(f"space {space.source}: its largest trial ({varied}) cannot run: {error}") from None
 
     def is_multi_objective(self) -> bool:
         return self.objective == "accuracy_and_time"

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_mlflow import tracked_run, tracking
-from mnist_mlflow.config import DataConfig, DenseModelConfig, DenseRunConfig, TrainingConfig, TrainingDivergedError
+from mnist_mlflow.config import TrainingDivergedError
 from mnist_mlflow.studies import engine
 from mnist_mlflow.studies.protocol import ChildSpec
 from mnist_mlflow.studies.search_config import SearchConfig
@@ -78,25 +78,6 @@ class EpochReporter(keras.callbacks.Callback):
         if prune:
             self.pruned_at_epoch = epoch
             self.model.stop_training = True
-
-
-def trial_config(values: dict[str, Any], config: SearchConfig) -> DenseRunConfig:
-    """The ``dense`` run of one trial: Dense(units, activation) -> Dropout -> Dense(10), Adam."""
-    return DenseRunConfig(
-        model=DenseModelConfig(
-            hidden_units=(int(values["units"]),),
-            activations=(str(values["activation"]),),
-            dropout_rate=float(values["dropout"]),
-        ),
-        training=TrainingConfig(
-            optimizer="adam",
-            learning_rate=float(values["learning_rate"]),
-            batch_size=int(values["batch_size"]),
-            epochs=config.epochs,
-            seed=config.seed,
-        ),
-        data=DataConfig(seed=config.seed, max_train_examples=config.max_train_examples),
-    )
 
 
 def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str, n_trials: int, counter: list[int]):
@@ -172,7 +153,7 @@ def trial_child(
 ) -> ChildSpec:
     """The child run of one trial: its key, name, labels and the ``dense`` config it trains."""
     study_name = config.resolved_study_name()
-    run_config = trial_config(values, config)
+    run_config = config.trial_config(values)
     varied = ", ".join(f"{name}={values[name]}" for name in space.parameters)
     note = f" (retry of trial {retry_of})" if retry_of is not None else ""
     print(f"Trial {trial.number}{note}: training {varied}", flush=True)

@@ -41,6 +41,10 @@ MAX_SPACE_FILE_BYTES = 256 * 1024
 # The most points a grid search walks. Optuna's GridSampler holds the whole grid in memory and
 # the study's summary draws it, so a grid must stay a size a person would run.
 MAX_GRID_POINTS = 10_000
+# How deep a space file's lists and mappings may nest. A space needs three levels (the file, its
+# ``parameters``, one range); PyYAML parses deep nesting in quadratic time and composes it by
+# recursion, so a few thousand brackets would take a minute and end in a RecursionError.
+MAX_SPACE_NESTING = 8
 
 # The hyperparameters a space may vary or fix, with the value they take when it does neither.
 HYPERPARAMETER_DEFAULTS: dict[str, Any] = {
@@ -120,6 +124,20 @@ class SearchSpace:
         }
 
 
+def space_corner(space: SearchSpace, largest: bool) -> dict[str, Any]:
+    """Every hyperparameter at the largest (or smallest) value the space can draw; names stay fixed."""
+    pick = max if largest else min
+    values = space.all_fixed()
+    for name, choices in space.parameters.items():
+        if isinstance(choices, Range):
+            values[name] = choices.high if largest else choices.low
+        elif name == "activation":
+            values[name] = choices[0]
+        else:
+            values[name] = pick(choices)
+    return values
+
+
 # docs/experiments.md section 4: a 5 x 5 grid over dropout and units, batch 32; and the random space.
 GRID_SPACE = SearchSpace(
     name="grid",
@@ -140,6 +158,14 @@ RANDOM_SPACE = SearchSpace(
 )
 
 
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_value(source: str, name: str, value: Any) -> Any:
     """One hyperparameter value, checked and normalised, or a ConfigError that names it."""
     where = f"space {source}: {name}={brief(value)}"
@@ -147,8 +173,18 @@ def _check_value(source: str, name: str, value: Any) -> Any:
         if not isinstance(value, str) or value.lower() not in ACTIVATIONS:
             raise ConfigError(f"{where} is not one of: {', '.join(ACTIVATIONS)}")
         return value.lower()
+    if isinstance(value, str) and _reads_as_number(value):
+        # PyYAML reads YAML 1.1, where 1e8 and 1.0e8 are strings: a float needs a dot and a signed exponent.
+        raise ConfigError(f"{where} is text to YAML, not a number; write it with a dot and a signed exponent (1.0e+8)")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where} is not a number")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        # A whole number too large for a float, such as 10**400 written out.
+        raise ConfigError(f"{where} is out of range") from None
+    if not finite:
+        raise ConfigError(f"{where} is not a finite number")
     if name in INTEGER_HYPERPARAMETERS:
         if value != int(value) or value < 1:
             raise ConfigError(f"{where} must be a positive whole number")
@@ -243,8 +279,19 @@ def load_space(text: str) -> SearchSpace:
         source = path.read_text()
         # An alias repeats a node by reference, so a few hundred bytes of nested aliases can
         # expand into gigabytes (a "billion laughs" file). A space file never needs one.
+        depth = 0
         for event in yaml.parse(source, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_SPACE_NESTING:
+                    mark = event.start_mark
+                    raise ConfigError(
+                        f"space={text!r} nests lists or mappings more than {MAX_SPACE_NESTING} deep "
+                        f"at line {mark.line + 1}, column {mark.column + 1}"
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.AliasEvent):
                 mark = event.start_mark
                 raise ConfigError(
                     f"space={text!r} uses a YAML alias (*{event.anchor[:30]}) at line {mark.line + 1}; "
