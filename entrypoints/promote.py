@@ -1,6 +1,10 @@
 """The `promote` entry point: point the `champion` alias at the best version of a registered model.
 
+Versions are ranked by their logged models' validation figures (mlflow.search_logged_models), and
+the best one is evaluated again on its validation split (mlflow.models.evaluate) before the alias moves.
+
 python entrypoints/promote.py --model_name mnist-cnn
+python entrypoints/promote.py --model_name mnist-cnn --min_val_accuracy 0.99
 mlflow run . -e promote -P model_name=mnist-cnn --env-manager local
 """
 
@@ -22,12 +26,21 @@ def main(argv=None) -> None:
     from mnist_mlflow import tracking
 
     tracking.prepare_tracking()
-    promotion = tracking.promote_best_version(config.model_name, config.metric)
+    from mnist_mlflow.tracked_run import validation_split
+
+    promotion = tracking.promote_best_version(
+        config.model_name, validation_split, config.metric, min_val_accuracy=config.min_val_accuracy
+    )
     print(f"Versions of {promotion.model_name} by {promotion.metric} (higher is better; ties go to the newer):")
-    for number, value in promotion.candidates:
-        shown = "no score" if value is None else f"{value:.4f}"
-        marker = "  <- chosen" if number == promotion.version else ""
-        print(f"  version {number}: {shown}{marker}")
+    for candidate in sorted(promotion.candidates, key=lambda item: int(item.version)):
+        shown = "no score" if candidate.value is None else f"{candidate.value:.4f}"
+        source = "" if candidate.source == "logged model" else f" ({candidate.source})"
+        marker = "  <- chosen" if candidate.version == promotion.version else ""
+        print(f"  version {candidate.version}: {shown}{source}{marker}")
+    print(
+        f"Evaluated version {promotion.version} with mlflow.models.evaluate on {promotion.evaluated_on}: "
+        f"accuracy {promotion.evaluated_accuracy:.4f} (at least {config.min_val_accuracy:g} asked)."
+    )
     moved = (
         ""
         if promotion.previous_version in (None, promotion.version)

@@ -28,6 +28,7 @@ from mnist_mlflow.parameters import (
     choice,
     flags,
     names,
+    number,
     parameter,
     same_parameter,
     text,
@@ -355,6 +356,12 @@ class PromoteConfig(Parameters):
     model_name: str = parameter("mnist-cnn", "the registered model", NAME)
     metric: str = parameter(
         "val_accuracy", "validation metric to rank versions by (higher is better); test metrics are refused", text()
+    )
+    min_val_accuracy: float = parameter(
+        0.0,
+        "the gate: the chosen model's accuracy on its validation split, measured again by "
+        "mlflow.models.evaluate, must reach this, or the alias stays where it was",
+        number(0.0, 1.0),
     )
 
     def __post_init__(self) -> None:

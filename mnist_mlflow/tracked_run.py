@@ -253,7 +253,6 @@ def make_run(plan: RunPlan) -> RunResult:
         checkpoint = training.Checkpoint.read(tracking.download_checkpoint(plan.resume.run_id))
 
     model, steps_per_execution, jit_compile = build_and_compile(plan, len(splits.train_labels))
-    tracking.enable_autolog()
     all_tags = {
         **plan.tags,
         "dataset": splits.dataset,
@@ -285,11 +284,11 @@ def make_run(plan: RunPlan) -> RunResult:
                 "tfds_version": splits.version,
             }
         )
-        tracking.log_dataset_splits(splits)
+        datasets = tracking.log_dataset_splits(splits)
         tracking.log_text(models.summary_text(model), "model_summary.txt")
 
         # The ledger keeps every epoch's metrics until the server has them (tracking.watch).
-        callbacks = [*plan.callbacks, tracking.epoch_ledger(run_id)]
+        callbacks = [*plan.callbacks, tracking.epoch_ledger(run_id), tracking.keras_metrics_logger()]
         keeper = tracking.CheckpointKeeper(run_id)
         result = training.train_and_evaluate(
             model,
@@ -301,10 +300,17 @@ def make_run(plan: RunPlan) -> RunResult:
             resume=checkpoint,
         )
         keeper.wait()
-        tracking.log_metrics(result.metrics())
+        summary_time_ms = tracking.log_summary_metrics(result.metrics())
         log_evaluation(result, splits)
         model_uri = tracking.log_keras_model(
-            models.prepare_for_inference(model), splits.test_images[:NUM_EXAMPLE_IMAGES]
+            models.prepare_for_inference(model),
+            splits.test_images[:NUM_EXAMPLE_IMAGES],
+            name=plan.run_name,
+            # The step after the last epoch, which holds no metric point for MLflow to link.
+            step=training_config.epochs,
+        )
+        tracking.link_metrics_to_model(
+            model_uri.rsplit("/", 1)[-1], datasets, result.metrics(), summary_time_ms, result.best_epoch
         )
         print(
             f"Selected epoch {result.best_epoch + 1} (step {result.best_epoch}): "
@@ -347,6 +353,18 @@ def announce_resume(run_id: str, plan: RunPlan, checkpoint: training.Checkpoint)
         what = f"Taking over killed run {plan.resume.run_id} from its checkpoint after epoch {done} of {epochs}"
     tracking.deliver_history(run_id, checkpoint.state["history"])
     print(what, flush=True)
+
+
+def validation_split(params: Mapping[str, str]):
+    """The validation split that a run with these parameters used: (images, labels, data set name).
+    ``promote`` evaluates a model on it again before it becomes the champion."""
+    config = DataConfig(
+        dataset=params.get("dataset", "mnist"),
+        validation_fraction=float(params.get("validation_fraction", 0.1)),
+        seed=int(params.get("seed", 0)),
+    )
+    splits = data.load_splits(config)
+    return splits.validation_images, splits.validation_labels, f"{splits.dataset}-validation"
 
 
 def log_evaluation(result: training.TrainingResult, splits: data.Splits) -> None:

@@ -4,7 +4,7 @@ The rest of the library trains, evaluates and plots; this package records:
 
 - :mod:`~mnist_mlflow.tracking.server`: checking the tracking server and the credentials,
   choosing the experiment, the links to the UI;
-- :mod:`~mnist_mlflow.tracking.runs`: starting, logging into and ending runs, autolog, and
+- :mod:`~mnist_mlflow.tracking.runs`: starting, logging into and ending runs, the Keras metrics, and
   closing the runs of processes that are gone;
 - :mod:`~mnist_mlflow.tracking.studies`: a study's parent run, its children and its summary;
 - :mod:`~mnist_mlflow.tracking.registry`: the servable model, the registry and promotion;
@@ -34,6 +34,7 @@ from mnist_mlflow.tracking.registry import (
     Promotion,
     load_keras_model,
     log_keras_model,
+    logged_model_name,
     promote_best_version,
     register_model_version,
     register_once,
@@ -49,13 +50,15 @@ from mnist_mlflow.tracking.runs import (
     STUDY_KIND_TAG,
     STUDY_ROLE_TAG,
     UNKNOWN_PROCESS_MAX_AGE_H,
-    enable_autolog,
     environment_summary,
+    keras_metrics_logger,
+    link_metrics_to_model,
     log_dataset_splits,
     log_dict,
     log_figure,
     log_metrics,
     log_params,
+    log_summary_metrics,
     log_text,
     mark_run_killed,
     metric_values,
@@ -160,7 +163,9 @@ __all__ = [
     "mark_run_killed",
     "prepare_tracking",
     "reconcile_runs",
-    "enable_autolog",
+    "keras_metrics_logger",
+    "log_summary_metrics",
+    "link_metrics_to_model",
     "start_run",
     "metric_values",
     "log_params",
@@ -184,6 +189,7 @@ __all__ = [
     "SERVED_MODEL_CODE",
     "KERAS_MODEL_FILE",
     "log_keras_model",
+    "logged_model_name",
     "load_keras_model",
     "register_model_version",
     "register_once",

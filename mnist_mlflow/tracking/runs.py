@@ -186,19 +186,36 @@ def _search_all_runs(client: MlflowClient, experiment_ids: list[str], filter_str
             return runs
 
 
-def enable_autolog() -> None:
-    """Turns on ``mlflow.tensorflow.autolog`` for Keras parameters and per-epoch metrics.
+def keras_metrics_logger():
+    """MLflow's Keras callback (``mlflow.tensorflow.MlflowCallback``), with one name per quantity.
 
-    The project logs the selected model, the data sets and checkpoints itself, so autolog's
-    own copies are turned off.
+    It logs the optimizer's settings (``opt_name``, ``opt_learning_rate``, ...) when training
+    begins and every epoch's metrics under Keras's own names (``loss``, ``accuracy``,
+    ``val_loss``, ``val_accuracy``, and what the project's callbacks add, such as
+    ``epoch_time_s``), at step = epoch, in one background batch, as MLflow's autolog does.
+
+    Why not ``mlflow.tensorflow.autolog``: its callback also logs every validation pass a second
+    time, as ``validation_loss`` and ``validation_accuracy`` without a step, so each run had two
+    series of one quantity, and the UI drew both. Keras's names are kept: they are the names of
+    ``History``, ``EarlyStopping`` and the project's ``best_val_accuracy``. The project logs the
+    model, the data sets and the checkpoints itself, so autolog added nothing else it uses.
     """
-    mlflow.tensorflow.autolog(
-        log_models=False,
-        log_datasets=False,
-        checkpoint=False,
-        log_every_epoch=True,
-        silent=True,
-    )
+    from mlflow.tensorflow import MlflowCallback
+
+    class EpochMetrics(MlflowCallback):
+        def on_train_begin(self, logs=None):
+            # The model's summary is logged by the run itself (model_summary.txt), with more detail.
+            settings = self.model.optimizer.get_config()
+            log_params({f"opt_{name}": value for name, value in settings.items()})
+
+        def on_test_end(self, logs=None):
+            # Keras's fit already hands the validation pass to on_epoch_end as val_<name>.
+            pass
+
+        def on_train_end(self, logs=None):
+            mlflow.flush_async_logging()
+
+    return EpochMetrics(log_every_epoch=True)
 
 
 @contextlib.contextmanager
@@ -352,8 +369,52 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
 
 
-def log_dataset_splits(splits) -> None:
-    """Logs train, validation and test as run inputs with name, size and digest."""
+def log_summary_metrics(metrics: Mapping[str, float]) -> int:
+    """Logs the run's summary metrics at step 0 and one timestamp, which it returns for
+    ``link_metrics_to_model``."""
+    timestamp_ms = int(time.time() * 1000)
+    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=0, timestamp=timestamp_ms)
+    return timestamp_ms
+
+
+def link_metrics_to_model(
+    model_id: str, datasets: Mapping[str, Any], summary: Mapping[str, float], summary_time_ms: int, epoch: int
+) -> None:
+    """Links the active run's figures to its logged model ``model_id``, each with the data set it
+    was measured on (``split_measured_on``): the ``summary`` metrics, and the selected ``epoch``'s
+    points of ``val_accuracy`` and ``val_loss``. The Models tab and ``search_logged_models`` then
+    show the model's ``val_accuracy`` on the validation split and ``test_accuracy`` on test.
+
+    A run's metric history keeps no data set, so MLflow cannot link one itself. Each point is
+    logged again exactly as the run holds it (key, value, step, timestamp), with the model and
+    the data set: a database store keeps such a point once in the run (it is the metrics table's
+    primary key), so the run's series gain no second point. A local file store (``file:`` or a
+    folder) would append a copy, so there nothing is linked.
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("file:") or "://" not in uri:
+        return
+    from mlflow.entities import Metric
+
+    run_id = mlflow.active_run().info.run_id
+    client = MlflowClient()
+    mlflow.flush_async_logging()
+    points = [(name, float(value), summary_time_ms, 0) for name, value in summary.items()]
+    for key in ("val_accuracy", "val_loss"):
+        selected = [point for point in client.get_metric_history(run_id, key) if point.step == epoch]
+        points += [(key, point.value, point.timestamp, point.step) for point in selected[:1]]
+    metrics = []
+    for key, value, timestamp, step in points:
+        dataset = datasets.get(split_measured_on(key))
+        named = (dataset.name, dataset.digest) if dataset is not None else (None, None)
+        metrics.append(Metric(key, value, timestamp, step, model_id, *named))
+    client.log_batch(run_id, metrics=metrics)
+
+
+def log_dataset_splits(splits) -> dict[str, Any]:
+    """Logs train, validation and test as run inputs with name, size and digest; returns the
+    ``mlflow.data`` data sets by context (``training``, ``validation``, ``test``)."""
+    datasets = {}
     for context, images, labels in (
         ("training", splits.train_images, splits.train_labels),
         ("validation", splits.validation_images, splits.validation_labels),
@@ -370,6 +431,21 @@ def log_dataset_splits(splits) -> None:
             context=context,
             tags={"examples": str(len(labels)), "tfds_version": splits.version},
         )
+        datasets[context] = dataset
+    return datasets
+
+
+def split_measured_on(metric: str) -> str | None:
+    """The data split a metric was measured on: ``test_*`` on test; ``val_*``, the selected
+    epoch and its validation figures on validation; the rest (loss, accuracy, the fit's time and
+    throughput) on training."""
+    if metric.startswith("test_"):
+        return "test"
+    if metric.startswith(("val_", "best_val_")) or metric == "best_epoch":
+        return "validation"
+    if metric in ("loss", "accuracy", "train_time_s", "examples_per_s", "mean_epoch_time_s"):
+        return "training"
+    return None
 
 
 def log_figure(figure, artifact_file: str) -> None:
