@@ -46,6 +46,8 @@ LONGEST_FILES_FIRST = (
     "test_search_workers_e2e.py",
     "test_search_objectives_e2e.py",
     "test_security_e2e.py",
+    "test_models_view_e2e.py",
+    "test_dashboard_e2e.py",
     "test_shared_server_e2e.py",
     "test_dense_e2e.py",
     "test_fresh_machine_e2e.py",

@@ -8,6 +8,7 @@ import re
 import sys
 import uuid
 
+import mlflow
 import numpy as np
 import pytest
 import requests
@@ -342,20 +343,21 @@ def test_predict_client_reads_png_files_and_reports_unreadable_ones(champion_ser
     assert printed == {f"test_{index}": str(small_splits.test_labels[index]) for index in confident}
 
 
-def test_promote_chooses_by_validation_never_by_test(registered_cnn, tracking_uri):
+def test_promote_breaks_a_tie_for_the_newer_version(registered_cnn, tracking_uri):
     from mnist_mlflow import tracking
+    from mnist_mlflow.tracked_run import validation_split
 
-    client, run, _, _ = registered_cnn
-    model_name = f"promote-{uuid.uuid4().hex[:8]}"
-    model_uri = f"runs:/{run.info.run_id}/model"
-    better_validation = tracking.register_model_version(model_uri, model_name, run.info.run_id, 0.95, 0.90)
-    better_test = tracking.register_model_version(model_uri, model_name, run.info.run_id, 0.93, 0.99)
-    promotion = tracking.promote_best_version(model_name)
-    assert promotion.version == better_validation != better_test
-    assert client.get_model_version_by_alias(model_name, "champion").version == better_validation
-    # A tie goes to the newer version.
-    tied = tracking.register_model_version(model_uri, model_name, run.info.run_id, 0.95, 0.80)
-    assert tracking.promote_best_version(model_name).version == tied
+    client, run, model_name, _ = registered_cnn
+    source = client.get_model_version(model_name, "1").source
+    assert source.startswith("models:/m-")
+    tied_name = f"promote-{uuid.uuid4().hex[:8]}"
+    first = mlflow.register_model(source, tied_name).version
+    second = mlflow.register_model(source, tied_name).version
+    promotion = tracking.promote_best_version(tied_name, validation_split)
+    assert promotion.version == str(second) != str(first)
+    assert [candidate.source for candidate in promotion.candidates] == ["logged model", "logged model"]
+    assert promotion.value == pytest.approx(run.data.metrics["best_val_accuracy"])
+    assert client.get_model_version_by_alias(tied_name, "champion").version == str(second)
 
 
 def test_promote_refuses_unknown_models_and_test_metrics(mlflow_server):

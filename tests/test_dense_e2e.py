@@ -109,7 +109,7 @@ def test_params_include_entry_point_keras_and_data_sizes(dense_run):
         assert params.get(name) == value, name
     assert float(params["learning_rate"]) == 0.001
     assert float(params["validation_fraction"]) == 0.1
-    # Keras parameters recorded by mlflow.tensorflow.autolog.
+    # The optimizer's settings, recorded by MLflow's Keras callback (mlflow.tensorflow.MlflowCallback).
     assert params["opt_name"] == "adam"
     assert float(params["opt_learning_rate"]) == pytest.approx(0.001)
 
@@ -174,7 +174,13 @@ def test_logged_model_predicts_on_raw_test_images(dense_run, small_splits, mlflo
     _, run = dense_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     mlflow.set_tracking_uri(mlflow_server.url)
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+    assert logged.name == "dense-50x50-relu-adam-lr0_001-bs100"
+    model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
     raw = small_splits.test_images[:64].astype(np.float32)
     probabilities = np.asarray(model.predict(raw.tolist()))
     assert probabilities.shape == (64, 10)

@@ -260,3 +260,23 @@ def test_optuna_s_warning_for_an_interrupted_trial_keeps_its_line_and_drops_the_
     crashed = record_for(ValueError("a real bug"))
     assert INTERRUPTION_FILTER.filter(crashed) and crashed.exc_info is not None
     assert INTERRUPTION_FILTER in logging.getLogger("optuna.study._optimize").filters
+
+
+def test_tpe_s_settings_are_stated_so_optuna_4_and_5_draw_alike_and_are_recorded():
+    import warnings
+
+    from mnist_mlflow.studies.search_sampling import TPE_SETTINGS, make_sampler, sampler_settings
+    from mnist_mlflow.studies.search_spaces import RANDOM_SPACE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna 4.x's ExperimentalWarning is handled, not shown.
+        sampler = make_sampler("tpe", RANDOM_SPACE, 0)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        trial = study.ask()
+        tpe = sampler._for(trial)
+    assert (tpe._multivariate, tpe._constant_liar, tpe._group) == (True, True, False)
+    assert tpe._parzen_estimator_parameters is not None and tpe._n_startup_trials == 10
+    recorded = sampler_settings("tpe")
+    assert recorded["optuna_version"] == optuna.__version__
+    assert {key.removeprefix("tpe_"): value for key, value in recorded.items() if key.startswith("tpe_")} == TPE_SETTINGS
+    assert sampler_settings("random") == {"optuna_version": optuna.__version__}

@@ -30,6 +30,7 @@ from typing import Any
 
 from mnist_mlflow import data, lifecycle, plots, tracked_run, tracking
 from mnist_mlflow.config import ConfigError, RunFailedError, TrainingDivergedError
+from mnist_mlflow.studies.progress import Progress
 from mnist_mlflow.studies.protocol import ChildSpec, Study, StudySummary
 
 
@@ -216,25 +217,36 @@ class ListStudy:
 
     def run_children(self, parent: tracking.StudyParent) -> int:
         finished = _reusable_children(parent)
+        progress = Progress(parent.run_id, len(self.children))
+        best: tuple[float, str] | None = None
         trained = 0
         for index, child in enumerate(self.children, start=1):
             prefix = f"[{index}/{len(self.children)}] {child.run_name}"
             if child.key in finished:
                 print(f"{prefix}: FINISHED earlier in run {finished[child.key].run_id}; reused", flush=True)
-                continue
-            resume = resumable_child(parent, self.kind, child)
-            print(f"{prefix}: {'resuming' if resume else 'training'}", flush=True)
-            try:
-                train_child(self.kind, self.study_id, parent.run_id, child, resume=resume)
-            except TrainingDivergedError as error:
-                # The child's run has ended FAILED with the reason; the other children go on.
-                print(f"{prefix}: FAILED: {error}", flush=True)
-                self._failed.append(child.key)
-                continue
-            trained += 1
+                accuracy = finished[child.key].metrics.get("best_val_accuracy")
+            else:
+                accuracy = self._train(parent, child, prefix)
+                trained += accuracy is not None
+            if accuracy is not None and (best is None or accuracy > best[0]):
+                best = (accuracy, child.run_name)
+            progress.report(index, *(best or (None, None)))
         if self._failed:
             tracking.set_run_tags(parent.run_id, {"failed_children": ", ".join(self._failed)})
         return trained
+
+    def _train(self, parent: tracking.StudyParent, child: ChildSpec, prefix: str) -> float | None:
+        """Trains (or resumes) one child; returns its best validation accuracy, or None if it diverged."""
+        resume = resumable_child(parent, self.kind, child)
+        print(f"{prefix}: {'resuming' if resume else 'training'}", flush=True)
+        try:
+            result = train_child(self.kind, self.study_id, parent.run_id, child, resume=resume)
+        except TrainingDivergedError as error:
+            # The child's run has ended FAILED with the reason; the other children go on.
+            print(f"{prefix}: FAILED: {error}", flush=True)
+            self._failed.append(child.key)
+            return None
+        return result.metrics["best_val_accuracy"]
 
     def summarise(self, parent: tracking.StudyParent) -> StudySummary:
         by_key = finished_by_key(tracking.study_children(parent, with_history=True))

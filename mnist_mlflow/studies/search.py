@@ -43,6 +43,7 @@ from mnist_mlflow import data, tracking
 from mnist_mlflow.config import DataConfig
 from mnist_mlflow.redaction import redact_url
 from mnist_mlflow.studies import engine
+from mnist_mlflow.studies.progress import Progress
 from mnist_mlflow.studies.protocol import StudySummary
 from mnist_mlflow.studies.search_config import SearchConfig
 from mnist_mlflow.studies.search_keys import trial_key
@@ -120,7 +121,10 @@ class OptunaStudy:
         study = self.study
         objective = make_objective(self.config, self.space, parent.run_id, self.n_trials, self.counter)
 
+        progress = Progress(parent.run_id, self.n_trials)
+
         def stop_when_done(study, trial) -> None:
+            report_progress(study, progress)
             if not work_left(study, self.n_trials, self.grid_size):
                 study.stop()
 
@@ -166,6 +170,18 @@ class OptunaStudy:
 
     def end_line(self, parent: tracking.StudyParent, trained: int) -> str:
         return f"Search {self.study_id}: {trained} trials trained by this worker; parent run {parent.run_id}"
+
+
+def report_progress(study: optuna.Study, progress: Progress) -> None:
+    """The whole study's count of finished trials (complete or pruned, by any worker), and the best
+    validation accuracy so far, as one line and on the parent run."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE and trial.values]
+    best = max(complete, key=lambda trial: (trial.values[0], -trial.number), default=None)
+    if best is None:
+        progress.report(len(trials), None, None)
+    else:
+        progress.report(len(trials), best.values[0], f"trial {best.number}")
 
 
 def run_search(config: SearchConfig) -> engine.StudyResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +19,21 @@ PRUNER_WARMUP_EPOCHS = 2
 # The course's trials learn most of what they will in their first epochs.
 HALVING_FACTOR = 3
 HALVING_MIN_RESOURCE = 1
+# TPE's settings, all stated. Optuna 5 turned on multivariate TPE (one joint model of the
+# parameters, rather than one per parameter) and the constant liar (a running trial counts as a
+# poor result, so parallel workers spread out) by default (optuna#6746, #6738); Optuna 4.x left
+# both off. requirements.txt allows both series, so the same sampler=tpe command would draw other
+# trials under each. Stated here, a search draws the same trials under 4.9 and 5.x; Optuna 5's
+# choices are kept, as the better defaults for a search spread over several workers.
+TPE_SETTINGS = {"n_startup_trials": 10, "multivariate": True, "constant_liar": True, "group": False}
+
+
+def sampler_settings(name: str) -> dict[str, object]:
+    """The sampler's effective settings, recorded on the search's parent run."""
+    settings: dict[str, object] = {"optuna_version": optuna.__version__}
+    if name == "tpe":
+        settings.update({f"tpe_{key}": value for key, value in TPE_SETTINGS.items()})
+    return settings
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int):
@@ -27,7 +43,14 @@ def make_sampler(name: str, space: SearchSpace, seed: int):
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if name == "random":
         return TrialSeededSampler(seed, lambda trial_seed: optuna.samplers.RandomSampler(seed=trial_seed))
-    return TrialSeededSampler(seed, lambda trial_seed: optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=10))
+    return TrialSeededSampler(seed, lambda trial_seed: _tpe_sampler(trial_seed))
+
+
+def _tpe_sampler(seed: int) -> optuna.samplers.TPESampler:
+    with warnings.catch_warnings():
+        # Optuna 4.x calls multivariate TPE and the constant liar experimental; Optuna 5 made them the default.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, **TPE_SETTINGS)
 
 
 def _trial_seed(seed: int, trial_number: int) -> int:

@@ -34,7 +34,7 @@ from mnist_mlflow.studies.search_keys import (
     TRACKING_ATTR,
     trial_key,
 )
-from mnist_mlflow.studies.search_sampling import make_pruner, make_sampler
+from mnist_mlflow.studies.search_sampling import make_pruner, make_sampler, sampler_settings
 from mnist_mlflow.studies.search_spaces import SearchSpace
 
 # Optuna's heartbeat: a running trial writes one every HEARTBEAT_INTERVAL_S seconds, and one
@@ -159,6 +159,7 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
         "storage": redact_url(config.resolved_storage()),
         "space": space.name,
         "space_source": space.source,
+        **sampler_settings(config.resolved_sampler()),
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

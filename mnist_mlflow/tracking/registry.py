@@ -95,7 +95,7 @@ def log_keras_model(model, example_images: np.ndarray, name: str = "model", step
 
 
 def load_keras_model(model_uri: str):
-    """The trained Keras model of a logged or registered model (``runs:/...``, ``models:/name@alias``),
+    """The trained Keras model of a logged or registered model (``models:/<model id>``, ``models:/name@alias``),
     compiled with its optimizer and state, ready to train further or fine-tune."""
     import keras
 
@@ -243,7 +243,12 @@ def evaluate_classifier(
     answers ten probabilities (as a Keras classifier's predict does), so the function evaluated is
     the model's predict followed by argmax."""
     import pandas as pd
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 
+    # Loading the model draws a progress bar per file and says it became the "active model" of
+    # this process; the gate prints what counts in one line instead.
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)
+    logging.getLogger("mlflow.tracking.fluent").setLevel(logging.WARNING)
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     table = pd.DataFrame(images.reshape(len(images), -1), columns=[f"pixel_{index}" for index in range(784)])
     table["label"] = labels

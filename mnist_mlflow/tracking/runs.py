@@ -369,6 +369,15 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
 
 
+def log_run_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Logs ``metrics`` at ``step`` into the run ``run_id`` (not necessarily the active one), in one request."""
+    from mlflow.entities import Metric
+
+    timestamp_ms = int(time.time() * 1000)
+    entities = [Metric(name, float(value), timestamp_ms, int(step)) for name, value in metrics.items()]
+    MlflowClient().log_batch(run_id, metrics=entities)
+
+
 def log_summary_metrics(metrics: Mapping[str, float]) -> int:
     """Logs the run's summary metrics at step 0 and one timestamp, which it returns for
     ``link_metrics_to_model``."""
