@@ -278,5 +278,6 @@ def test_tpe_s_settings_are_stated_so_optuna_4_and_5_draw_alike_and_are_recorded
     assert tpe._parzen_estimator_parameters is not None and tpe._n_startup_trials == 10
     recorded = sampler_settings("tpe")
     assert recorded["optuna_version"] == optuna.__version__
-    assert {key.removeprefix("tpe_"): value for key, value in recorded.items() if key.startswith("tpe_")} == TPE_SETTINGS
+    stated = {key.removeprefix("tpe_"): value for key, value in recorded.items() if key.startswith("tpe_")}
+    assert stated == TPE_SETTINGS
     assert sampler_settings("random") == {"optuna_version": optuna.__version__}
