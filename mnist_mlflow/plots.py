@@ -154,10 +154,11 @@ def accuracy_vs_time_figure(
 ):
     """One labelled point per run: validation accuracy against mean seconds per epoch.
 
-    The run labelled ``highlight`` (the baseline) is drawn larger and in another colour. The
-    time axis is logarithmic when the times span more than a factor of 20.
+    Each label says what the run is (say ``7: batch 1``), placed beside its point where it
+    overlaps no other label. The run labelled ``highlight`` (the reference) is drawn larger and in
+    another colour. The time axis is logarithmic when the times span more than a factor of 20.
     """
-    figure, axes = plt.subplots(figsize=(9, 6))
+    figure, axes = plt.subplots(figsize=(10, 6.5))
     for label, seconds, accuracy in zip(labels, seconds_per_epoch, accuracies, strict=True):
         is_highlight = label == highlight
         axes.scatter(
@@ -169,10 +170,60 @@ def accuracy_vs_time_figure(
             edgecolor="black" if is_highlight else None,
             label=f"{label} (reference)" if is_highlight else None,
         )
-        axes.annotate(label, (seconds, accuracy * 100), textcoords="offset points", xytext=(6, 4), fontsize=9)
     _log_x_if_spread(axes, seconds_per_epoch)
+    axes.margins(x=0.15, y=0.12)
     legend = "lower right" if highlight in labels else None
-    return _finish(figure, axes, "Mean seconds per epoch", "Best validation accuracy (%)", title, legend)
+    _finish(figure, axes, "Mean seconds per epoch", "Best validation accuracy (%)", title, legend)
+    points = [(seconds, accuracy * 100) for seconds, accuracy in zip(seconds_per_epoch, accuracies)]
+    place_labels(figure, axes, points, labels)
+    return figure
+
+
+# Where a point's label may go, in points from the point, nearest first: right, left, above, below.
+LABEL_OFFSETS = [(7, 3), (-7, 3), (7, -11), (-7, -11), (0, 10), (0, -16), (7, 15), (-7, 15), (7, -23), (-7, -23)]
+LABEL_OFFSETS += [(dx, dy * 2) for dx, dy in LABEL_OFFSETS[4:]]
+
+
+def place_labels(figure, axes, points: list[tuple[float, float]], labels: list[str], fontsize: int = 8) -> None:
+    """Writes each label beside its point at the first offset where its box overlaps no label
+    already placed and no other point, and stays inside the axes; failing that, at the offset
+    that clashes least. Labels are placed from the most crowded point outwards, so that the
+    crowded ones get the nearest places."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    frame = axes.get_window_extent(renderer)
+    marks = [axes.transData.transform(point) for point in points]
+
+    def crowding(index: int) -> float:
+        return -sum(1.0 / (1.0 + np.hypot(*(marks[index] - other))) for other in marks)
+
+    placed = []
+    for index in sorted(range(len(points)), key=crowding):
+        best = None
+        for dx, dy in LABEL_OFFSETS:
+            text = axes.annotate(
+                labels[index],
+                points[index],
+                textcoords="offset points",
+                xytext=(dx, dy),
+                fontsize=fontsize,
+                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+            )
+            box = text.get_window_extent(renderer).expanded(1.04, 1.15)
+            clashes = sum(box.overlaps(other) for other in placed)
+            # A marker is about 8 points across: keep its whole disc clear, not only its centre.
+            around = box.padded(5)
+            clashes += sum(around.contains(*mark) for position, mark in enumerate(marks) if position != index)
+            clashes += 0 if frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1) else 1
+            if best is None or clashes < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (clashes, text, box)
+            else:
+                text.remove()
+            if clashes == 0:
+                break
+        placed.append(best[2])
 
 
 def pareto_front_figure(

@@ -119,3 +119,28 @@ def test_markdown_table_formats_named_columns():
         "|---|---|---|---|",
         "| 1 | 98.77% | 42,310 | 4 |",
     ]
+
+
+def test_the_exercise_figure_labels_each_point_with_its_change_and_no_labels_overlap():
+    from mnist_mlflow import plots
+    from mnist_mlflow.studies.exercises import SUITES
+
+    labels = [exercise.point_label for exercise in SUITES["dense"]]
+    assert labels[:2] == ["baseline", "1: width 200"] and "7: batch 1" in labels
+    # The dense suite's figures from docs/studies.md: most points crowd around 0.5 s and 97%.
+    seconds = [0.45, 0.5, 0.55, 1.9, 0.46, 0.47, 0.2, 14.6, 0.5, 0.49, 3.2]
+    accuracies = [0.966, 0.975, 0.968, 0.975, 0.94, 0.965, 0.81, 0.965, 0.90, 0.967, 0.982]
+    figure = plots.accuracy_vs_time_figure(labels, seconds, accuracies, highlight="baseline")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    texts = [text for text in figure.axes[0].texts if text.get_text()]
+    assert sorted(text.get_text() for text in texts) == sorted(labels)
+    boxes = [text.get_window_extent(renderer) for text in texts]
+    overlapping = [
+        (texts[first].get_text(), texts[second].get_text())
+        for first in range(len(boxes))
+        for second in range(first + 1, len(boxes))
+        if boxes[first].overlaps(boxes[second])
+    ]
+    assert overlapping == []
+    plots.close(figure)

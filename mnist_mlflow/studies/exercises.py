@@ -52,6 +52,15 @@ class Exercise:
     change: str
     question: str
     make_config: Callable[[DenseRunConfig | CnnRunConfig], DenseRunConfig | CnnRunConfig]
+    # What a figure writes beside the exercise's point, after its number; empty: the change itself.
+    label: str = ""
+
+    @property
+    def point_label(self) -> str:
+        """``7: batch 1``; the reference is named by itself (``baseline``)."""
+        what = self.label or self.change
+        names_itself = what.split(":")[0].split()[0] == self.exercise_id
+        return self.exercise_id if names_itself else f"{self.exercise_id}: {what}"
 
 
 def _dense_model(config: DenseRunConfig, **changes) -> DenseRunConfig:
@@ -108,60 +117,70 @@ DENSE_EXERCISES = (
         "hidden width 200",
         "Does a wider network (200 units per hidden layer) learn more, and what does it cost per epoch?",
         lambda config: _dense_model(config, hidden_units=(200, 200), activations=("relu",) * 2),
+        label="width 200",
     ),
     Exercise(
         "2",
         "depth: 3 hidden layers of 50",
         "Does a third hidden layer of the same width improve accuracy?",
         lambda config: _dense_model(config, hidden_units=(50, 50, 50), activations=("relu",) * 3),
+        label="3 layers of 50",
     ),
     Exercise(
         "3",
         "5 hidden layers of 500",
         "Do five wide hidden layers (500 units each) pay for their much higher cost per epoch?",
         lambda config: _dense_model(config, hidden_units=(500,) * 5, activations=("relu",) * 5),
+        label="5 layers of 500",
     ),
     Exercise(
         "4",
         "sigmoid in both hidden layers",
         "How much do sigmoid activations lose against relu in five epochs?",
         lambda config: _dense_model(config, activations=("sigmoid", "sigmoid")),
+        label="sigmoid",
     ),
     Exercise(
         "5",
         "relu, then tanh",
         "Does a tanh second hidden layer change anything compared with relu?",
         lambda config: _dense_model(config, activations=("relu", "tanh")),
+        label="relu, tanh",
     ),
     Exercise(
         "6",
         "batch size 10,000",
         "What happens with very large batches: cheap epochs, but only 6 updates each?",
         lambda config: _training(config, batch_size=10_000),
+        label="batch 10,000",
     ),
     Exercise(
         "7",
         "batch size 1 (54,000 steps per epoch)",
         "Is pure stochastic gradient descent (one example per step) worth its many steps?",
         lambda config: _training(config, batch_size=1),
+        label="batch 1",
     ),
     Exercise(
         "8",
         "learning rate 0.0001",
         "How much slower does the network learn with a ten times smaller learning rate?",
         lambda config: _training(config, learning_rate=0.0001),
+        label="lr 0.0001",
     ),
     Exercise(
         "9",
         "learning rate 0.02",
         "Is a twenty times larger learning rate unstable?",
         lambda config: _training(config, learning_rate=0.02),
+        label="lr 0.02",
     ),
     Exercise(
         "10",
         "1024-1024 relu, dropout 0.2, batch 32, cosine-decayed Adam 0.001, twice the epochs",
         "Which combination of the changes reaches 98.5% validation accuracy or more?",
         _combined,
+        label="1024-1024, dropout 0.2",
     ),
 )
 
@@ -191,34 +210,41 @@ CONV_EXERCISES = (
         "Conv(64)-pool-Conv(64)-pool-Dense(128)",
         "How much do two convolution layers of 64 filters gain over the dense network?",
         _conv((64, 64), (True, True)),
+        label="conv 64-64, dense 128",
     ),
     Exercise(
         "2",
         "filters 16 and 16",
         "What do four times fewer filters cost in accuracy, and save in parameters and time?",
         _conv((16, 16), (True, True)),
+        label="filters 16, 16",
     ),
     Exercise(
         "3",
         "one conv layer of 16 (final convolution removed)",
         "Does a single small convolution layer suffice?",
         _conv((16,), (True,)),
+        label="one conv of 16",
     ),
     Exercise(
         "4",
         "three conv layers 64, 32, 16 (pool, pool, no pool)",
         "Does a third convolution layer help, with fewer parameters in the dense part?",
         _conv((64, 32, 16), (True, True, False)),
+        label="convs 64-32-16",
     ),
     Exercise(
         "5",
         "one conv layer of 32 (all but the first removed)",
         "Is one convolution layer of 32 filters, with a large dense layer after it, the best trade?",
         _conv((32,), (True,)),
+        label="one conv of 32",
     ),
 )
 
 SUITES = {"dense": DENSE_EXERCISES, "conv": CONV_EXERCISES}
+# Each exercise's figure label, by the change its run records.
+POINT_LABELS = {exercise.change: exercise.point_label for suite in SUITES.values() for exercise in suite}
 # The exercise the others are compared with; highlighted in the plot.
 REFERENCE_IDS = {"dense": "baseline", "conv": "dense"}
 SUITE_DESCRIPTIONS = {
@@ -316,6 +342,7 @@ def exercises_table(records: Sequence[ChildRecord]) -> pd.DataFrame:
             {
                 "exercise": record.params.get("exercise", record.key),
                 "change": record.params.get("exercise_change", ""),
+                "label": POINT_LABELS.get(record.params.get("exercise_change", ""), record.key),
                 "val_accuracy": metrics.get("best_val_accuracy", float("nan")),
                 "test_accuracy": metrics.get("test_accuracy", float("nan")),
                 "mean_epoch_time_s": metrics.get("mean_epoch_time_s", float("nan")),
@@ -344,13 +371,13 @@ def exercises_summary(records: Sequence[ChildRecord], reference_id: str) -> Stud
     table = exercises_table(records)
     best = table.loc[table["val_accuracy"].idxmax()]
     figure = plots.accuracy_vs_time_figure(
-        [f"{exercise}" for exercise in table["exercise"]],
+        list(table["label"]),
         list(table["mean_epoch_time_s"]),
         list(table["val_accuracy"]),
         highlight=reference_id,
         title="Exercises: best validation accuracy against mean seconds per epoch",
     )
-    markdown = markdown_table(table.drop(columns=["run_id"]), EXERCISE_FORMATS)
+    markdown = markdown_table(table.drop(columns=["run_id", "label"]), EXERCISE_FORMATS)
     return StudySummary(
         tables={"summary/exercises.json": table},
         texts={"summary/exercises.md": markdown},
