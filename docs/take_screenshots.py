@@ -7,7 +7,8 @@
 It starts a throwaway `mlflow server` on 127.0.0.1, runs a small grid search (4 trials), a CNN
 registered twice as `mnist-cnn` and `promote`, then drives headless Chromium through the pages a user
 opens: the runs table with the study expanded, the chart view of the trials' `val_accuracy`
-curves, a run's evaluation artifacts, and the registered model with its `champion` alias.
+curves, the experiment's Models tab (each trial's logged model with its metrics), a run's
+evaluation artifacts, and the registered model with its `champion` alias.
 The pictures go to docs/images/ui_*.png. It takes about four minutes on two cores.
 """
 
@@ -135,7 +136,25 @@ def take_screenshots(links: dict[str, str], chromium: str) -> list[Path]:
         page.get_by_placeholder("Search metric charts").fill("val_accuracy")
         save("charts_val_accuracy")
 
-        # 3. A run's evaluation artifacts: the confusion matrix of the CNN's selected model.
+        # 3. The Models tab: each trial's logged model, named after its run, with its metrics.
+        # The table's columns are narrowed to the names and the metrics, grouped by data set.
+        experiment = re.search(r"^(.*#/experiments/\d+)", links["search"])[1]
+        page.set_viewport_size({"width": 2000, "height": 560})
+        page.goto(f"{experiment}/models?workflowType=machine_learning")
+        page.wait_for_selector("text=trial-003")
+        close_assistant = page.locator("[data-component-id='mlflow.assistant.chat_panel.close']")
+        if close_assistant.count():
+            close_assistant.click()
+        page.get_by_role("button", name="Columns").click()
+        menu = page.locator("[role=menu]").last
+        for title in ("Status", "Logged from", "Registered models", "Dataset"):
+            menu.locator(f"span[title='{title}']").click()
+        menu.locator("span[title^='Dataset: mnist-training']").click()
+        page.keyboard.press("Escape")
+        save("models_tab")
+        page.set_viewport_size(VIEWPORT)
+
+        # 4. A run's evaluation artifacts: the confusion matrix of the CNN's selected model.
         page.goto(links["cnn_run"])
         page.get_by_role("tab", name="Artifacts").click()
         page.get_by_text("evaluation", exact=True).click()
@@ -143,7 +162,7 @@ def take_screenshots(links: dict[str, str], chromium: str) -> list[Path]:
         page.wait_for_selector("img[src*='confusion_matrix.png'], img[alt*='confusion_matrix']")
         save("run_artifacts")
 
-        # 4. The registered model, its versions and the champion alias.
+        # 5. The registered model, its versions and the champion alias.
         page.goto(links["model"])
         page.wait_for_selector("text=champion")
         save("registered_model")
