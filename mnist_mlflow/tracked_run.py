@@ -300,7 +300,7 @@ def make_run(plan: RunPlan) -> RunResult:
             resume=checkpoint,
         )
         keeper.wait()
-        summary_time_ms = tracking.log_summary_metrics(result.metrics())
+        summary_time_ms = tracking.log_run_metrics(run_id, result.metrics(), step=0)
         log_evaluation(result, splits)
         model_uri = tracking.log_keras_model(
             models.prepare_for_inference(model),

@@ -365,24 +365,14 @@ def log_params(params: Mapping[str, Any]) -> None:
         mlflow.log_params(missing)
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
-
-
-def log_run_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Logs ``metrics`` at ``step`` into the run ``run_id`` (not necessarily the active one), in one request."""
+def log_run_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> int:
+    """Logs ``metrics`` at ``step`` and one timestamp into the run ``run_id`` (not necessarily the
+    active one), in one request; returns the timestamp (see ``link_metrics_to_model``)."""
     from mlflow.entities import Metric
 
     timestamp_ms = int(time.time() * 1000)
     entities = [Metric(name, float(value), timestamp_ms, int(step)) for name, value in metrics.items()]
     MlflowClient().log_batch(run_id, metrics=entities)
-
-
-def log_summary_metrics(metrics: Mapping[str, float]) -> int:
-    """Logs the run's summary metrics at step 0 and one timestamp, which it returns for
-    ``link_metrics_to_model``."""
-    timestamp_ms = int(time.time() * 1000)
-    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=0, timestamp=timestamp_ms)
     return timestamp_ms
 
 
