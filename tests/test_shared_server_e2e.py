@@ -61,7 +61,10 @@ def test_dense_study_and_promote_against_a_postgres_backed_server(postgres_track
 
     client = MlflowClient(url)
     runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
-    assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}  # parent, 2 children, cnn
+    # The parent, 2 children, the cnn, and promote's evaluation of the champion (its gate).
+    assert len(runs) == 5 and {run.info.status for run in runs} == {"FINISHED"}
+    (evaluation,) = [run for run in runs if run.data.tags.get("entry_point") == "promote"]
+    assert evaluation.info.run_name == "evaluate-team-cnn-v1" and 0 <= evaluation.data.metrics["accuracy_score"] <= 1
     parent = [run for run in runs if run.data.tags.get("study_role") == "parent"][0]
     assert {item.path for item in client.list_artifacts(parent.info.run_id, "summary")} >= {"summary/exercises.json"}
     # Artifacts went through the server (proxied), into its --artifacts-destination folder.

@@ -200,7 +200,14 @@ def keras_metrics_logger():
     ``History``, ``EarlyStopping`` and the project's ``best_val_accuracy``. The project logs the
     model, the data sets and the checkpoints itself, so autolog added nothing else it uses.
     """
+    import logging
+
     from mlflow.tensorflow import MlflowCallback
+
+    # A batch the server does not take is kept by the epoch ledger, which sends it again or spools
+    # it and says so in one line (tracking.watch). MLflow's background queue would print its own
+    # error and traceback for it; autolog kept it quiet the same way (its silent=True).
+    logging.getLogger("mlflow.utils.async_logging").setLevel(logging.CRITICAL)
 
     class EpochMetrics(MlflowCallback):
         def on_train_begin(self, logs=None):
