@@ -88,6 +88,22 @@ class Splits:
         }
 
 
+def digest_of(splits: Splits) -> str:
+    """A digest of every array of the splits: two runs with the same one saw the same data."""
+    digest = hashlib.sha256(splits.dataset.encode())
+    for array in (
+        splits.train_images,
+        splits.train_labels,
+        splits.validation_images,
+        splits.validation_labels,
+        splits.test_images,
+        splits.test_labels,
+    ):
+        digest.update(str(array.shape).encode())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()[:16]
+
+
 def _manual_dir(dataset: str) -> Path | None:
     root = os.environ.get(DATA_DIR_ENV, "").strip()
     if not root:

@@ -2,7 +2,9 @@
 
 - SIGTERM (sent by ``timeout``, ``docker stop``, Kubernetes and batch schedulers) is handled
   like Ctrl-C: it raises :class:`Terminated`, a ``KeyboardInterrupt``, in the main thread, so
-  every run this process holds ends KILLED and an Optuna trial is failed.
+  every run this process holds ends KILLED and an Optuna trial is failed. During a fit the
+  stop waits for the next step boundary (:func:`stops_at_boundaries`): raised inside
+  TensorFlow's native code, it could abort the process.
 - Under ``mlflow run`` the signal usually reaches the launcher, which does not pass SIGTERM
   on. :func:`watch_launcher` notices when the launcher is gone and stops this process the
   same way.
@@ -72,10 +74,47 @@ _pending_stops: list[Terminated] = []
 _termination_reason: list[Terminated] = []
 
 
+# While above zero, the main thread is inside TensorFlow's fit or predict: a stop waits there
+# for the next step boundary (stops_at_boundaries).
+_boundary_depth = [0]
+_deferred_stops: list[BaseException] = []
+
+
 def _on_sigterm(signum, frame) -> None:
     stop = _pending_stops.pop() if _pending_stops else Terminated("terminated by SIGTERM")
     _termination_reason.append(stop)
+    if _boundary_depth[0]:
+        _deferred_stops.append(stop)
+        return
     raise stop
+
+
+def _on_sigint(signum, frame) -> None:
+    if _boundary_depth[0]:
+        _deferred_stops.append(KeyboardInterrupt())
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stops_at_boundaries():
+    """Inside the block (a fit or a predict), Ctrl-C and SIGTERM are recorded, not raised; the
+    block's callbacks raise them at the next step boundary (:func:`raise_pending_stop`), and
+    leaving the block raises one still waiting."""
+    _boundary_depth[0] += 1
+    try:
+        yield
+    finally:
+        _boundary_depth[0] -= 1
+    raise_pending_stop()
+
+
+def raise_pending_stop() -> None:
+    """Raises the stop that arrived inside :func:`stops_at_boundaries`, if any (main thread only)."""
+    if _deferred_stops and threading.current_thread() is threading.main_thread():
+        stop = _deferred_stops[0]
+        _deferred_stops.clear()
+        raise stop
 
 
 def request_stop(stop: Terminated) -> None:
@@ -111,6 +150,7 @@ def install_signal_handlers() -> None:
     """Makes SIGTERM raise :class:`Terminated` in the main thread (a no-op elsewhere)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGINT, _on_sigint)
 
 
 @contextlib.contextmanager

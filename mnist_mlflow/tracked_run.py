@@ -12,10 +12,8 @@ training therefore creates no run when the script is started directly.
 from __future__ import annotations
 
 import platform
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mnist_mlflow import data, evaluation, models, plots, tracking, training
@@ -35,13 +33,8 @@ class StudyPlacement:
     description: str
 
 
-@dataclass(frozen=True)
-class ResumeFrom:
-    """A killed run whose checkpoint a new run starts from: the same run reopened
-    (``same_run``), or a new run that takes over its work (a search trial queued again)."""
-
-    run_id: str
-    same_run: bool = True
+# A killed run to go on from (tracking.session decides whether it can be).
+ResumeFrom = tracking.ResumeFrom
 
 
 @dataclass(frozen=True)
@@ -58,8 +51,9 @@ class RunPlan:
     parent_run_id: str | None = None
     description: str | None = None
     callbacks: Sequence[Any] = ()
-    # A digest of the training config: a killed run is resumed only by the same work.
-    fingerprint: str = ""
+    # The config's own parameters (a study child's params add the study's): the work a killed
+    # run must have done to be resumed.
+    work_params: Mapping[str, Any] = field(default_factory=dict)
     resume: ResumeFrom | None = None
 
 
@@ -150,7 +144,7 @@ def plan_run(
         params=config.as_params(),
         register_as=register_as,
         callbacks=tuple(callbacks),
-        fingerprint=tracking.run_fingerprint(config.as_params()),
+        work_params=config.as_params(),
     )
     if study is None:
         return plan
@@ -166,32 +160,17 @@ def plan_run(
 
 def run_standalone(config: DenseRunConfig | CnnRunConfig, callbacks: Sequence[Any] = ()) -> RunResult:
     """A run of its own: checks the tracking server and closes the experiment's dead runs first,
-    resumes the experiment's newest killed run of this entry point if it did the same work,
-    and ends by printing how to open the run in the MLflow UI."""
+    offers the experiment's newest killed run of this entry point for resuming (the session
+    resumes it only if it did the same work), and ends by printing how to open the run in the
+    MLflow UI."""
     plan = plan_run(config, callbacks=callbacks)
     tracking.prepare_tracking(plan.tags["entry_point"])
     if config.training.checkpoint:
         killed = tracking.killed_with_checkpoint(plan.tags["entry_point"], tracking.current_experiment_id())
-        plan = replace(plan, resume=resume_choice(killed, plan))
+        plan = replace(plan, resume=ResumeFrom(killed.info.run_id) if killed is not None else None)
     result = make_run(plan)
     tracking.print_runs_view(tracking.current_experiment_id(), result.run_id)
     return result
-
-
-def resume_choice(killed, plan: RunPlan) -> ResumeFrom | None:
-    """Resumes ``killed`` (a run with a checkpoint, or None) only if it did the same work as
-    ``plan``; otherwise says in one line that a new run starts."""
-    if killed is None:
-        return None
-    if killed.data.tags.get(tracking.RUN_FINGERPRINT_TAG) == plan.fingerprint:
-        return ResumeFrom(killed.info.run_id)
-    epoch = int(killed.data.tags[tracking.CHECKPOINT_EPOCH_TAG]) + 1
-    print(
-        f"Not resuming run {killed.info.run_id} (killed after epoch {epoch}): its configuration differs "
-        f"({tracking.checkpoint_differences(killed, plan.params)}); starting a new run",
-        flush=True,
-    )
-    return None
 
 
 def run_study_child(
@@ -243,116 +222,95 @@ def make_run(plan: RunPlan) -> RunResult:
 
     With ``plan.register_as``, the selected model becomes a new version of that registered
     model. With ``plan.parent_run_id``, the run is a child of that (study) run; its
-    ``description`` is shown with the run in the MLflow UI.
+    ``description`` is shown with the run in the MLflow UI. Everything that keeps the run
+    alive (its lease, checkpoints, resume and end) is the session's (tracking.RunSession).
     """
-    tracking_uri = tracking.tracking_uri_shown()
-    training_config = plan.training
     splits = data.load_splits(plan.data)
-    checkpoint = None
-    if plan.resume is not None:
-        checkpoint = training.Checkpoint.read(tracking.download_checkpoint(plan.resume.run_id))
-
-    model, steps_per_execution, jit_compile = build_and_compile(plan, len(splits.train_labels))
-    all_tags = {
-        **plan.tags,
-        "dataset": splits.dataset,
-        "host": platform.node(),
-        **tracking.environment_summary(),
-    }
-    continuing = plan.resume.run_id if plan.resume is not None and plan.resume.same_run else None
-    with tracking.start_run(
-        plan.run_name,
-        {**all_tags, tracking.RUN_FINGERPRINT_TAG: plan.fingerprint},
-        description=plan.description,
-        parent_run_id=plan.parent_run_id,
-        continue_run_id=continuing,
-    ) as run_id:
-        print(f"MLflow run {run_id} ({plan.run_name}) at {tracking_uri}", flush=True)
-        if checkpoint is not None:
-            announce_resume(run_id, plan, checkpoint)
-        tracking.log_params(
-            {
-                **plan.params,
-                **splits.sizes,
-                "trainable_parameters": models.count_trainable_parameters(model),
-                "steps_per_execution": steps_per_execution,
-                "batches_per_step": training.batches_per_step_for(
-                    model, len(splits.train_labels), training_config.batch_size
-                ),
-                "jit_compile": jit_compile,
-                "compute_dtype": "bfloat16" if models.computes_in_bfloat16(model) else "float32",
-                "tfds_version": splits.version,
-            }
-        )
-        datasets = tracking.log_dataset_splits(splits)
-        tracking.log_text(models.summary_text(model), "model_summary.txt")
-
-        # The ledger keeps every epoch's metrics until the server has them (tracking.watch).
-        callbacks = [*plan.callbacks, tracking.epoch_ledger(run_id), tracking.keras_metrics_logger()]
-        keeper = tracking.CheckpointKeeper(run_id)
+    tags = {**plan.tags, "dataset": splits.dataset, "host": platform.node(), **tracking.environment_summary()}
+    placement = tracking.RunPlacement(plan.run_name, tags, plan.description, plan.parent_run_id)
+    with tracking.RunSession(placement, work_fingerprint(plan, splits, tags), plan.resume) as session:
+        model, steps_per_execution, jit_compile = build_and_compile(plan, len(splits.train_labels))
+        datasets = log_run_setup(plan, splits, model, steps_per_execution, jit_compile)
         result = training.train_and_evaluate(
-            model,
-            splits,
-            training_config,
-            callbacks=callbacks,
-            checkpoint_folder=Path(tempfile.mkdtemp(prefix="mnist-mlflow-checkpoint-")),
-            on_checkpoint=keeper,
-            resume=checkpoint,
+            model, splits, plan.training, callbacks=plan.callbacks, durability=session.durability()
         )
-        keeper.wait()
-        summary_time_ms = tracking.log_run_metrics(run_id, result.metrics(), step=0)
-        log_evaluation(result, splits)
-        model_uri = tracking.log_keras_model(
-            models.prepare_for_inference(model),
-            splits.test_images[:NUM_EXAMPLE_IMAGES],
-            name=plan.run_name,
-            # The step after the last epoch, which holds no metric point for MLflow to link.
-            step=training_config.epochs,
-        )
-        tracking.link_metrics_to_model(
-            model_uri.rsplit("/", 1)[-1], datasets, result.metrics(), summary_time_ms, result.best_epoch
-        )
-        print(
-            f"Selected epoch {result.best_epoch + 1} (step {result.best_epoch}): "
-            f"val_accuracy {result.best_val_accuracy:.4f}, "
-            f"test_accuracy {result.test_accuracy:.4f}; {result.mean_epoch_time_s:.2f} s per epoch",
-            flush=True,
-        )
-        version = None
-        if plan.register_as:
-            version = tracking.register_model_version(
-                model_uri,
-                plan.register_as,
-                run_id=run_id,
-                val_accuracy=result.best_val_accuracy,
-                test_accuracy=result.test_accuracy,
-            )
-            print(f"Registered as {plan.register_as} version {version}", flush=True)
-        return RunResult(
+        session.check()
+        return record_result(plan, session.run_id, model, result, splits, datasets)
+
+
+def work_fingerprint(plan: RunPlan, splits: data.Splits, tags: Mapping[str, str]) -> tracking.Fingerprint:
+    """What the run's work depends on: its parameters, this project's, TensorFlow's and Keras's
+    versions, and the data's digest."""
+    import mnist_mlflow
+
+    parts = {
+        "parameters": tracking.Fingerprint.digest_of(plan.work_params),
+        "project": mnist_mlflow.__version__,
+        "tensorflow": tags["tensorflow_version"],
+        "keras": tags["keras_version"],
+        "data": data.digest_of(splits),
+    }
+    return tracking.Fingerprint(parts, plan.work_params)
+
+
+def log_run_setup(plan: RunPlan, splits: data.Splits, model, steps_per_execution: int, jit_compile: bool):
+    """Logs the run's parameters, data sets and model summary; returns the data sets by context."""
+    batch_size = plan.training.batch_size
+    tracking.log_params(
+        {
+            **plan.params,
+            **splits.sizes,
+            "trainable_parameters": models.count_trainable_parameters(model),
+            "steps_per_execution": steps_per_execution,
+            "batches_per_step": training.batches_per_step_for(model, len(splits.train_labels), batch_size),
+            "jit_compile": jit_compile,
+            "compute_dtype": "bfloat16" if models.computes_in_bfloat16(model) else "float32",
+            "tfds_version": splits.version,
+        }
+    )
+    datasets = tracking.log_dataset_splits(splits)
+    tracking.log_text(models.summary_text(model), "model_summary.txt")
+    return datasets
+
+
+def record_result(plan: RunPlan, run_id: str, model, result: training.TrainingResult, splits, datasets) -> RunResult:
+    """Logs the fit's summary, evaluation and model (and registers it), and says what was selected."""
+    summary_time_ms = tracking.log_run_metrics(run_id, result.metrics(), step=0)
+    log_evaluation(result, splits)
+    model_uri = tracking.log_keras_model(
+        models.prepare_for_inference(model),
+        splits.test_images[:NUM_EXAMPLE_IMAGES],
+        name=plan.run_name,
+        # The step after the last epoch, which holds no metric point for MLflow to link.
+        step=plan.training.epochs,
+    )
+    tracking.link_metrics_to_model(
+        model_uri.rsplit("/", 1)[-1], datasets, result.metrics(), summary_time_ms, result.best_epoch
+    )
+    print(
+        f"Selected epoch {result.best_epoch + 1} (step {result.best_epoch}): "
+        f"val_accuracy {result.best_val_accuracy:.4f}, "
+        f"test_accuracy {result.test_accuracy:.4f}; {result.mean_epoch_time_s:.2f} s per epoch",
+        flush=True,
+    )
+    version = None
+    if plan.register_as:
+        version = tracking.register_model_version(
+            model_uri,
+            plan.register_as,
             run_id=run_id,
-            metrics=result.metrics(),
-            model_uri=model_uri,
-            registered_version=version,
-            trainable_parameters=models.count_trainable_parameters(model),
-            steady_epoch_time_s=result.steady_epoch_time_s,
+            val_accuracy=result.best_val_accuracy,
+            test_accuracy=result.test_accuracy,
         )
-
-
-def announce_resume(run_id: str, plan: RunPlan, checkpoint: training.Checkpoint) -> None:
-    """Records and says what is resumed, from which epoch; sends the checkpoint's history
-    (and, for a new run taking over, the checkpoint itself) to the run."""
-    done, epochs = checkpoint.epoch + 1, plan.training.epochs
-    if plan.resume.same_run:
-        count = tracking.record_resume(run_id, checkpoint.epoch)
-        what = f"Resuming run {run_id} (resume {count}) from its checkpoint after epoch {done} of {epochs}"
-    else:
-        tracking.record_resume(run_id, checkpoint.epoch)
-        tracking.set_run_tags(run_id, {"resumed_from_run": plan.resume.run_id})
-        tracking.set_run_tags(plan.resume.run_id, {"resumed_by_run": run_id})
-        tracking.CheckpointKeeper(run_id).upload_now(checkpoint.folder, checkpoint.epoch, checkpoint.files())
-        what = f"Taking over killed run {plan.resume.run_id} from its checkpoint after epoch {done} of {epochs}"
-    tracking.deliver_history(run_id, checkpoint.state["history"])
-    print(what, flush=True)
+        print(f"Registered as {plan.register_as} version {version}", flush=True)
+    return RunResult(
+        run_id=run_id,
+        metrics=result.metrics(),
+        model_uri=model_uri,
+        registered_version=version,
+        trainable_parameters=models.count_trainable_parameters(model),
+        steady_epoch_time_s=result.steady_epoch_time_s,
+    )
 
 
 def validation_split(params: Mapping[str, str]):

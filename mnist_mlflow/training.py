@@ -6,16 +6,16 @@ Keras callbacks (such as a tracker's) can be passed in.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import keras
 import numpy as np
 
+from mnist_mlflow import lifecycle
+from mnist_mlflow.checkpointing import Durability, EpochCheckpoint, RestoreCheckpoint
 from mnist_mlflow.config import TrainingConfig, TrainingDivergedError
 from mnist_mlflow.data import Splits, evaluation_dataset, training_dataset
 from mnist_mlflow.models import MultiStepSequential, computes_in_bfloat16, with_standard_layers
@@ -99,158 +99,27 @@ class SetEpoch(keras.callbacks.Callback):
         self.epoch.assign(epoch)
 
 
-# The files of a checkpoint folder (see EpochCheckpoint).
-CHECKPOINT_WEIGHTS = "latest.weights.h5"
-CHECKPOINT_SEED_STATES = "seed_states.npz"
-CHECKPOINT_STATE = "state.json"
+class StopAtStepBoundary(keras.callbacks.Callback):
+    """Raises a stop that arrived during the fit (SIGTERM, a lost server, a lost lease) between
+    two compiled calls, where the main thread is in Python and TensorFlow holds no half-done work.
 
-
-def best_weights_file(epoch: int) -> str:
-    """The file of the best epoch's weights: named by its epoch, so it is never rewritten."""
-    return f"best-{epoch:04d}.weights.h5"
-
-
-def _seed_state_variables(model: keras.Model) -> list:
-    """The states of the model's random-number generators (a Dropout layer's, say).
-
-    Keras's ``save_weights`` keeps the layers' weights and the optimizer's state, but not these,
-    and the next epoch's dropout masks depend on them.
-    """
-    return [variable for variable in model.variables if "seed_generator_state" in variable.path]
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After every finished epoch, writes to ``folder`` everything resuming needs, then calls
-    ``on_saved(folder, epoch, files)`` with the files of this epoch's checkpoint, which keeps
-    them somewhere safer (with the run).
-
-    What is written: the weights and the optimizer's state (Keras's ``save_weights``); the
-    states of the model's random generators; the best epoch's weights, in a file of their own
-    when the epoch is a new best and is not the latest (then the latest weights are the
-    best); and, as JSON, the epoch, the history so far, the best value, epoch and file, the
-    early stopping state and the epoch times. The order of the next epoch's batches and shifts
-    follows from the epoch number (see :func:`mnist_mlflow.data.training_dataset`).
-
-    Keras's ``BackupAndRestore`` does the first part on the local disk only; this keeps the
-    rest too, which a result identical to the uninterrupted run needs.
+    Raising from a signal handler could land inside TensorFlow's native code, which once in 14
+    tries aborted the process (``free(): invalid next size``). So while a fit runs, the handler
+    only records the stop (:func:`mnist_mlflow.lifecycle.stops_at_boundaries`) and this raises
+    it, within one compiled call (up to ``MAX_STEPS_PER_EXECUTION`` steps).
     """
 
-    def __init__(self, folder: Path, best, timer, early_stopping, on_saved, resumed: dict | None = None) -> None:
-        super().__init__()
-        self.folder = Path(folder)
-        self.best = best
-        self.timer = timer
-        self.early_stopping = early_stopping
-        self.on_saved = on_saved
-        resumed = resumed or {}
-        self.history: dict[str, list[float]] = {
-            name: list(values) for name, values in resumed.get("history", {}).items()
-        }
-        # The best epoch's own file, once the best is no longer the latest epoch.
-        self.best_file: str | None = resumed.get("best_file")
+    def on_train_batch_end(self, batch, logs=None):
+        lifecycle.raise_pending_stop()
 
-    def on_epoch_end(self, epoch, logs=None):
-        for name, value in (logs or {}).items():
-            self.history.setdefault(name, []).append(float(value))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        files = [CHECKPOINT_WEIGHTS, CHECKPOINT_STATE]
-        if self.best.best_epoch != epoch and self.best_file is None:
-            # The best epoch was the previous one: its weights (kept in memory) get a file.
-            self.best_file = best_weights_file(self.best.best_epoch)
-            current = self.model.get_weights()
-            self.model.set_weights(self.best._best_weights)
-            self.model.save_weights(self.folder / self.best_file, overwrite=True)
-            self.model.set_weights(current)
-            files.append(self.best_file)
-        elif self.best.best_epoch == epoch:
-            self.best_file = None
-        self.model.save_weights(self.folder / CHECKPOINT_WEIGHTS, overwrite=True)
-        seeds = _seed_state_variables(self.model)
-        if seeds:
-            np.savez(self.folder / CHECKPOINT_SEED_STATES, *[np.asarray(variable.numpy()) for variable in seeds])
-            files.append(CHECKPOINT_SEED_STATES)
-        stopping = self.early_stopping
-        state = {
-            "epoch": epoch,
-            "history": self.history,
-            "epoch_times": self.timer.epoch_times,
-            "epoch_cpu_times": self.timer.epoch_cpu_times,
-            "best_value": self.best.best_value,
-            "best_epoch": self.best.best_epoch,
-            # None: the latest weights are the best.
-            "best_file": self.best_file,
-            "early_stopping": None
-            if stopping is None
-            else {"wait": stopping.wait, "best": float(stopping.best), "best_epoch": stopping.best_epoch},
-            "stopped": bool(self.model.stop_training),
-        }
-        (self.folder / CHECKPOINT_STATE).write_text(json.dumps(state))
-        self.on_saved(self.folder, epoch, files)
+    def on_epoch_begin(self, epoch, logs=None):
+        lifecycle.raise_pending_stop()
 
+    def on_test_batch_end(self, batch, logs=None):
+        lifecycle.raise_pending_stop()
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint folder written by :class:`EpochCheckpoint`, read back."""
-
-    folder: Path
-    state: dict
-
-    @classmethod
-    def read(cls, folder: str | Path) -> Checkpoint:
-        folder = Path(folder)
-        return cls(folder, json.loads((folder / CHECKPOINT_STATE).read_text()))
-
-    @property
-    def epoch(self) -> int:
-        """The last finished epoch (0-based)."""
-        return int(self.state["epoch"])
-
-    def files(self) -> list[str]:
-        """The files this checkpoint is made of."""
-        names = [CHECKPOINT_WEIGHTS, CHECKPOINT_STATE, CHECKPOINT_SEED_STATES, self.state.get("best_file")]
-        return [name for name in names if name and (self.folder / name).exists()]
-
-
-class RestoreCheckpoint(keras.callbacks.Callback):
-    """Puts a checkpoint back when training begins, so that ``fit`` goes on at the next epoch.
-
-    It does what Keras's ``BackupAndRestore`` does (builds the optimizer, loads the weights and
-    sets the model's initial epoch, so that ``fit``'s own ``initial_epoch``, which MLflow's
-    autolog records as a parameter, stays 0), and puts back what that leaves out: the random
-    generators' states, the best weights and value, the early stopping state and the epoch times.
-    """
-
-    def __init__(self, checkpoint: Checkpoint, best, timer, early_stopping) -> None:
-        super().__init__()
-        self.checkpoint = checkpoint
-        self.best = best
-        self.timer = timer
-        self.early_stopping = early_stopping
-
-    def on_train_begin(self, logs=None):
-        model, folder, state = self.model, self.checkpoint.folder, self.checkpoint.state
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        if state.get("best_file"):
-            model.load_weights(folder / state["best_file"])
-            self.best._best_weights = model.get_weights()
-        model.load_weights(folder / CHECKPOINT_WEIGHTS)
-        if not state.get("best_file"):
-            self.best._best_weights = model.get_weights()
-        if (folder / CHECKPOINT_SEED_STATES).exists():
-            with np.load(folder / CHECKPOINT_SEED_STATES) as saved:
-                for variable, index in zip(_seed_state_variables(model), range(len(saved.files))):
-                    variable.assign(saved[f"arr_{index}"])
-        self.best.best_value, self.best.best_epoch = float(state["best_value"]), int(state["best_epoch"])
-        self.timer.epoch_times[:] = state["epoch_times"]
-        self.timer.epoch_cpu_times[:] = state["epoch_cpu_times"]
-        if self.early_stopping is not None and state["early_stopping"]:
-            saved = state["early_stopping"]
-            self.early_stopping.wait = saved["wait"]
-            self.early_stopping.best = saved["best"]
-            self.early_stopping.best_epoch = saved["best_epoch"]
-        # A run whose early stopping had already ended it trains no further epoch.
-        model._initial_epoch = self.params["epochs"] if state["stopped"] else self.checkpoint.epoch + 1
+    def on_predict_batch_end(self, batch, logs=None):
+        lifecycle.raise_pending_stop()
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -371,9 +240,7 @@ def train_and_evaluate(
     config: TrainingConfig,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
-    checkpoint_folder: Path | None = None,
-    on_checkpoint: Callable[[Path, int, list[str]], None] | None = None,
-    resume: Checkpoint | None = None,
+    durability: Durability | None = None,
 ) -> TrainingResult:
     """Fits a compiled model as ``config`` says, restores its best-``val_accuracy`` weights and
     evaluates on test.
@@ -383,10 +250,11 @@ def train_and_evaluate(
     A MultiStepSequential takes several batches per step where that is faster
     (``batches_per_step_for``); the training itself is the same.
 
-    With ``checkpoint_folder`` (and ``config.checkpoint``), every finished epoch is saved there
-    and handed to ``on_checkpoint``. With ``resume``, training goes on after that checkpoint's
-    epoch and ends with the same weights, bit for bit, as the run left alone would have (on
-    the same machine and software).
+    With ``durability`` (see :mod:`mnist_mlflow.checkpointing`), every finished epoch is saved
+    when ``config.checkpoint`` says so, and a fit handed a checkpoint goes on after its epoch
+    and ends with the same weights, bit for bit, as the fit left alone would have (on the same
+    machine and software). A stop asked for during the fit (SIGTERM, say) takes effect at the
+    next step boundary, never inside TensorFlow (:class:`StopAtStepBoundary`).
     """
     batch_size, epochs, seed, max_shift = config.batch_size, config.epochs, config.seed, config.max_shift
     timer = EpochTimer()
@@ -413,32 +281,39 @@ def train_and_evaluate(
         else None
     )
     early_stopping = [stopping] if stopping else []
-    keeping = []
+    keeping, resume = [], durability.resume if durability is not None else None
     if resume is not None:
         keeping.append(RestoreCheckpoint(resume, best, timer, stopping))
-    if checkpoint_folder is not None and config.checkpoint:
+    if durability is not None and config.checkpoint:
         earlier = resume.state if resume is not None else None
-        keeping.append(EpochCheckpoint(checkpoint_folder, best, timer, stopping, on_checkpoint, earlier))
+        keeping.append(EpochCheckpoint(durability.folder, best, timer, stopping, durability.on_saved, earlier))
+    # The durability's own callbacks (each epoch's metrics) come last: an epoch that another
+    # callback ends (a pruned trial) is not recorded.
+    after = list(durability.callbacks) if durability is not None else []
+    ours = [StopAtStepBoundary(), epoch_counter, StopOnNonFiniteLoss(), timer, best, *early_stopping]
     start = time.perf_counter()
-    history = model.fit(
-        train_data,
-        epochs=epochs,
-        validation_data=validation_data,
-        # The data set shuffles each epoch in an order of its own (SetEpoch).
-        shuffle=False,
-        # Keras takes the batches as the data set makes them and ignores this. MLflow's autolog
-        # records it as the run's batch_size: without it, autolog would record batch_size=None,
-        # clash with the entry point's batch_size parameter and log nothing at all.
-        batch_size=batch_size,
-        callbacks=[epoch_counter, StopOnNonFiniteLoss(), timer, best, *early_stopping, *keeping, *callbacks],
-        verbose=verbose,
-    )
+    with lifecycle.stops_at_boundaries():
+        history = model.fit(
+            train_data,
+            epochs=epochs,
+            validation_data=validation_data,
+            # The data set shuffles each epoch in an order of its own (SetEpoch).
+            shuffle=False,
+            # Keras takes the batches as the data set makes them and ignores this. MLflow's autolog
+            # records it as the run's batch_size: without it, autolog would record batch_size=None,
+            # clash with the entry point's batch_size parameter and log nothing at all.
+            batch_size=batch_size,
+            callbacks=[*ours, *keeping, *callbacks, *after],
+            verbose=verbose,
+        )
     train_time_s = time.perf_counter() - start
 
     # One pass over the test split: the loss and accuracy follow from the probabilities. A
     # model trained in bfloat16 is saved computing in float32, so that is the one tested.
     tested_model = with_standard_layers(model) if computes_in_bfloat16(model) else model
-    test_probabilities = tested_model.predict(evaluation_dataset(splits.test_images, splits.test_labels), verbose=0)
+    with lifecycle.stops_at_boundaries():
+        test_data = evaluation_dataset(splits.test_images, splits.test_labels)
+        test_probabilities = tested_model.predict(test_data, verbose=0, callbacks=[StopAtStepBoundary()])
     test_loss, test_accuracy = loss_and_accuracy(splits.test_labels, test_probabilities)
     trained = {name: [float(value) for value in values] for name, values in history.history.items()}
     if resume is not None:

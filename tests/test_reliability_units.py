@@ -167,7 +167,7 @@ def test_reconcile_closes_a_run_only_on_an_expired_heartbeat_or_a_dead_process(t
     from mlflow.tracking import MlflowClient
 
     from mnist_mlflow import tracking
-    from mnist_mlflow.tracking import watch
+    from mnist_mlflow.tracking import lease
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
@@ -176,10 +176,10 @@ def test_reconcile_closes_a_run_only_on_an_expired_heartbeat_or_a_dead_process(t
         experiment_id = client.create_experiment("heartbeats")
         now = time.time()
         other_host = {lifecycle.HOST_TAG: "elsewhere", lifecycle.PID_TAG: "7", lifecycle.START_TAG: "1.0"}
-        expired = client.create_run(experiment_id, tags={**other_host, watch.ALIVE_UNTIL_TAG: f"{now - 120:.0f}"})
-        fresh = client.create_run(experiment_id, tags={**other_host, watch.ALIVE_UNTIL_TAG: f"{now + 60:.0f}"})
-        # Past its time, but within the allowance for clocks that disagree.
-        skewed = client.create_run(experiment_id, tags={**other_host, watch.ALIVE_UNTIL_TAG: f"{now - 5:.0f}"})
+        expired = client.create_run(experiment_id, tags={**other_host, lease.LEASE_UNTIL_TAG: f"{now - 120:.0f}"})
+        fresh = client.create_run(experiment_id, tags={**other_host, lease.LEASE_UNTIL_TAG: f"{now + 60:.0f}"})
+        # Past its time, but within the resolution of the server's clock.
+        skewed = client.create_run(experiment_id, tags={**other_host, lease.LEASE_UNTIL_TAG: f"{now - 1:.0f}"})
         unknown = client.create_run(experiment_id, tags=other_host)
         closed = dict(tracking.reconcile_runs([experiment_id]))
         assert set(closed) == {expired.info.run_id}
@@ -352,3 +352,45 @@ def test_a_malformed_answer_is_one_line_not_a_traceback(tmp_path, fake_server):
     result = _predict(fake_server, _digit_files(tmp_path, 1))
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_spool_file_that_is_not_ours_is_set_aside_and_a_deleted_run_s_record_dropped(tmp_path, monkeypatch):
+    """Neither blocks a command: each gets one line, and no command reads it again."""
+    import json
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mnist_mlflow.tracking import watch
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setenv(watch.SPOOL_DIR_ENV, str(spool))
+    try:
+        client = MlflowClient()
+        run = client.create_run(client.create_experiment("spool"))
+        client.delete_run(run.info.run_id)
+        (spool / "a-list.json").write_text("[]")
+        (spool / "not-json.json").write_text("{")
+        record = {
+            "kind": watch.SPOOL_RECORD_KIND,
+            "tracking_uri": store,
+            "run_id": run.info.run_id,
+            "reason": "the server was lost",
+            "metrics": {"loss": {"0": [0.5, 1]}},
+        }
+        (spool / f"{run.info.run_id}.json").write_text(json.dumps(record))
+        lines = watch.deliver_spooled_runs()
+        assert len(lines) == 3
+        text = "\n".join(lines)
+        assert f"Set aside {spool / 'a-list.json'} (it is not a spool record of this project)" in text
+        assert f"Set aside {spool / 'not-json.json'} (" in text
+        dropped = f"Run {run.info.run_id} was deleted at {store}; dropping its spool record {run.info.run_id}.json"
+        assert dropped in lines
+        assert sorted(path.name for path in spool.iterdir()) == ["a-list.json.unreadable", "not-json.json.unreadable"]
+        assert watch.deliver_spooled_runs() == [], "nothing is read twice"
+        assert client.get_metric_history(run.info.run_id, "loss") == []
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -30,7 +30,7 @@ def test_each_kind_of_work_has_its_own_experiment_by_default(sqlite_store, monke
     assert MlflowClient().get_experiment(experiment_id).name == "mnist-weight-decay"
     # The process's runs go there too, and nothing is left in the environment for the
     # processes it starts (an `mlflow run --experiment-name` would refuse a second choice).
-    with tracking.start_run("a-run", {}) as run_id:
+    with tracking.start_run(tracking.RunPlacement("a-run", {})) as run_id:
         assert MlflowClient().get_run(run_id).info.experiment_id == experiment_id
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ and "MLFLOW_EXPERIMENT_NAME" not in os.environ
 
@@ -68,7 +68,7 @@ def test_an_error_mangled_by_a_sigterm_still_ends_the_run_killed(sqlite_store, m
     monkeypatch.setattr(lifecycle, "_termination_reason", [lifecycle.Terminated("terminated by SIGTERM")])
     tracking.choose_experiment("mnist-dense")
     with pytest.raises(lifecycle.Terminated) as raised:
-        with tracking.start_run("a-run", {}) as run_id:
+        with tracking.start_run(tracking.RunPlacement("a-run", {})) as run_id:
             raise SystemError("Objects/listobject.c:338: bad argument to internal function")
     assert raised.value.reason == "terminated by SIGTERM"
     run = MlflowClient().get_run(run_id)
@@ -87,9 +87,11 @@ def test_without_a_stop_an_error_is_an_error(sqlite_store, monkeypatch):
     monkeypatch.setattr(lifecycle, "_termination_reason", [])
     tracking.choose_experiment("mnist-dense")
     with pytest.raises(SystemError):
-        with tracking.start_run("a-run", {}) as run_id:
+        with tracking.start_run(tracking.RunPlacement("a-run", {})) as run_id:
             raise SystemError("a real bug")
-    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+    run = MlflowClient().get_run(run_id)
+    # A run that did not finish says why, even for an error nobody foresaw.
+    assert run.info.status == "FAILED" and run.data.tags["failed_reason"] == "SystemError: a real bug"
 
     def main(argv):
         raise SystemError("a real bug")

@@ -21,8 +21,6 @@ study started again with the same study id trains only the missing keys.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +56,7 @@ def run_study(study: Study) -> StudyResult:
     study.prepare()
     parent = study.open_parent()
     # Renews the parent's heartbeat while this process works on the study (tracking.watch).
-    tracking.WATCH.add(parent.run_id, check_status=False)
+    tracking.WATCH.add(parent.run_id)
     for line in study.start_lines(parent, tracking_uri):
         print(line, flush=True)
     tracking.print_runs_view(parent.experiment_id)
@@ -126,12 +124,13 @@ def _log_summary(parent: tracking.StudyParent, summary: StudySummary) -> str | N
     return version
 
 
-def resumable_child(parent: tracking.StudyParent, kind: str, child: ChildSpec) -> tracked_run.ResumeFrom | None:
-    """The study's killed run of this child, to resume from its checkpoint, if it did the same work."""
+def resumable_child(parent: tracking.StudyParent, kind: str, child: ChildSpec) -> tracking.ResumeFrom | None:
+    """The study's killed run of this child, offered for resuming from its checkpoint (the
+    run's session resumes it only if it did the same work)."""
     if not child.config.training.checkpoint:
         return None
     killed = tracking.killed_with_checkpoint(kind, parent.experiment_id, parent.run_id, child.key)
-    return tracked_run.resume_choice(killed, tracked_run.plan_run(child.config))
+    return tracking.ResumeFrom(killed.info.run_id) if killed is not None else None
 
 
 def train_child(
@@ -140,7 +139,7 @@ def train_child(
     parent_run_id: str,
     child: ChildSpec,
     callbacks: Sequence[Any] = (),
-    resume: tracked_run.ResumeFrom | None = None,
+    resume: tracking.ResumeFrom | None = None,
 ) -> tracked_run.RunResult:
     """Trains one child as a run under the parent, tagged with the study and its key; with
     ``resume``, from a killed run's checkpoint."""
@@ -167,8 +166,7 @@ def new_study_id(kind: str) -> str:
 
 def fingerprint(params: Mapping[str, Any]) -> str:
     """A short digest of a study's settings (without its id): equal settings, equal digest."""
-    settings = {name: str(value) for name, value in params.items() if name != "sweep_id"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return tracking.Fingerprint.digest_of({name: value for name, value in params.items() if name != "sweep_id"})
 
 
 @dataclass

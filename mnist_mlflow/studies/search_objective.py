@@ -127,14 +127,14 @@ def make_objective(config: SearchConfig, space: SearchSpace, parent_run_id: str,
     return objective
 
 
-def dead_trial_checkpoint(parent_run_id: str, retry_of: int, child: ChildSpec) -> tracked_run.ResumeFrom | None:
+def dead_trial_checkpoint(parent_run_id: str, retry_of: int, child: ChildSpec) -> tracking.ResumeFrom | None:
     """The killed run of the trial this one retries, for a new run to take over from its
-    checkpoint, if it trained the same config. Its own run stays KILLED, pointing to the new one."""
+    checkpoint (if it trained the same config: the session checks). Its own run stays KILLED,
+    pointing to the new one."""
     killed = tracking.killed_with_checkpoint(
         tracking.SEARCH_KIND, parent_run_id=parent_run_id, child_key=trial_key(retry_of)
     )
-    choice = tracked_run.resume_choice(killed, tracked_run.plan_run(child.config))
-    return None if choice is None else tracked_run.ResumeFrom(choice.run_id, same_run=False)
+    return None if killed is None else tracking.ResumeFrom(killed.info.run_id, same_run=False)
 
 
 def reuse_twin(trial, earlier) -> float | tuple[float, ...]:

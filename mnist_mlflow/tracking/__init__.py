@@ -8,26 +8,19 @@ The rest of the library trains, evaluates and plots; this package records:
   closing the runs of processes that are gone;
 - :mod:`~mnist_mlflow.tracking.studies`: a study's parent run, its children and its summary;
 - :mod:`~mnist_mlflow.tracking.registry`: the servable model, the registry and promotion;
-- :mod:`~mnist_mlflow.tracking.checkpoints`: each epoch's checkpoint kept with the run, and
-  resuming a killed run from it;
-- :mod:`~mnist_mlflow.tracking.watch`: a run's link to the server while it trains: the
-  heartbeat, a run closed by someone else, a server gone, metrics delivered late.
+- :mod:`~mnist_mlflow.tracking.session`: the one seam between an experiment and keeping its
+  run alive (:class:`RunSession`), built on:
+  - :mod:`~mnist_mlflow.tracking.lease`: who holds a run, with a fencing token;
+  - :mod:`~mnist_mlflow.tracking.checkpoints`: each epoch's checkpoint kept with the run;
+  - :mod:`~mnist_mlflow.tracking.watch`: the lease's renewal, a server gone, the ledger and
+    spool of metrics delivered late.
 
 The names below are the package's interface; callers write ``tracking.start_run`` and need
 not know which module holds it.
 """
 
-from mnist_mlflow.tracking.checkpoints import (
-    CHECKPOINT_EPOCH_TAG,
-    RUN_FINGERPRINT_TAG,
-    CheckpointKeeper,
-    deliver_history,
-    download_checkpoint,
-    killed_with_checkpoint,
-    record_resume,
-    run_fingerprint,
-)
-from mnist_mlflow.tracking.checkpoints import differences as checkpoint_differences
+from mnist_mlflow.tracking.checkpoints import CHECKPOINT_EPOCH_TAG, killed_with_checkpoint
+from mnist_mlflow.tracking.lease import LeaseLost
 from mnist_mlflow.tracking.registry import (
     KERAS_MODEL_FILE,
     SERVED_MODEL_CODE,
@@ -66,7 +59,6 @@ from mnist_mlflow.tracking.runs import (
     set_run_tags,
     set_system_metrics_node,
     set_tag,
-    start_run,
 )
 from mnist_mlflow.tracking.server import (
     AUTH_ERROR_CODES,
@@ -89,6 +81,14 @@ from mnist_mlflow.tracking.server import (
     tracking_uri_shown,
     warn_about_secret_params,
 )
+from mnist_mlflow.tracking.session import (
+    Fingerprint,
+    ResumeFrom,
+    RunHeldElsewhere,
+    RunPlacement,
+    RunSession,
+    start_run,
+)
 from mnist_mlflow.tracking.studies import (
     ChildRecord,
     StudyParent,
@@ -102,31 +102,21 @@ from mnist_mlflow.tracking.studies import (
     study_children,
     study_children_of,
 )
-from mnist_mlflow.tracking.watch import (
-    WATCH,
-    RunClosedElsewhere,
-    TrackingServerLost,
-    deliver_spooled_runs,
-    epoch_ledger,
-    server_lost,
-)
+from mnist_mlflow.tracking.watch import WATCH, TrackingServerLost, deliver_spooled_runs, server_lost
 
 __all__ = [
     "CHECKPOINT_EPOCH_TAG",
-    "RUN_FINGERPRINT_TAG",
-    "checkpoint_differences",
-    "deliver_history",
-    "download_checkpoint",
     "killed_with_checkpoint",
-    "CheckpointKeeper",
-    "record_resume",
-    "run_fingerprint",
+    "LeaseLost",
+    "Fingerprint",
+    "ResumeFrom",
+    "RunHeldElsewhere",
+    "RunPlacement",
+    "RunSession",
     "set_system_metrics_node",
     "WATCH",
-    "RunClosedElsewhere",
     "TrackingServerLost",
     "deliver_spooled_runs",
-    "epoch_ledger",
     "server_lost",
     "TRACKING_URI_ENV",
     "AUTH_ERROR_CODES",

@@ -1,23 +1,20 @@
 """Checkpoints kept with the run, and resuming a killed run from its last finished epoch.
 
-Each finished epoch's checkpoint (written by :class:`mnist_mlflow.training.EpochCheckpoint`)
+Each finished epoch's checkpoint (its format is :mod:`mnist_mlflow.checkpointing`'s)
 goes to the run's artifacts under ``checkpoint/``, in the tracking server's artifact store,
 so that any machine can resume it. It is uploaded in the background while the next epoch
 trains (:class:`CheckpointKeeper`), into one of two slots, ``checkpoint/a`` and
 ``checkpoint/b``, in turn; the best epoch's weights go to ``checkpoint/best/``. Only once
 every file of an epoch is up do the tags ``checkpoint_epoch`` and ``checkpoint_slot`` name
-it, so a kill in the middle of an upload leaves the previous checkpoint whole.
+it, so a kill in the middle of an upload leaves the previous checkpoint whole. A slot is used
+only when its files match their digests; a damaged slot falls back to the other one.
 
-A run is resumed only when it is the same work: its ``run_fingerprint`` tag, a digest of every
-parameter, must equal the new command's. A run resumed goes back to RUNNING; its metric history
-goes on at the next step; the tag ``resume_count`` counts the resumes and ``resumed_<n>`` says
-when, where and from which epoch.
+A run resumed goes back to RUNNING; its metric history goes on at the next step; the tag
+``resume_count`` counts the resumes and ``resumed_<n>`` says when, where and from which epoch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import shutil
 import tempfile
@@ -28,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.tracking.runs import KILLED_REASON_TAG
@@ -39,15 +37,10 @@ CHECKPOINT_EPOCH_TAG = "checkpoint_epoch"
 CHECKPOINT_SLOT_TAG = "checkpoint_slot"
 SLOTS = ("a", "b")
 BEST_FOLDER = "best"
-RUN_FINGERPRINT_TAG = "run_fingerprint"
+# The best epoch's weights (checkpointing.best_weights_file) go to BEST_FOLDER, not to a slot.
+BEST_PREFIX = "best-"
 RESUME_COUNT_TAG = "resume_count"
 PARENT_RUN_TAG = "mlflow.parentRunId"
-
-
-def run_fingerprint(params: Mapping[str, Any]) -> str:
-    """A digest of a run's parameters: two runs with the same one do the same work."""
-    text = json.dumps({name: str(value) for name, value in sorted(params.items())})
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class CheckpointKeeper:
@@ -61,10 +54,13 @@ class CheckpointKeeper:
     by the next call, or by :meth:`wait` at the end of training.
     """
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, fence: Any) -> None:
         from mlflow.artifacts import get_artifact_repository
 
         self.run_id = run_id
+        # The run's lease: the tags that make an upload the run's checkpoint are written only
+        # while this process holds it.
+        self.fence = fence
         client = MlflowClient()
         self.repository = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
         self.client = client
@@ -78,9 +74,11 @@ class CheckpointKeeper:
         if self._thread is not None and self._thread.is_alive():
             return  # The previous upload is still trying; this epoch keeps no checkpoint.
         self.wait()
-        best = json.loads((Path(folder) / "state.json").read_text()).get("best_file")
-        if best and best not in self._best_sent and best not in files and (Path(folder) / best).exists():
-            files = [*files, best]
+        from mnist_mlflow.checkpointing import Checkpoint
+
+        named = Checkpoint.manifest_of(folder)
+        best = [name for name in named if name.startswith(BEST_PREFIX) and name not in files]
+        files = [*files, *(name for name in best if name not in self._best_sent)]
         staging = Path(tempfile.mkdtemp(prefix="mnist-mlflow-checkpoint-upload-"))
         for name in files:
             shutil.copy2(Path(folder) / name, staging / name)
@@ -110,11 +108,14 @@ class CheckpointKeeper:
             while True:
                 try:
                     for name in files:
-                        folder = f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER if name.startswith('best-') else slot}"
+                        folder = f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER if name.startswith(BEST_PREFIX) else slot}"
                         self.repository.log_artifact(str(staging / name), folder)
-                    self.client.set_tag(self.run_id, CHECKPOINT_SLOT_TAG, slot)
-                    self.client.set_tag(self.run_id, CHECKPOINT_EPOCH_TAG, str(epoch))
-                    self._best_sent.update(name for name in files if name.startswith("best-"))
+                    self.fence.check()
+                    self.client.log_batch(
+                        self.run_id,
+                        tags=[RunTag(CHECKPOINT_SLOT_TAG, slot), RunTag(CHECKPOINT_EPOCH_TAG, str(epoch))],
+                    )
+                    self._best_sent.update(name for name in files if name.startswith(BEST_PREFIX))
                     return
                 except Exception as error:
                     if server_lost(error) is None or time.monotonic() > give_up:
@@ -126,22 +127,50 @@ class CheckpointKeeper:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def download_checkpoint(run_id: str) -> Path:
-    """The run's last whole checkpoint, downloaded to a fresh local folder."""
+def download_checkpoint(run_id: str):
+    """The run's last checkpoint that is whole (a :class:`mnist_mlflow.checkpointing.Checkpoint`),
+    downloaded to a fresh local folder and verified by its digests; the other slot when the
+    latest is damaged; None, saying so, when neither can be used."""
+    from mnist_mlflow.checkpointing import CheckpointDamaged
+
     run = MlflowClient().get_run(run_id)
-    slot = run.data.tags.get(CHECKPOINT_SLOT_TAG, SLOTS[0])
-    folder = Path(tempfile.mkdtemp(prefix="mnist-mlflow-resume-"))
-    downloaded = Path(
-        mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{slot}", dst_path=str(folder)
-        )
+    latest = run.data.tags.get(CHECKPOINT_SLOT_TAG, SLOTS[0])
+    problems = []
+    for slot in (latest, *(other for other in SLOTS if other != latest)):
+        try:
+            return _download_slot(run_id, slot)
+        except CheckpointDamaged as damage:
+            problems.append(f"slot {slot}: {damage}")
+        except mlflow.exceptions.MlflowException as error:
+            if server_lost(error) is not None:
+                raise
+            problems.append(f"slot {slot}: {str(error).splitlines()[0][:200]}")
+        if slot == latest:
+            print(f"The latest checkpoint of run {run_id} cannot be used ({problems[-1]}); trying the other slot")
+    print(
+        f"Neither checkpoint of run {run_id} can be used ({'; '.join(problems)}); starting a new run",
+        flush=True,
     )
-    best = json.loads((downloaded / "state.json").read_text()).get("best_file")
-    if best:
-        mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER}/{best}", dst_path=str(downloaded)
+    return None
+
+
+def _download_slot(run_id: str, slot: str):
+    from mnist_mlflow.checkpointing import Checkpoint, CheckpointDamaged
+
+    folder = Path(tempfile.mkdtemp(prefix="mnist-mlflow-resume-"))
+    try:
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{slot}", dst_path=str(folder)
+            )
         )
-    return downloaded
+    except OSError as error:
+        raise CheckpointDamaged(f"it cannot be downloaded ({error})") from None
+    for name in Checkpoint.manifest_of(downloaded):
+        if name.startswith(BEST_PREFIX):
+            best = f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER}/{name}"
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=best, dst_path=str(downloaded))
+    return Checkpoint.read(downloaded)
 
 
 def killed_with_checkpoint(

@@ -13,8 +13,8 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import UserInputError
-from mnist_mlflow.tracking.runs import start_run
 from mnist_mlflow.tracking.server import auth_error, tracking_uri_shown
+from mnist_mlflow.tracking.session import RunPlacement, start_run
 
 # The models-from-code file, which imports nothing from this package.
 SERVED_MODEL_CODE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "served_model.py")
@@ -335,7 +335,8 @@ def promote_best_version(
     previous = current_alias_version(client, model_name, alias)
     images, labels, dataset_name = validation_split(client.get_run(best.run_id).data.params)
     model_uri = f"models:/{best.model_id}" if best.model_id else f"models:/{model_name}/{best.version}"
-    with start_run(f"evaluate-{logged_model_name(model_name)}-v{best.version}", {"entry_point": "promote"}):
+    placement = RunPlacement(f"evaluate-{logged_model_name(model_name)}-v{best.version}", {"entry_point": "promote"})
+    with start_run(placement):
         accuracy = evaluate_classifier(model_uri, best.model_id, images, labels, dataset_name)
     if accuracy < min_val_accuracy:
         stays = f"'{alias}' stays at version {previous}" if previous else f"no version gets '{alias}'"

@@ -7,20 +7,18 @@ processes that could not.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import lifecycle
-from mnist_mlflow.config import RunFailedError
-from mnist_mlflow.tracking import watch
+from mnist_mlflow.tracking import lease, watch
 from mnist_mlflow.tracking.server import (
     check_tracking_server,
     choose_experiment,
@@ -92,9 +90,12 @@ def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
 
 
 def mark_run_killed(run_id: str, reason: str) -> None:
-    """Ends a run some dead process left RUNNING as KILLED, with the reason as a tag."""
+    """Ends a run some dead process left RUNNING as KILLED, with the reason as a tag, and lets
+    its lease go: whoever resumes it may take it at once."""
+    from mlflow.entities import RunTag
+
     client = MlflowClient()
-    client.set_tag(run_id, KILLED_REASON_TAG, reason)
+    client.log_batch(run_id, tags=[RunTag(KILLED_REASON_TAG, reason), RunTag(lease.LEASE_UNTIL_TAG, "0")])
     client.set_terminated(run_id, status="KILLED")
 
 
@@ -125,10 +126,10 @@ def reconcile_runs(
 
     - its process is gone (:func:`mnist_mlflow.lifecycle.process_is_gone`): the run names this
       host, boot and PID namespace, and no such process lives;
-    - its heartbeat expired: every holder renews ``process_alive_until`` while it works, and
-      stops within its server timeout when it cannot, so a heartbeat long past says that no
-      process is working on the run, on any host. A study parent shared by many workers lives
-      as long as one of them renews it.
+    - its lease expired, on the tracking server's clock (:mod:`~.lease`): every holder renews
+      it while it works, and stops within its server timeout when it cannot, so a lease long
+      past says that no process is working on the run, on any host. A study parent shared by
+      many workers lives as long as one of them renews it.
 
     Anything else is left alone: a run of another container or machine with a fresh heartbeat,
     or one recorded without a heartbeat. A run without any process information is closed only
@@ -137,15 +138,16 @@ def reconcile_runs(
     client = MlflowClient()
     closed = []
     now_ms = time.time() * 1000
+    server_now = lease.CLOCK.now()
     for run in _search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
         tags = run.data.tags
         gone = lifecycle.process_is_gone(tags)
-        expired = _heartbeat_expired(tags, now_ms / 1000)
+        expired = _heartbeat_expired(tags, server_now)
         if gone:
             reason = f"its process {tags[lifecycle.PID_TAG]} on {tags[lifecycle.HOST_TAG]} ended without closing it"
         elif expired:
             reason = f"no process has renewed its heartbeat since {expired} (it would have, had one been working on it)"
-        elif watch.ALIVE_UNTIL_TAG in tags:
+        elif lease.LEASE_UNTIL_TAG in tags:
             continue
         elif gone is None and lifecycle.PID_TAG not in tags:
             age_h = (now_ms - run.info.start_time) / 3.6e6
@@ -164,13 +166,14 @@ def reconcile_runs(
     return closed
 
 
-def _heartbeat_expired(tags: Mapping[str, str], now_s: float) -> str | None:
-    """When a run's heartbeat expired, as text, or None while it holds (or there is none)."""
+def _heartbeat_expired(tags: Mapping[str, str], server_now_s: float) -> str | None:
+    """When a run's lease expired (on the server's clock), as text, or None while it holds (or
+    there is none)."""
     try:
-        until = float(tags[watch.ALIVE_UNTIL_TAG])
+        until = float(tags[lease.LEASE_UNTIL_TAG])
     except (KeyError, ValueError):
         return None
-    if now_s <= until + watch.CLOCK_SKEW_S:
+    if not lease.lease_expired(tags, server_now_s):
         return None
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
 
@@ -186,8 +189,26 @@ def _search_all_runs(client: MlflowClient, experiment_ids: list[str], filter_str
             return runs
 
 
-def keras_metrics_logger():
+def steps_held(run_id: str, after_step: int) -> dict[str, set[int]]:
+    """The per-epoch steps beyond ``after_step`` that the server already holds for the run, by key.
+
+    A killed run's metrics can be ahead of its last checkpoint (the checkpoint uploads in the
+    background): the resumed run trains those epochs again, to the same values, bit for bit, and
+    must not log them a second time.
+    """
+    client = MlflowClient()
+    held: dict[str, set[int]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        steps = {point.step for point in client.get_metric_history(run_id, key) if point.step > after_step}
+        if steps:
+            held[key] = steps
+    return held
+
+
+def keras_metrics_logger(held: Mapping[str, set[int]] | None = None):
     """MLflow's Keras callback (``mlflow.tensorflow.MlflowCallback``), with one name per quantity.
+    A resumed run passes the steps the server already ``held`` (``steps_held``): they are not sent
+    again, so that every step is there once.
 
     It logs the optimizer's settings (``opt_name``, ``opt_learning_rate``, ...) when training
     begins and every epoch's metrics under Keras's own names (``loss``, ``accuracy``,
@@ -215,6 +236,11 @@ def keras_metrics_logger():
             settings = self.model.optimizer.get_config()
             log_params({f"opt_{name}": value for name, value in settings.items()})
 
+        def on_epoch_end(self, epoch, logs=None):
+            if held:
+                logs = {key: value for key, value in (logs or {}).items() if epoch not in held.get(key, ())}
+            super().on_epoch_end(epoch, logs)
+
         def on_test_end(self, logs=None):
             # Keras's fit already hands the validation pass to on_epoch_end as val_<name>.
             pass
@@ -225,132 +251,10 @@ def keras_metrics_logger():
     return EpochMetrics(log_every_epoch=True)
 
 
-@contextlib.contextmanager
-def start_run(
-    run_name: str,
-    tags: Mapping[str, str],
-    description: str | None = None,
-    parent_run_id: str | None = None,
-    continue_run_id: str | None = None,
-) -> Iterator[str]:
-    """Starts (or, under ``mlflow run``, resumes) a run, names and tags it, and yields its id.
-
-    With ``parent_run_id`` the run is a new child of that run (a study's parent), which is
-    passed explicitly rather than taken from the thread's active run. The run records the
-    process that holds it. It ends FINISHED when the block completes; KILLED, tagged
-    ``killed_reason``, on Ctrl-C, SIGTERM or the end of the launcher; and FAILED otherwise,
-    tagged ``failed_reason`` when the failure has a one-line reason. So no run is ever left
-    RUNNING by this process while it can still act.
-
-    With ``continue_run_id``, that (killed) run is reopened instead: RUNNING again, the same
-    run. Under ``mlflow run`` the launcher's own run is then left to the launcher, with a note
-    that points to the run this launch continued.
-    """
-    _quiet_system_metrics_logging()
-    # MLflow's system metrics (CPU, memory, and a GPU where there is one) for every run, unless
-    # the user turned them off with MLflow's own variable.
-    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
-    if continue_run_id:
-        run_context = mlflow.start_run(run_id=continue_run_id)
-        launcher = launcher_run_id()
-        if launcher and launcher != continue_run_id:
-            client = MlflowClient()
-            client.set_tag(launcher, "resumed_run_id", continue_run_id)
-            client.set_tag(launcher, "mlflow.note.content", f"This launch continued run {continue_run_id}.")
-    elif parent_run_id:
-        experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
-        run_context = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=run_name,
-            parent_run_id=parent_run_id,
-            description=description,
-        )
-    else:
-        # The launcher's run, or a new run in the experiment chosen for this kind of work.
-        run_context = mlflow.start_run(experiment_id=current_experiment_id(), description=description)
-    with run_context as run:
-        run_id = run.info.run_id
-        try:
-            # The watch stops renewing the heartbeat before the run is ended, however it ends:
-            # otherwise it would find the run closed and take that for another process's doing.
-            try:
-                # Inside the try: a signal while the tags are being written still ends the run KILLED.
-                mlflow.set_tags({"mlflow.runName": run_name, **tags, **lifecycle.process_identity()})
-                watch.WATCH.add(run_id)
-                yield run_id
-            finally:
-                watch.WATCH.remove(run_id)
-            late = watch.deliver_ledger(run_id)
-            if late:
-                print(f"The tracking server had not taken {late}; sent them again", flush=True)
-            watch.check_still_running(run_id)
-        except watch.RunClosedElsewhere:
-            _let_go(run_id)
-            raise
-        except KeyboardInterrupt as interruption:
-            if isinstance(interruption, watch.TrackingServerLost):
-                raise _abandon(run_id, interruption) from None
-            _end_active_run("KILLED", KILLED_REASON_TAG, lifecycle.interruption_reason(interruption))
-            raise
-        except RunFailedError as failure:
-            _end_active_run("FAILED", FAILED_REASON_TAG, str(failure))
-            raise
-        except Exception as error:
-            stop = lifecycle.termination_from(error)
-            if isinstance(stop, watch.RunClosedElsewhere):
-                _let_go(run_id)
-                raise stop from error
-            lost = stop if isinstance(stop, watch.TrackingServerLost) else watch.server_lost(error, run_id)
-            if lost is not None:
-                raise _abandon(run_id, lost) from None
-            if stop is None:
-                failure = watch.upload_failure(error)
-                if failure is None:
-                    raise
-                _end_active_run("FAILED", FAILED_REASON_TAG, failure)
-                raise RunFailedError(failure) from None
-            _end_active_run("KILLED", KILLED_REASON_TAG, stop.reason)
-            raise stop from error
-
-
-def _quiet_system_metrics_logging() -> None:
-    """MLflow's system-metrics monitor logs a line at every start and stop, and a warning when
-    the server does not answer; the project says what matters in its own lines."""
-    import logging
-
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
-
-
 def set_system_metrics_node(node_id: str) -> None:
     """Names this machine in the system metrics of the runs it makes (``system/<node>/...``),
     so that a study's runs show which worker did what."""
     mlflow.system_metrics.set_system_metrics_node_id(node_id)
-
-
-def _let_go(run_id: str) -> None:
-    """Leaves a run that someone else closed as they left it."""
-    watch.WATCH.remove(run_id)
-    watch.forget_active_run()
-
-
-def _abandon(run_id: str, lost: watch.TrackingServerLost) -> watch.TrackingServerLost:
-    """Lets go of a run whose server is gone, keeping what it could not send in the spool."""
-    watch.forget_active_run()
-    watch.silence_background_logging()
-    kept = watch.spool_run(run_id, lost.reason)
-    if kept is not None:
-        lost.reason += (
-            f". Its per-epoch metrics are kept in {kept}; the next command against that server delivers "
-            "what it lacks and closes the run FAILED"
-        )
-    return lost
-
-
-def _end_active_run(status: str, tag: str, reason: str) -> None:
-    # A second signal while the run is being closed must not leave it RUNNING.
-    with lifecycle.signals_deferred():
-        mlflow.set_tag(tag, reason)
-        mlflow.end_run(status)
 
 
 def metric_values(run_id: str, key: str) -> list[float]:

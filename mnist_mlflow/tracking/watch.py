@@ -4,12 +4,12 @@
   (and a black-holed server for far longer). The project bounds each request's retries, so
   that no call waits long on a server that is gone.
 - :class:`RunWatch`: one daemon thread per process. For every run this process holds, it
-  checks every few seconds that the run is still RUNNING (someone else may have closed it) and
-  renews the run's ``process_alive_until`` tag, the heartbeat that lets any host tell later
-  that nobody is working on the run. When the server has not answered for
-  ``MNIST_MLFLOW_SERVER_TIMEOUT_S`` seconds, it stops the main thread.
+  renews the run's lease every few seconds (:mod:`~.lease`), the heartbeat that lets any host
+  tell later that nobody is working on the run; a lease taken over, or a run closed by someone
+  else, stops the main thread. When the server has not answered for
+  ``MNIST_MLFLOW_SERVER_TIMEOUT_S`` seconds, it stops the main thread too.
 - :func:`epoch_ledger`: a Keras callback that keeps every per-epoch metric value. MLflow's
-  autolog sends them in the background and drops what the server did not take; at the end of
+  Keras callback sends them in the background and drops what the server did not take; at the end of
   the run the ledger sends again what the server lacks. If the server is gone, the ledger is
   written to a local spool file, and the next command against that server delivers it
   (:func:`deliver_spooled_runs`) and closes the run FAILED, saying what came late.
@@ -30,38 +30,18 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import lifecycle
+from mnist_mlflow.tracking import lease
 from mnist_mlflow.tracking.server import SERVER_TIMEOUT_ENV, server_timeout_s, tracking_uri_shown
 
-# The heartbeat tag: until when (seconds since the epoch) the holder promises to either renew
-# it or have stopped. A holder stops within its server timeout of losing the server.
-ALIVE_UNTIL_TAG = "process_alive_until"
-# The longest pause between two looks of the watch: a heartbeat costs two small requests.
-MAX_WATCH_INTERVAL_S = 15.0
-# Clocks of different hosts disagree a little; a heartbeat counts as expired only this much later.
-CLOCK_SKEW_S = 30.0
 SPOOL_DIR_ENV = "MNIST_MLFLOW_SPOOL_DIR"
+SPOOL_RECORD_KIND = "mnist_mlflow spool record"
 LATE_METRICS_TAG = "metrics_delivered_late"
-
-
-def watch_interval_s() -> float:
-    """How often the watch looks at the server: four times per timeout, and at least every
-    ``MAX_WATCH_INTERVAL_S``."""
-    return max(1.0, min(MAX_WATCH_INTERVAL_S, server_timeout_s() / 4))
 
 
 class TrackingServerLost(lifecycle.Terminated):
     """The tracking server stopped answering while this process held a run."""
 
     exit_status = 69  # EX_UNAVAILABLE
-
-    def line(self) -> str:
-        return f"error: {self.reason}"
-
-
-class RunClosedElsewhere(lifecycle.Terminated):
-    """Another process closed a run that this process was still working on."""
-
-    exit_status = 1
 
     def line(self) -> str:
         return f"error: {self.reason}"
@@ -75,6 +55,8 @@ UNREACHABLE_SIGNS = (
     "Connection aborted",
     "RemoteDisconnected",
 )
+# What the server says when it is up but swamped (MLflow's "too many 5xx error responses").
+OVERLOADED_SIGN = "too many"
 
 
 def _unreachable(error: BaseException) -> bool:
@@ -84,16 +66,7 @@ def _unreachable(error: BaseException) -> bool:
     if isinstance(error, (requests.ConnectionError, requests.Timeout)):
         return True
     message = str(error)
-    return "API request to" in message and any(
-        sign in message
-        for sign in (
-            "Connection refused",
-            "NewConnectionError",
-            "timed out",
-            "Connection aborted",
-            "RemoteDisconnected",
-        )
-    )
+    return "API request to" in message and any(sign in message for sign in UNREACHABLE_SIGNS)
 
 
 def server_lost(error: BaseException, run_id: str | None = None) -> TrackingServerLost | None:
@@ -115,49 +88,51 @@ class RunWatch:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # run id -> (the tracking URI it lives at, whether its status is checked)
-        self._runs: dict[str, tuple[str, bool]] = {}
+        # run id -> (the tracking URI it lives at, its lease; None for a shared study parent)
+        self._runs: dict[str, tuple[str, lease.Lease | None]] = {}
         self._thread: threading.Thread | None = None
         self._last_answer = time.monotonic()
         self._stopping = False
 
-    def add(self, run_id: str, check_status: bool = True) -> None:
-        """Watches ``run_id``; ``check_status=False`` only renews its heartbeat (a shared study parent)."""
+    def add(self, run_id: str, held: lease.Lease | None = None) -> None:
+        """Renews ``run_id``'s lease (``held``), or, for a study parent that many workers share,
+        only its heartbeat."""
         with self._lock:
-            self._runs[run_id] = (mlflow.get_tracking_uri(), check_status)
+            self._runs[run_id] = (mlflow.get_tracking_uri(), held)
             self._last_answer = time.monotonic()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="mlflow-run-watch", daemon=True)
                 self._thread.start()
-        # The first heartbeat at once, so that a run is never without one.
-        self._renew(run_id, mlflow.get_tracking_uri())
+        if held is None:
+            # The first heartbeat at once, so that a run is never without one.
+            self._beat(run_id, mlflow.get_tracking_uri())
 
     def remove(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)
 
-    def _renew(self, run_id: str, uri: str) -> None:
-        until = time.time() + server_timeout_s() + 2 * watch_interval_s()
-        MlflowClient(tracking_uri=uri).set_tag(run_id, ALIVE_UNTIL_TAG, f"{until:.0f}")
+    def _beat(self, run_id: str, uri: str) -> None:
+        until = lease.CLOCK.now() + lease.lease_duration_s()
+        MlflowClient(tracking_uri=uri).set_tag(run_id, lease.LEASE_UNTIL_TAG, f"{until:.1f}")
 
     def _loop(self) -> None:
         while True:
-            time.sleep(watch_interval_s())
+            time.sleep(lease.renewal_interval_s())
             with self._lock:
                 runs = dict(self._runs)
             if not runs or self._stopping:
                 continue
             try:
-                for run_id, (uri, check_status) in runs.items():
-                    if check_status:
-                        run = MlflowClient(tracking_uri=uri).get_run(run_id)
-                        if run.info.status != "RUNNING" and run_id in self._runs:
-                            self._stop(RunClosedElsewhere(closed_elsewhere_line(run)))
-                            break
-                    self._renew(run_id, uri)
+                for run_id, (uri, held) in runs.items():
+                    if held is None:
+                        self._beat(run_id, uri)
+                    elif run_id in self._runs:
+                        held.renew()
                 self._last_answer = time.monotonic()
+            except lease.LeaseLost as lost:
+                self._stop(lost)
             except Exception as error:  # noqa: BLE001 - the watch must outlive any failure
-                if not _unreachable(error) and "too many" not in str(error):
+                if not _unreachable(error) and OVERLOADED_SIGN not in str(error):
                     continue
                 silent_for = time.monotonic() - self._last_answer
                 if silent_for > server_timeout_s():
@@ -174,22 +149,6 @@ class RunWatch:
 
 
 WATCH = RunWatch()
-
-
-def closed_elsewhere_line(run) -> str:
-    """What a process says when it finds its run closed by someone else."""
-    reason = run.data.tags.get("killed_reason") or run.data.tags.get("failed_reason") or "no reason given"
-    return (
-        f"run {run.info.run_id} was closed {run.info.status} by another process while this one was "
-        f"still training it ({reason[:200]}); stopping without touching it"
-    )
-
-
-def check_still_running(run_id: str) -> None:
-    """Raises :class:`RunClosedElsewhere` when someone else has closed the run in the meantime."""
-    run = MlflowClient().get_run(run_id)
-    if run.info.status != "RUNNING":
-        raise RunClosedElsewhere(closed_elsewhere_line(run))
 
 
 def forget_active_run() -> None:
@@ -281,14 +240,17 @@ def spool_dir() -> Path:
     return Path(os.environ.get(SPOOL_DIR_ENV) or Path.home() / ".cache" / "mnist_mlflow" / "undelivered")
 
 
-def spool_run(run_id: str, reason: str) -> Path | None:
-    """Writes what run ``run_id`` could not send (its ledger and why it stopped) to the spool."""
+def spool_run(run_id: str, reason: str) -> tuple[Path | None, int]:
+    """Writes what run ``run_id`` could not send (its ledger and why it stopped) to the spool;
+    returns the file, or None when the spool cannot be written, and how many epochs it holds."""
     points = _ledgers.pop(run_id, {})
+    epochs = len({step for steps in points.values() for step in steps})
     folder = spool_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{run_id}.json"
         record = {
+            "kind": SPOOL_RECORD_KIND,
             "tracking_uri": tracking_uri_shown(),
             "run_id": run_id,
             "reason": reason,
@@ -297,9 +259,27 @@ def spool_run(run_id: str, reason: str) -> Path | None:
             },
         }
         path.write_text(json.dumps(record))
-        return path
+        return path, epochs
     except OSError:
-        return None
+        return None, epochs
+
+
+def _read_record(path: Path) -> dict:
+    """A spool record, checked to be one of ours; raises ValueError otherwise."""
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or record.get("kind", SPOOL_RECORD_KIND) != SPOOL_RECORD_KIND:
+        raise ValueError("it is not a spool record of this project")
+    if not isinstance(record.get("run_id"), str) or not isinstance(record.get("metrics"), dict):
+        raise ValueError("it lacks a run id or metrics")
+    return record
+
+
+def _set_aside(path: Path, why: str) -> str:
+    """Renames a spool file that cannot be delivered, so that no command reads it again."""
+    aside = path.with_name(path.name + ".unreadable")
+    with contextlib.suppress(OSError):
+        path.rename(aside)
+    return f"Set aside {path} ({why}) as {aside.name}; no command reads it again"
 
 
 def deliver_spooled_runs() -> list[str]:
@@ -316,31 +296,26 @@ def deliver_spooled_runs() -> list[str]:
     client = MlflowClient()
     for path in sorted(folder.glob("*.json")):
         try:
-            record = json.loads(path.read_text())
-            if record.get("tracking_uri") != shown:
-                continue
-            run_id = record["run_id"]
+            record = _read_record(path)
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            lines.append(_set_aside(path, str(error)[:200]))
+            continue
+        if record.get("tracking_uri") != shown:
+            continue
+        run_id = record["run_id"]
+        try:
             run = client.get_run(run_id)
-            points = {
-                key: {int(step): (value, timestamp) for step, (value, timestamp) in steps.items()}
-                for key, steps in record["metrics"].items()
-            }
-            missing = send_missing(client, run_id, points)
-            late = _steps_text(missing) if missing else "none"
-            client.set_tag(run_id, LATE_METRICS_TAG, late[:5000])
-            if run.info.status == "RUNNING":
-                client.set_tag(run_id, "failed_reason", record["reason"][:5000])
-                client.set_terminated(run_id, status="FAILED")
-            lines.append(
-                f"Run {run_id} had stopped when its tracking server was unreachable; "
-                f"delivered the metric values it could not send ({late}); the run is FAILED"
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            lines.append(f"Ignoring the unreadable spool record {path}")
+            if run.info.lifecycle_stage == "deleted":
+                lines.append(f"Run {run_id} was deleted at {shown}; dropping its spool record {path.name}")
+            else:
+                lines.append(_deliver_record(client, run, record))
+        except (ValueError, KeyError, TypeError) as error:
+            lines.append(_set_aside(path, f"its metrics cannot be read: {error}"[:200]))
+            continue
         except mlflow.exceptions.MlflowException as error:
             if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(error, "error_code", "")):
                 continue  # The server cannot take it yet; the record waits for the next command.
-            lines.append(f"Run {path.stem} no longer exists at {shown}; dropping its spool record")
+            lines.append(f"Run {run_id} no longer exists at {shown}; dropping its spool record {path.name}")
         except Exception as error:  # noqa: BLE001 - an unreachable server: try again next time
             if _unreachable(error):
                 continue
@@ -348,6 +323,25 @@ def deliver_spooled_runs() -> list[str]:
         with contextlib.suppress(OSError):
             path.unlink()
     return lines
+
+
+def _deliver_record(client: MlflowClient, run, record: dict) -> str:
+    """Sends a spooled run the metric values it lacks and closes it FAILED; returns the line."""
+    run_id = run.info.run_id
+    points = {
+        key: {int(step): (float(value), int(timestamp)) for step, (value, timestamp) in steps.items()}
+        for key, steps in record["metrics"].items()
+    }
+    missing = send_missing(client, run_id, points)
+    late = _steps_text(missing) if missing else "none"
+    client.set_tag(run_id, LATE_METRICS_TAG, late[:5000])
+    if run.info.status == "RUNNING":
+        client.set_tag(run_id, "failed_reason", str(record.get("reason", "its server was lost"))[:5000])
+        client.set_terminated(run_id, status="FAILED")
+    return (
+        f"Run {run_id} had stopped when its tracking server was unreachable; "
+        f"delivered the metric values it could not send ({late}); the run is FAILED"
+    )
 
 
 def upload_failure(error: BaseException) -> str | None:
