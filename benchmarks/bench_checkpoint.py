@@ -49,7 +49,7 @@ def _newest_run(client, experiment: str):
 
 def _checkpoint_bytes(client, run_id: str) -> int:
     """One slot's files and the best weights: what resuming downloads."""
-    slot = client.get_run(run_id).data.tags["checkpoint_slot"]
+    slot = client.get_run(run_id).data.tags["mnist_mlflow.checkpoint_slot"]
     items = [*client.list_artifacts(run_id, f"checkpoint/{slot}"), *client.list_artifacts(run_id, "checkpoint/best")]
     return sum(item.file_size or 0 for item in items if not item.is_dir)
 
@@ -105,7 +105,7 @@ def resume_saving(server_url: str, client) -> dict:
         time.sleep(1)
         found = client.get_experiment_by_name(experiment)
         runs = client.search_runs([found.experiment_id]) if found else []
-        if runs and int(runs[0].data.tags.get("checkpoint_epoch", "-1")) >= 11:
+        if runs and int(runs[0].data.tags.get("mnist_mlflow.checkpoint_epoch", "-1")) >= 11:
             break
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -53,7 +53,7 @@ def one_round(url: str, number: int, delay_s: float) -> dict:
     while run is None and process.poll() is None and time.monotonic() < deadline:
         found = client.get_experiment_by_name(experiment)
         runs = client.search_runs([found.experiment_id]) if found else []
-        run = next((item for item in runs if "checkpoint_epoch" in item.data.tags), None)
+        run = next((item for item in runs if "mnist_mlflow.checkpoint_epoch" in item.data.tags), None)
         time.sleep(0.2)
     time.sleep(delay_s)
     process.send_signal(signal.SIGTERM)

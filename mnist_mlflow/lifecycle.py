@@ -31,12 +31,12 @@ import time
 import psutil
 
 # Tags naming the process that holds a run.
-HOST_TAG = "process_host"
-PID_TAG = "process_id"
-START_TAG = "process_start_time"
+HOST_TAG = "mnist_mlflow.process_host"
+PID_TAG = "mnist_mlflow.process_id"
+START_TAG = "mnist_mlflow.process_start_time"
 # The kernel boot and the PID namespace in which PID_TAG names the process.
-BOOT_TAG = "process_boot_id"
-PID_NAMESPACE_TAG = "process_pid_namespace"
+BOOT_TAG = "mnist_mlflow.process_boot_id"
+PID_NAMESPACE_TAG = "mnist_mlflow.process_pid_namespace"
 # Two start times of one process, read at different moments, agree to well within this.
 START_TIME_TOLERANCE_S = 1.0
 # How often the launcher watch looks at its launcher.

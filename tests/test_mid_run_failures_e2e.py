@@ -181,10 +181,10 @@ def test_runs_in_another_pid_namespace_are_never_taken_for_dead_in_either_direct
             return training if len(training) == 2 else None
 
         runs = wait_for(two_training, "both runs to train", process=inside)
-        by_namespace = {run.data.tags["process_pid_namespace"]: run for run in runs}
+        by_namespace = {run.data.tags["mnist_mlflow.process_pid_namespace"]: run for run in runs}
         assert len(by_namespace) == 2, "the two runs should record different PID namespaces"
         # The run inside the namespace records pid 1, which on the host is a real, other process.
-        assert {run.data.tags["process_id"] for run in runs} >= {"1"}
+        assert {run.data.tags["mnist_mlflow.process_id"] for run in runs} >= {"1"}
 
         from_host = run_script([sys.executable, RECONCILE, "--experiment", "pid-namespaces"], env)
         from_inside = run_script(
@@ -197,7 +197,7 @@ def test_runs_in_another_pid_namespace_are_never_taken_for_dead_in_either_direct
 
         # Someone closes the host's live run anyway (say, an older reconcile): the process says
         # so in one line and leaves the run as that someone left it.
-        host_run = next(run for run in runs if run.data.tags["process_id"] != "1")
+        host_run = next(run for run in runs if run.data.tags["mnist_mlflow.process_id"] != "1")
         client.set_tag(host_run.info.run_id, "killed_reason", "closed by hand")
         client.set_terminated(host_run.info.run_id, status="KILLED")
         stdout, stderr = host.communicate(timeout=120)
@@ -210,7 +210,7 @@ def test_runs_in_another_pid_namespace_are_never_taken_for_dead_in_either_direct
         # The run inside the namespace still ends as a stopped run should.
         _python_of(inside).send_signal(signal.SIGTERM)
         inside.communicate(timeout=120)
-        inside_run = next(run for run in runs if run.data.tags["process_id"] == "1")
+        inside_run = next(run for run in runs if run.data.tags["mnist_mlflow.process_id"] == "1")
         assert client.get_run(inside_run.info.run_id).info.status == "KILLED"
     finally:
         for process in (inside, host):

@@ -101,11 +101,16 @@ def test_a_killed_process_leaves_a_run_that_the_next_start_closes(mlflow_server)
     process = start([sys.executable, *LONG_DENSE], env)
     (run,), _ = signal_when(process, lambda: running_with_an_epoch(client, experiment), "a running run", signal.SIGKILL)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
-    assert run.data.tags["process_id"] == str(process.pid)
+    assert run.data.tags["mnist_mlflow.process_id"] == str(process.pid)
 
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     elsewhere = client.create_run(
-        experiment_id, tags={"process_host": "another-host", "process_id": "1", "process_start_time": "1.00"}
+        experiment_id,
+        tags={
+            "mnist_mlflow.process_host": "another-host",
+            "mnist_mlflow.process_id": "1",
+            "mnist_mlflow.process_start_time": "1.00",
+        },
     ).info.run_id
     young_unknown = client.create_run(experiment_id).info.run_id
     old_unknown = client.create_run(experiment_id, start_time=int((time.time() - 25 * 3600) * 1000)).info.run_id
@@ -126,9 +131,16 @@ def test_a_killed_process_leaves_a_run_that_the_next_start_closes(mlflow_server)
     dead = client.create_run(
         experiment_id,
         tags={
-            **{name: closed.data.tags[name] for name in ("process_host", "process_boot_id", "process_pid_namespace")},
-            "process_id": str(process.pid),
-            "process_start_time": "1.00",
+            **{
+                name: closed.data.tags[name]
+                for name in (
+                    "mnist_mlflow.process_host",
+                    "mnist_mlflow.process_boot_id",
+                    "mnist_mlflow.process_pid_namespace",
+                )
+            },
+            "mnist_mlflow.process_id": str(process.pid),
+            "mnist_mlflow.process_start_time": "1.00",
         },
     ).info.run_id
     dry = run_script([sys.executable, RECONCILE, "--experiment", experiment, "--dry_run", "true"], env)
@@ -167,7 +179,7 @@ def test_when_the_mlflow_run_launcher_dies_the_entry_point_closes_its_run(mlflow
     launcher = start(command, python_env(mlflow_server.url), cwd=tmp_path)
     try:
         (run,) = wait_for(lambda: running_with_an_epoch(client, experiment), "a running run", process=launcher)
-        script = psutil.Process(int(run.data.tags["process_id"]))
+        script = psutil.Process(int(run.data.tags["mnist_mlflow.process_id"]))
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=30)
         # The entry point notices within about a second, closes its run and exits.

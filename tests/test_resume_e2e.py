@@ -51,7 +51,7 @@ def _runs(client: MlflowClient, experiment: str):
 def _checkpointed(client: MlflowClient, experiment: str, epoch: int):
     """The experiment's one RUNNING run once its checkpoint holds at least ``epoch``."""
     runs = [run for run in _runs(client, experiment) if run.info.status == "RUNNING"]
-    if len(runs) == 1 and int(runs[0].data.tags.get("checkpoint_epoch", "-1")) >= epoch:
+    if len(runs) == 1 and int(runs[0].data.tags.get("mnist_mlflow.checkpoint_epoch", "-1")) >= epoch:
         return runs[0]
     return None
 
@@ -59,13 +59,15 @@ def _checkpointed(client: MlflowClient, experiment: str, epoch: int):
 def _child_checkpointed(client: MlflowClient, experiment: str, epoch: int):
     """A study child of the experiment whose checkpoint holds at least ``epoch``."""
     children = [run for run in _runs(client, experiment) if run.data.tags.get("study_role") == "child"]
-    return next((run for run in children if int(run.data.tags.get("checkpoint_epoch", "-1")) >= epoch), None)
+    return next(
+        (run for run in children if int(run.data.tags.get("mnist_mlflow.checkpoint_epoch", "-1")) >= epoch), None
+    )
 
 
 def _weights(client: MlflowClient, run_id: str) -> dict[str, np.ndarray]:
     """The run's last checkpoint's weights (the layers' and the optimizer's), by name."""
     folder = tempfile.mkdtemp()
-    slot = client.get_run(run_id).data.tags["checkpoint_slot"]
+    slot = client.get_run(run_id).data.tags["mnist_mlflow.checkpoint_slot"]
     path = client.download_artifacts(run_id, f"checkpoint/{slot}/latest.weights.h5", folder)
     arrays = {}
     with h5py.File(path) as file:
@@ -103,7 +105,7 @@ def _kill_and_resume(tmp_path, server_url, script, args, experiment, kill_signal
     run, _ = signal_when(
         process, lambda: _checkpointed(client, experiment, at_epoch), f"epoch {at_epoch + 1}", kill_signal
     )
-    killed_at = int(client.get_run(run.info.run_id).data.tags["checkpoint_epoch"])
+    killed_at = int(client.get_run(run.info.run_id).data.tags["mnist_mlflow.checkpoint_epoch"])
     result = run_script([sys.executable, script, *args], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming run {run.info.run_id} (resume 1) from its checkpoint after epoch {killed_at + 1}" in result.stdout

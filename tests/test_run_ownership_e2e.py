@@ -29,7 +29,7 @@ LEASE_TAG = "mnist_mlflow.lease"
 
 def _running_with_checkpoint(client: MlflowClient, experiment: str, epoch: int):
     runs = [run for run in experiment_runs(client, experiment) if run.info.status == "RUNNING"]
-    if len(runs) == 1 and int(runs[0].data.tags.get("checkpoint_epoch", "-1")) >= epoch:
+    if len(runs) == 1 and int(runs[0].data.tags.get("mnist_mlflow.checkpoint_epoch", "-1")) >= epoch:
         return runs[0]
     return None
 
@@ -40,7 +40,7 @@ def _killed_run(client: MlflowClient, experiment: str, env: dict[str, str], epoc
     run, _ = signal_when(
         process, lambda: _running_with_checkpoint(client, experiment, epoch), f"epoch {epoch + 1}", signal.SIGKILL
     )
-    return run.info.run_id, int(client.get_run(run.info.run_id).data.tags["checkpoint_epoch"])
+    return run.info.run_id, int(client.get_run(run.info.run_id).data.tags["mnist_mlflow.checkpoint_epoch"])
 
 
 def _fence(client: MlflowClient, run_id: str) -> int:
@@ -136,7 +136,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_other_slot(mlflow_server, tmp_pa
     client, experiment = MlflowClient(mlflow_server.url), "ownership-damaged-slot"
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
     run_id, killed_at = _killed_run(client, experiment, env, epoch=3)
-    latest = client.get_run(run_id).data.tags["checkpoint_slot"]
+    latest = client.get_run(run_id).data.tags["mnist_mlflow.checkpoint_slot"]
     weights = _slot_file(mlflow_server, run_id, latest)
     weights.write_bytes(weights.read_bytes()[:1000])
 

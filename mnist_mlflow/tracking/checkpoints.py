@@ -5,7 +5,7 @@ goes to the run's artifacts under ``checkpoint/``, in the tracking server's arti
 so that any machine can resume it. It is uploaded in the background while the next epoch
 trains (:class:`CheckpointKeeper`), into one of two slots, ``checkpoint/a`` and
 ``checkpoint/b``, in turn; the best epoch's weights go to ``checkpoint/best/``. Only once
-every file of an epoch is up do the tags ``checkpoint_epoch`` and ``checkpoint_slot`` name
+every file of an epoch is up do the tags ``mnist_mlflow.checkpoint_epoch`` and ``mnist_mlflow.checkpoint_slot`` name
 it, so a kill in the middle of an upload leaves the previous checkpoint whole. A slot is used
 only when its files match their digests; a damaged slot falls back to the other one.
 
@@ -33,8 +33,8 @@ from mnist_mlflow.tracking.server import server_timeout_s
 from mnist_mlflow.tracking.watch import send_missing, server_lost
 
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
-CHECKPOINT_EPOCH_TAG = "checkpoint_epoch"
-CHECKPOINT_SLOT_TAG = "checkpoint_slot"
+CHECKPOINT_EPOCH_TAG = "mnist_mlflow.checkpoint_epoch"
+CHECKPOINT_SLOT_TAG = "mnist_mlflow.checkpoint_slot"
 SLOTS = ("a", "b")
 BEST_FOLDER = "best"
 # The best epoch's weights (checkpointing.best_weights_file) go to BEST_FOLDER, not to a slot.
@@ -62,7 +62,13 @@ class CheckpointKeeper:
         # while this process holds it.
         self.fence = fence
         client = MlflowClient()
-        self.repository = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+        active = mlflow.active_run()
+        # The active run's artifact location is known without asking the server.
+        if active is not None and active.info.run_id == run_id:
+            artifact_uri = active.info.artifact_uri
+        else:
+            artifact_uri = client.get_run(run_id).info.artifact_uri
+        self.repository = get_artifact_repository(artifact_uri)
         self.client = client
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

@@ -18,7 +18,9 @@ the tracking server's clock, until which the holder promises to renew it or to h
   process's offset from it once. A reader judges a lease on the same clock as its writer.
 - Between two looks at the server, a holder trusts its lease only for the time it has left
   by its own monotonic clock, less a margin. A process that was suspended past that (SIGSTOP,
-  a paused VM, a laptop lid) asks the server again before its next write.
+  a paused VM, a laptop lid) asks the server again before its next write. Within it, a renewal
+  is one request; every ``VERIFY_EVERY_RENEWALS``-th also reads the run back, to notice a run
+  closed by someone else.
 
 The remaining gap: a process frozen between its last local check and the request that follows
 (microseconds) can still send that one request after a take-over.
@@ -48,8 +50,10 @@ SETTLE_S = CLAIM_WINDOW_S
 LOCAL_MARGIN_S = 5.0
 # The Date header says whole seconds; two estimates of the server's time can differ by this.
 CLOCK_RESOLUTION_S = 2.0
-# The longest pause between two renewals: a renewal costs two small requests.
+# The longest pause between two renewals: a renewal costs one small request, and every
+# VERIFY_EVERY_RENEWALS-th one a second, which reads the run back.
 MAX_RENEWAL_INTERVAL_S = 15.0
+VERIFY_EVERY_RENEWALS = 4
 
 
 class LeaseLost(lifecycle.Terminated):
@@ -187,11 +191,14 @@ class Lease:
         )
         self._valid_until = sent + lease_duration_s() - LOCAL_MARGIN_S
 
-    def renew(self) -> None:
-        """Checks with the server that the lease is still this process's, and extends it."""
+    def renew(self, verify: bool = True) -> None:
+        """Extends the lease. With ``verify``, or when the lease may have run out meanwhile (by
+        this process's clock), it first checks with the server that the lease is still this
+        process's and the run still RUNNING. Otherwise nobody can have taken the run over (a
+        take-over waits for the lease to run out), so one request does."""
         with self._lock:
-            run = MlflowClient().get_run(self.run_id)
-            self._raise_if_lost(run)
+            if verify or time.monotonic() >= self._valid_until:
+                self._raise_if_lost(MlflowClient().get_run(self.run_id))
             sent = time.monotonic()
             until = CLOCK.now() + lease_duration_s()
             MlflowClient().set_tag(self.run_id, LEASE_UNTIL_TAG, f"{until:.1f}")

@@ -205,7 +205,7 @@ def steps_held(run_id: str, after_step: int) -> dict[str, set[int]]:
     return held
 
 
-def keras_metrics_logger(held: Mapping[str, set[int]] | None = None):
+def keras_metrics_logger(run_id: str, held: Mapping[str, set[int]] | None = None):
     """MLflow's Keras callback (``mlflow.tensorflow.MlflowCallback``), with one name per quantity.
     A resumed run passes the steps the server already ``held`` (``steps_held``): they are not sent
     again, so that every step is there once.
@@ -237,9 +237,14 @@ def keras_metrics_logger(held: Mapping[str, set[int]] | None = None):
             log_params({f"opt_{name}": value for name, value in settings.items()})
 
         def on_epoch_end(self, epoch, logs=None):
+            if logs is None:
+                return
             if held:
-                logs = {key: value for key, value in (logs or {}).items() if epoch not in held.get(key, ())}
-            super().on_epoch_end(epoch, logs)
+                logs = {key: value for key, value in logs.items() if epoch not in held.get(key, ())}
+            # As MLflow's own callback, in the background; the ledger keeps the batch's outcome,
+            # so that the end of the run asks the server only about batches that failed.
+            operations = mlflow.log_metrics(logs, step=epoch, synchronous=False) if logs else watch.ALREADY_HELD
+            watch.note_sent(run_id, epoch, operations)
 
         def on_test_end(self, logs=None):
             # Keras's fit already hands the validation pass to on_epoch_end as val_<name>.

@@ -149,7 +149,11 @@ class RunSession:
             folder=Path(tempfile.mkdtemp(prefix="mnist-mlflow-checkpoint-")),
             on_saved=self._keeper,
             resume=self.checkpoint,
-            callbacks=[watch.epoch_ledger(self.run_id), fence_each_epoch(self._lease), keras_metrics_logger(held)],
+            callbacks=[
+                watch.epoch_ledger(self.run_id),
+                fence_each_epoch(self._lease),
+                keras_metrics_logger(self.run_id, held),
+            ],
         )
 
     def check(self) -> None:

@@ -93,6 +93,7 @@ class RunWatch:
         self._thread: threading.Thread | None = None
         self._last_answer = time.monotonic()
         self._stopping = False
+        self._renewals = 0
 
     def add(self, run_id: str, held: lease.Lease | None = None) -> None:
         """Renews ``run_id``'s lease (``held``), or, for a study parent that many workers share,
@@ -122,12 +123,16 @@ class RunWatch:
                 runs = dict(self._runs)
             if not runs or self._stopping:
                 continue
+            self._renewals += 1
+            # Every few renewals, the holder reads the run back too: a run closed by someone
+            # else (by hand, say) is noticed within a minute by default.
+            verify = self._renewals % lease.VERIFY_EVERY_RENEWALS == 0
             try:
                 for run_id, (uri, held) in runs.items():
                     if held is None:
                         self._beat(run_id, uri)
                     elif run_id in self._runs:
-                        held.renew()
+                        held.renew(verify=verify)
                 self._last_answer = time.monotonic()
             except lease.LeaseLost as lost:
                 self._stop(lost)
@@ -179,6 +184,28 @@ def silence_background_logging() -> None:
 # --- The ledger of per-epoch metrics ---
 
 _ledgers: dict[str, dict[str, dict[int, tuple[float, int]]]] = {}
+# run id -> epoch -> the background batch that sent the epoch's metrics (MLflow's RunOperations).
+_sent: dict[str, dict[int, object]] = {}
+# An epoch whose every value the server held already (a resumed run's): nothing was sent.
+ALREADY_HELD = object()
+
+
+def note_sent(run_id: str, epoch: int, operations) -> None:
+    """Keeps the background batch that sent an epoch's metrics, to learn later whether it failed."""
+    _sent.setdefault(run_id, {})[int(epoch)] = operations
+
+
+def _confirmed(operations) -> bool:
+    """Whether a background batch is known to have reached the server (call after a flush)."""
+    if operations is ALREADY_HELD:
+        return True
+    if operations is None:
+        return False
+    try:
+        operations.wait()
+    except Exception:  # noqa: BLE001 - any failure means: ask the server
+        return False
+    return True
 
 
 def epoch_ledger(run_id: str):
@@ -222,13 +249,26 @@ def send_missing(client: MlflowClient, run_id: str, points: Mapping[str, Mapping
 
 
 def deliver_ledger(run_id: str) -> str | None:
-    """Sends again the ledger's values the server lacks; returns what was sent, or None."""
+    """Sends again the ledger's values the server lacks; returns what was sent, or None.
+
+    Only the epochs whose background batch failed (or was never sent) are looked up in the
+    server's metric history: a batch that failed may still have been written, and nothing is
+    sent twice.
+    """
     points = _ledgers.pop(run_id, {})
+    sent = _sent.pop(run_id, {})
     if not points:
         return None
     mlflow.flush_async_logging()
+    epochs = {step for steps in points.values() for step in steps}
+    unconfirmed = {epoch for epoch in epochs if not _confirmed(sent.get(epoch))}
+    if not unconfirmed:
+        return None
+    doubtful = {
+        key: {step: point for step, point in steps.items() if step in unconfirmed} for key, steps in points.items()
+    }
     client = MlflowClient()
-    missing = send_missing(client, run_id, points)
+    missing = send_missing(client, run_id, {key: steps for key, steps in doubtful.items() if steps})
     if not missing:
         return None
     text = _steps_text(missing)
@@ -244,6 +284,7 @@ def spool_run(run_id: str, reason: str) -> tuple[Path | None, int]:
     """Writes what run ``run_id`` could not send (its ledger and why it stopped) to the spool;
     returns the file, or None when the spool cannot be written, and how many epochs it holds."""
     points = _ledgers.pop(run_id, {})
+    _sent.pop(run_id, None)
     epochs = len({step for steps in points.values() for step in steps})
     folder = spool_dir()
     try:
