@@ -244,7 +244,7 @@ def work_fingerprint(plan: RunPlan, splits: data.Splits, tags: Mapping[str, str]
     import mnist_mlflow
 
     parts = {
-        "parameters": tracking.Fingerprint.digest_of(plan.work_params),
+        "parameters": tracking.Fingerprint.digest_of({name: str(value) for name, value in plan.work_params.items()}),
         "project": mnist_mlflow.__version__,
         "tensorflow": tags["tensorflow_version"],
         "keras": tags["keras_version"],

@@ -234,6 +234,57 @@ def batches_per_step_for(model: keras.Model, num_examples: int, batch_size: int)
     return max(count for count in range(1, min(limit, num_batches) + 1) if num_batches % count == 0)
 
 
+def _fit_datasets(model: keras.Model, splits: Splits, config: TrainingConfig, epoch_counter: SetEpoch):
+    """The training data set (several batches per step where the model takes them) and the
+    validation data set."""
+    batches_per_step = batches_per_step_for(model, len(splits.train_labels), config.batch_size)
+    if isinstance(model, MultiStepSequential):
+        model.step_batch_size = config.batch_size if batches_per_step > 1 else None
+    train_data = training_dataset(
+        splits.train_images,
+        splits.train_labels,
+        config.batch_size,
+        config.seed,
+        max_shift=config.max_shift,
+        batches_per_step=batches_per_step,
+        epoch=epoch_counter.epoch,
+    )
+    return train_data, evaluation_dataset(splits.validation_images, splits.validation_labels)
+
+
+def _durability_callbacks(durability: Durability | None, config: TrainingConfig, best, timer, stopping):
+    """The callbacks that restore a checkpoint and save each epoch's, and the durability's own,
+    which come after every other: an epoch that another callback ends (a pruned trial) is not
+    recorded."""
+    if durability is None:
+        return [], []
+    keeping, resume = [], durability.resume
+    if resume is not None:
+        keeping.append(RestoreCheckpoint(resume, best, timer, stopping))
+    if config.checkpoint:
+        earlier = resume.state if resume is not None else None
+        keeping.append(EpochCheckpoint(durability.folder, best, timer, stopping, durability.on_saved, earlier))
+    return keeping, list(durability.callbacks)
+
+
+def _whole_history(trained: dict, resume) -> dict[str, list[float]]:
+    """The fit's per-epoch history, after the checkpoint's own when the fit was resumed."""
+    trained = {name: [float(value) for value in values] for name, values in trained.items()}
+    if resume is None:
+        return trained
+    earlier = resume.state["history"]
+    return {name: [*earlier.get(name, []), *trained.get(name, [])] for name in earlier}
+
+
+def _test_probabilities(model: keras.Model, splits: Splits) -> np.ndarray:
+    """One pass over the test split: the loss and accuracy follow from the probabilities. A
+    model trained in bfloat16 is saved computing in float32, so that is the one tested."""
+    tested_model = with_standard_layers(model) if computes_in_bfloat16(model) else model
+    with lifecycle.stops_at_boundaries():
+        test_data = evaluation_dataset(splits.test_images, splits.test_labels)
+        return tested_model.predict(test_data, verbose=0, callbacks=[StopAtStepBoundary()])
+
+
 def train_and_evaluate(
     model: keras.Model,
     splits: Splits,
@@ -256,72 +307,36 @@ def train_and_evaluate(
     machine and software). A stop asked for during the fit (SIGTERM, say) takes effect at the
     next step boundary, never inside TensorFlow (:class:`StopAtStepBoundary`).
     """
-    batch_size, epochs, seed, max_shift = config.batch_size, config.epochs, config.seed, config.max_shift
     timer = EpochTimer()
     best = RestoreBestWeights("val_accuracy")
-    batches_per_step = batches_per_step_for(model, len(splits.train_labels), batch_size)
-    if isinstance(model, MultiStepSequential):
-        model.step_batch_size = batch_size if batches_per_step > 1 else None
     epoch_counter = SetEpoch()
-    train_data = training_dataset(
-        splits.train_images,
-        splits.train_labels,
-        batch_size,
-        seed,
-        max_shift=max_shift,
-        batches_per_step=batches_per_step,
-        epoch=epoch_counter.epoch,
-    )
-    validation_data = evaluation_dataset(splits.validation_images, splits.validation_labels)
-
+    train_data, validation_data = _fit_datasets(model, splits, config, epoch_counter)
     # Keras's own early stopping; the best epoch's weights are restored by RestoreBestWeights.
     stopping = (
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience)
         if config.patience
         else None
     )
-    early_stopping = [stopping] if stopping else []
-    keeping, resume = [], durability.resume if durability is not None else None
-    if resume is not None:
-        keeping.append(RestoreCheckpoint(resume, best, timer, stopping))
-    if durability is not None and config.checkpoint:
-        earlier = resume.state if resume is not None else None
-        keeping.append(EpochCheckpoint(durability.folder, best, timer, stopping, durability.on_saved, earlier))
-    # The durability's own callbacks (each epoch's metrics) come last: an epoch that another
-    # callback ends (a pruned trial) is not recorded.
-    after = list(durability.callbacks) if durability is not None else []
-    ours = [StopAtStepBoundary(), epoch_counter, StopOnNonFiniteLoss(), timer, best, *early_stopping]
+    resume = durability.resume if durability is not None else None
+    ours = [StopAtStepBoundary(), epoch_counter, StopOnNonFiniteLoss(), timer, best, *([stopping] if stopping else [])]
+    keeping, after = _durability_callbacks(durability, config, best, timer, stopping)
     start = time.perf_counter()
     with lifecycle.stops_at_boundaries():
+        # The data set shuffles each epoch in an order of its own (SetEpoch).
         history = model.fit(
             train_data,
-            epochs=epochs,
+            epochs=config.epochs,
             validation_data=validation_data,
-            # The data set shuffles each epoch in an order of its own (SetEpoch).
             shuffle=False,
-            # Keras takes the batches as the data set makes them and ignores this. MLflow's autolog
-            # records it as the run's batch_size: without it, autolog would record batch_size=None,
-            # clash with the entry point's batch_size parameter and log nothing at all.
-            batch_size=batch_size,
             callbacks=[*ours, *keeping, *callbacks, *after],
             verbose=verbose,
         )
     train_time_s = time.perf_counter() - start
 
-    # One pass over the test split: the loss and accuracy follow from the probabilities. A
-    # model trained in bfloat16 is saved computing in float32, so that is the one tested.
-    tested_model = with_standard_layers(model) if computes_in_bfloat16(model) else model
-    with lifecycle.stops_at_boundaries():
-        test_data = evaluation_dataset(splits.test_images, splits.test_labels)
-        test_probabilities = tested_model.predict(test_data, verbose=0, callbacks=[StopAtStepBoundary()])
+    test_probabilities = _test_probabilities(model, splits)
     test_loss, test_accuracy = loss_and_accuracy(splits.test_labels, test_probabilities)
-    trained = {name: [float(value) for value in values] for name, values in history.history.items()}
-    if resume is not None:
-        trained = {
-            name: [*resume.state["history"].get(name, []), *trained.get(name, [])] for name in resume.state["history"]
-        }
     return TrainingResult(
-        history=trained,
+        history=_whole_history(history.history, resume),
         epoch_times=list(timer.epoch_times),
         best_epoch=best.best_epoch,
         train_time_s=train_time_s,

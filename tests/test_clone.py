@@ -60,6 +60,7 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
     assert not broken, "\n".join(broken)
 
 
+@pytest.mark.e2e
 def test_the_benchmarks_seed_baseline_runs_from_the_clone(tmp_path):
     """The speed benchmark's yardstick, the seeds' own training code, lives in benchmarks/."""
     from mnist_mlflow import data

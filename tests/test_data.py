@@ -127,6 +127,7 @@ def prepared_both(tmp_path_factory):
     return folder, arrays, version, prepared_dir, fashion_arrays
 
 
+@pytest.mark.e2e
 def test_mnist_and_fashion_mnist_prepared_in_one_directory_stay_distinct(prepared_both):
     """Both data sets ship files of the same names; preparing one after the other in one tfds
     directory once gave Fashion-MNIST the MNIST images (tfds's shared extraction folder)."""
@@ -159,6 +160,7 @@ def _load_in_fresh_process(folder) -> str:
     return result.stdout
 
 
+@pytest.mark.e2e
 def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_both):
     import hashlib
 
@@ -172,6 +174,7 @@ def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_bo
     assert expected in output
 
 
+@pytest.mark.e2e
 def test_a_damaged_cache_is_noticed_and_decoded_again(prepared_both):
     import hashlib
 
@@ -198,6 +201,7 @@ def _copy_without_cache(prepared_both, tmp_path):
     return copy, copy / "mnist" / version
 
 
+@pytest.mark.e2e
 def test_a_cache_another_process_wrote_meanwhile_is_kept(prepared_both, tmp_path):
     """The array cache is written under the preparation lock; one found in its place all the same
     (an intact one) is kept rather than removed and replaced."""
@@ -215,6 +219,7 @@ def test_a_cache_another_process_wrote_meanwhile_is_kept(prepared_both, tmp_path
     assert os.stat(cache).st_mode & 0o055 == os.stat(prepared_dir).st_mode & 0o055
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("manifest", ["{}", "[]", '{"version": "3.0.1"}', '{"version": 3, "sha256": {}}', "not json"])
 def test_an_unreadable_manifest_is_one_line_and_the_data_is_decoded_again(prepared_both, tmp_path, capsys, manifest):
     _, arrays, version, _, _ = prepared_both
@@ -230,6 +235,7 @@ def test_an_unreadable_manifest_is_one_line_and_the_data_is_decoded_again(prepar
     )
 
 
+@pytest.mark.e2e
 def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_both, tmp_path):
     """A shared volume mounted read-only: the data set loads from tfds's files, one line says the
     cache cannot be written, and nothing is left behind. (Root writes through file modes, so the
@@ -268,6 +274,7 @@ def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_b
     assert not data.preparation_lock_path("mnist", str(copy)).exists()
 
 
+@pytest.mark.e2e
 def test_a_process_waits_for_the_one_preparing_the_data_set(prepared_both, tmp_path):
     """While another process holds the data set's lock, a loader waits, saying so, and goes on
     once the lock is free, reading what the holder left (here: tfds's prepared files)."""

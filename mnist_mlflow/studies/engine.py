@@ -166,7 +166,7 @@ def new_study_id(kind: str) -> str:
 
 def fingerprint(params: Mapping[str, Any]) -> str:
     """A short digest of a study's settings (without its id): equal settings, equal digest."""
-    return tracking.Fingerprint.digest_of({name: value for name, value in params.items() if name != "sweep_id"})
+    return tracking.Fingerprint.digest_of({name: str(value) for name, value in params.items() if name != "sweep_id"})
 
 
 @dataclass

@@ -10,7 +10,6 @@ parameters finished or running in a lower-numbered trial, is surplus and trains 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -151,37 +150,18 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
     settings = study_settings(config, space)
     tracking_uri = tracking.tracking_uri_shown()
     launcher_run_id = tracking.claim_launcher_run()
-    run_params = {
-        **config.as_params(),
-        "sampler": config.resolved_sampler(),
-        "n_trials": config.resolved_n_trials(),
-        "study_name": study_name,
-        "storage": redact_url(config.resolved_storage()),
-        "space": space.name,
-        "space_source": space.source,
-        **sampler_settings(config.resolved_sampler()),
-    }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def new_parent() -> tracking.StudyParent:
         return tracking.create_study_parent(
             tracking.SEARCH_KIND,
             study_name,
             study_name,
-            run_params,
-            fingerprint,
+            parent_run_params(config, space, study_name),
+            tracking.Fingerprint.digest_of(settings),
             study_description(config, space),
             launcher_run_id,
             texts={"search/space.json": json.dumps(space.describe(), indent=2)},
         )
-
-    def record_parent(study, parent: tracking.StudyParent) -> None:
-        # Optuna's own plots and dashboard then name the objectives.
-        study.set_metric_names(["val_accuracy", config.cost] if config.is_multi_objective() else ["val_accuracy"])
-        study.set_user_attr(SETTINGS_ATTR, settings)
-        study.set_user_attr(TRACKING_ATTR, tracking_uri)
-        # Written last: a joining worker waits for it, and then finds the other two in place.
-        study.set_user_attr(PARENT_ATTR, parent.run_id)
 
     try:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
@@ -196,7 +176,7 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
             tracking.discard_study_parent(parent)
             study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
         else:
-            record_parent(study, parent)
+            record_parent(study, parent, config, settings, tracking_uri)
             return study, parent
 
     attrs = wait_for_attrs(study)
@@ -210,8 +190,33 @@ def open_study(config: SearchConfig, space: SearchSpace, storage):
         flush=True,
     )
     parent = new_parent()
-    record_parent(study, parent)
+    record_parent(study, parent, config, settings, tracking_uri)
     return study, parent
+
+
+def parent_run_params(config: SearchConfig, space: SearchSpace, study_name: str) -> dict:
+    """The search parent's parameters: the command's, and what it resolved them to."""
+    return {
+        **config.as_params(),
+        "sampler": config.resolved_sampler(),
+        "n_trials": config.resolved_n_trials(),
+        "study_name": study_name,
+        "storage": redact_url(config.resolved_storage()),
+        "space": space.name,
+        "space_source": space.source,
+        **sampler_settings(config.resolved_sampler()),
+    }
+
+
+def record_parent(study, parent: tracking.StudyParent, config: SearchConfig, settings: dict, tracking_uri: str) -> None:
+    """Writes into the study what joining workers check and find: the objectives' names, the
+    settings, the tracking server and, last, the parent run."""
+    # Optuna's own plots and dashboard then name the objectives.
+    study.set_metric_names(["val_accuracy", config.cost] if config.is_multi_objective() else ["val_accuracy"])
+    study.set_user_attr(SETTINGS_ATTR, settings)
+    study.set_user_attr(TRACKING_ATTR, tracking_uri)
+    # Written last: a joining worker waits for it, and then finds the other two in place.
+    study.set_user_attr(PARENT_ATTR, parent.run_id)
 
 
 def check_joinable(

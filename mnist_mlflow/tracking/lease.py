@@ -204,6 +204,12 @@ class Lease:
             MlflowClient().set_tag(self.run_id, LEASE_UNTIL_TAG, f"{until:.1f}")
             self._valid_until = sent + lease_duration_s() - LOCAL_MARGIN_S
 
+    def verify(self) -> None:
+        """Checks with the server, without extending the lease, that the run is still this
+        process's and RUNNING (before its last writes)."""
+        with self._lock:
+            self._raise_if_lost(MlflowClient().get_run(self.run_id))
+
     def check(self) -> None:
         """Before a write: passes at once while the lease is surely held, else asks the server."""
         if time.monotonic() < self._valid_until:

@@ -82,9 +82,10 @@ class Fingerprint:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @staticmethod
-    def digest_of(params: Mapping[str, Any]) -> str:
-        """A digest of parameters: two runs (or studies) with the same one do the same work."""
-        text = json.dumps({name: str(value) for name, value in sorted(params.items())})
+    def digest_of(values: Mapping[str, Any]) -> str:
+        """The project's one digest of settings: a run's parameters, a study's settings. Equal
+        settings, equal digest."""
+        text = json.dumps(dict(values), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def text(self) -> str:
@@ -288,7 +289,7 @@ def start_run(
             finally:
                 watch.WATCH.remove(run_id)
             _deliver_ledger(run_id)
-            run_lease.renew()
+            run_lease.verify()
             _end_run(run_id, "FINISHED")
         except BaseException as error:
             raise _ending(run_id, error) from None
