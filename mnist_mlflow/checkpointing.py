@@ -16,7 +16,6 @@ checkpoints somewhere safer (``mnist_mlflow.tracking.session``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
+
+from mnist_mlflow.data import file_sha256
 
 # The files of a checkpoint folder (see EpochCheckpoint).
 CHECKPOINT_WEIGHTS = "latest.weights.h5"
@@ -34,14 +35,6 @@ CHECKPOINT_MANIFEST = "manifest.json"
 
 class CheckpointDamaged(ValueError):
     """A checkpoint's files are missing, or do not match its manifest."""
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def best_weights_file(epoch: int) -> str:
@@ -134,7 +127,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         named = [*files, self.best_file] if self.best_file and self.best_file not in files else files
         for name in named:
             if name in files or name not in self._digests:
-                self._digests[name] = file_digest(self.folder / name)
+                self._digests[name] = file_sha256(self.folder / name)
         manifest = {"epoch": epoch, "sha256": {name: self._digests[name] for name in named}}
         (self.folder / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest))
 
@@ -169,7 +162,7 @@ class Checkpoint:
             path = folder / name
             if not path.is_file():
                 raise CheckpointDamaged(f"{name} is missing")
-            if file_digest(path) != expected:
+            if file_sha256(path) != expected:
                 raise CheckpointDamaged(f"{name} does not match its SHA-256 digest")
         try:
             state = json.loads((folder / CHECKPOINT_STATE).read_text())

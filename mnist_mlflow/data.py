@@ -216,7 +216,8 @@ def _version_key(folder: Path) -> tuple[int, ...]:
         return (-1,)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256 digest, read in blocks (the array cache's and the checkpoints' manifests)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 22), b""):
@@ -243,7 +244,7 @@ def _read_cache_folder(folder: Path, dataset: str, report_damage: bool = True):
         arrays = {}
         for name in ARRAY_CACHE_FILES:
             path = folder / f"{name}.npy"
-            if _sha256(path) != manifest["sha256"][name]:
+            if file_sha256(path) != manifest["sha256"][name]:
                 raise ValueError(f"{path} does not match its SHA-256 digest")
             arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -282,7 +283,7 @@ def _write_array_cache(arrays: dict[str, tuple[np.ndarray, np.ndarray]], version
         for split, (images, labels) in arrays.items():
             for name, array in ((f"{split}_images", images), (f"{split}_labels", labels)):
                 np.save(staging / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
-                digests[name] = _sha256(staging / f"{name}.npy")
+                digests[name] = file_sha256(staging / f"{name}.npy")
         (staging / ARRAY_CACHE_MANIFEST).write_text(json.dumps({"version": version, "sha256": digests}, indent=2))
         if folder.exists():
             if _read_cache_folder(folder, dataset, report_damage=False) is not None:
