@@ -394,3 +394,24 @@ def test_a_spool_file_that_is_not_ours_is_set_aside_and_a_deleted_run_s_record_d
         assert client.get_metric_history(run.info.run_id, "loss") == []
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_one_retry_tries_again_only_what_is_worth_it():
+    from mnist_mlflow.retry import retry
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("not yet")
+        return "done"
+
+    assert retry(flaky, lambda error: isinstance(error, ConnectionError), attempts=5, pause_s=lambda _: 0) == "done"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(ConnectionError):
+        retry(flaky, lambda error: True, attempts=2, pause_s=lambda _: 0)
+    assert len(calls) == 2, "no more than the attempts allowed"
+    with pytest.raises(ValueError):
+        retry(lambda: int("x"), lambda error: isinstance(error, ConnectionError), pause_s=lambda _: 0)

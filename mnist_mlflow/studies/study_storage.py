@@ -6,15 +6,14 @@ finds out within seconds whether its storage can be opened.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import optuna
 
 from mnist_mlflow.config import RunFailedError, UserInputError
 from mnist_mlflow.redaction import redact_url
+from mnist_mlflow.retry import jittered, retry
 
 
 class StorageUnavailableError(UserInputError):
@@ -100,26 +99,26 @@ def open_storage(
             "max_overflow": STORAGE_MAX_OVERFLOW,
         }
     shown = redact_url(url)
-    for attempt in range(STORAGE_OPEN_ATTEMPTS):
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval_s,
-                grace_period=grace_period_s,
-                heartbeat_stale_trial_callback=stale_trial_callback,
-            )
-        except ImportError as error:
-            # Optuna wraps the missing driver's ModuleNotFoundError in an ImportError.
-            missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "its database driver"
-            raise StorageUnavailableError(
-                f"storage={shown!r} needs the Python module {missing!r}; install it "
-                "(the project declares psycopg[binary] for PostgreSQL)"
-            ) from None
-        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
-            if _is_table_creation_race(error) and attempt + 1 < STORAGE_OPEN_ATTEMPTS:
-                # Another worker is creating the tables right now; they will be there in a moment.
-                time.sleep(0.2 + 0.3 * np.random.default_rng().random() * (attempt + 1))
-                continue
-            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-            raise StorageUnavailableError(f"storage={shown!r} cannot be opened: {reason}") from None
+
+    def open_once():
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval_s,
+            grace_period=grace_period_s,
+            heartbeat_stale_trial_callback=stale_trial_callback,
+        )
+
+    try:
+        # Another worker may be creating the tables right now; they will be there in a moment.
+        return retry(open_once, _is_table_creation_race, attempts=STORAGE_OPEN_ATTEMPTS, pause_s=jittered(0.2, 0.3))
+    except ImportError as error:
+        # Optuna wraps the missing driver's ModuleNotFoundError in an ImportError.
+        missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "its database driver"
+        raise StorageUnavailableError(
+            f"storage={shown!r} needs the Python module {missing!r}; install it "
+            "(the project declares psycopg[binary] for PostgreSQL)"
+        ) from None
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise StorageUnavailableError(f"storage={shown!r} cannot be opened: {reason}") from None

@@ -28,6 +28,7 @@ import mlflow
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
+from mnist_mlflow.retry import retry
 from mnist_mlflow.tracking.runs import KILLED_REASON_TAG
 from mnist_mlflow.tracking.server import server_timeout_s
 from mnist_mlflow.tracking.watch import send_missing, server_lost
@@ -109,24 +110,25 @@ class CheckpointKeeper:
 
     def _upload(self, staging: Path, epoch: int, files: list[str]) -> None:
         slot = SLOTS[epoch % 2]
-        give_up = time.monotonic() + server_timeout_s()
+
+        def send() -> None:
+            for name in files:
+                folder = f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER if name.startswith(BEST_PREFIX) else slot}"
+                self.repository.log_artifact(str(staging / name), folder)
+            self.fence.check()
+            self.client.log_batch(
+                self.run_id, tags=[RunTag(CHECKPOINT_SLOT_TAG, slot), RunTag(CHECKPOINT_EPOCH_TAG, str(epoch))]
+            )
+
         try:
-            while True:
-                try:
-                    for name in files:
-                        folder = f"{CHECKPOINT_ARTIFACT_PATH}/{BEST_FOLDER if name.startswith(BEST_PREFIX) else slot}"
-                        self.repository.log_artifact(str(staging / name), folder)
-                    self.fence.check()
-                    self.client.log_batch(
-                        self.run_id,
-                        tags=[RunTag(CHECKPOINT_SLOT_TAG, slot), RunTag(CHECKPOINT_EPOCH_TAG, str(epoch))],
-                    )
-                    self._best_sent.update(name for name in files if name.startswith(BEST_PREFIX))
-                    return
-                except Exception as error:
-                    if server_lost(error) is None or time.monotonic() > give_up:
-                        raise
-                    time.sleep(2)
+            # While the server does not answer, for as long as the run's server timeout.
+            retry(
+                send,
+                lambda error: server_lost(error) is not None,
+                within_s=server_timeout_s(),
+                pause_s=lambda attempt: 2.0,
+            )
+            self._best_sent.update(name for name in files if name.startswith(BEST_PREFIX))
         except BaseException as error:  # noqa: BLE001 - handed to the main thread by wait()
             self._error = error
         finally:

@@ -18,6 +18,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import lifecycle
+from mnist_mlflow.retry import retry
 from mnist_mlflow.tracking import lease, watch
 from mnist_mlflow.tracking.server import (
     check_tracking_server,
@@ -71,16 +72,13 @@ def set_tag(client: MlflowClient, run_id: str, name: str, value: str, attempts: 
     """
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(attempts):
-        try:
-            client.set_tag(run_id, name, value)
-            return
-        except MlflowException as error:
-            message = str(error)
-            racing = "UNIQUE constraint" in message or "duplicate key" in message or "IntegrityError" in message
-            if not racing or attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    def racing(error: Exception) -> bool:
+        message = str(error)
+        return isinstance(error, MlflowException) and any(
+            sign in message for sign in ("UNIQUE constraint", "duplicate key", "IntegrityError")
+        )
+
+    retry(lambda: client.set_tag(run_id, name, value), racing, attempts=attempts)
 
 
 def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
