@@ -113,6 +113,41 @@ def test_a_killed_tracking_server_stops_the_run_in_bounded_time_and_loses_no_met
         server.stop()
 
 
+def test_a_lost_server_and_an_unwritable_spool_say_what_was_not_kept_and_the_resume_logs_each_step_once(tmp_path):
+    root = tmp_path / "server"
+    server = tracking_server(root).start()
+    client = MlflowClient(server.url)
+    (tmp_path / "a-file").write_text("not a folder")
+    spool = tmp_path / "a-file" / "spool"
+    env = _env(server.url, tmp_path, MNIST_MLFLOW_SPOOL_DIR=str(spool))
+    process = subprocess.Popen([sys.executable, *LONG_DENSE], **_piped(env))
+    try:
+        run = wait_for(lambda: _one_run(client), "the run to start", process=process)
+        wait_for(lambda: len(_epochs_logged(client, run.info.run_id)) >= 4, "four epochs", process=process)
+        server.kill()
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 69, (stdout[-2000:], stderr[-3000:])
+    (line,) = _error_lines(stderr)
+    assert f"the spool folder {spool} cannot be written (MNIST_MLFLOW_SPOOL_DIR)" in line
+    assert " epoch(s) could not be kept either" in line
+
+    # Back on the same store: the same command closes the run (its process is gone) and resumes
+    # it from its checkpoint; the epochs it trains again are not logged a second time.
+    server = tracking_server(root, port=server.port).start()
+    try:
+        result = run_script([sys.executable, *LONG_DENSE], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"Resuming run {run.info.run_id} (resume 1)" in result.stdout
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        for key in ("val_accuracy", "loss", "epoch_time_s"):
+            steps = sorted(point.step for point in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(300)), key
+    finally:
+        server.stop()
+
+
 def test_metrics_the_server_missed_while_it_was_down_are_sent_again_when_it_returns(tmp_path):
     """A server down for less than the run's timeout, but longer than MLflow's retries of a
     background batch: the run goes on, and the values MLflow dropped are sent again at the end."""
