@@ -84,7 +84,12 @@ class CheckpointKeeper:
         from mnist_mlflow.checkpointing import Checkpoint
 
         named = Checkpoint.manifest_of(folder)
-        best = [name for name in named if name.startswith(BEST_PREFIX) and name not in files]
+        # The best epoch's file of a resumed fit is already with the run (checkpoint/best).
+        best = [
+            name
+            for name in named
+            if name.startswith(BEST_PREFIX) and name not in files and (Path(folder) / name).exists()
+        ]
         files = [*files, *(name for name in best if name not in self._best_sent)]
         staging = Path(tempfile.mkdtemp(prefix="mnist-mlflow-checkpoint-upload-"))
         for name in files:

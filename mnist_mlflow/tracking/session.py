@@ -361,9 +361,11 @@ def _ending(run_id: str, error: BaseException) -> BaseException:
 
 
 def _end_run(run_id: str, status: str, tag: str | None = None, reason: str = "") -> None:
-    """Ends the run with ``status`` (and its reason), letting its lease go; a second signal
-    meanwhile must not leave it RUNNING."""
-    with lifecycle.signals_deferred():
+    """Ends the run with ``status`` (and its reason), letting its lease go. A process already
+    stopping ignores a second signal meanwhile, which must not leave the run RUNNING; a run
+    that finishes still takes a stop (it then ends KILLED, or the process ends after it)."""
+    stopping = status != "FINISHED"
+    with lifecycle.signals_deferred() if stopping else contextlib.nullcontext():
         tags = [RunTag(lease.LEASE_UNTIL_TAG, "0")]
         if tag:
             tags.append(RunTag(tag, reason[:5000]))
