@@ -2,6 +2,7 @@
 
     python benchmarks/bench_workers.py                       # 1, 2, 4, 8, 12, 16 workers; about 15 minutes
     python benchmarks/bench_workers.py --counts 1,4 --trials-per-worker 2
+    python benchmarks/bench_workers.py --counts 16 --results workers_16     # one count, its own files
 
 For each worker count, that many ``benchmarks/timed_worker.py`` processes (each a real
 ``search`` worker, TensorFlow and all) join one new study of the ``random`` space, on loopback.
@@ -175,6 +176,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--examples", type=int, default=300)
     parser.add_argument("--server-workers", type=int, default=2, help="gunicorn workers of the tracking server")
+    parser.add_argument(
+        "--results", default="workers", help="the results' name (another keeps workers.md and the traffic file)"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     rows = []
@@ -239,7 +243,7 @@ def main() -> None:
     for name, seconds in list(top["seconds_per_trial_by_call"].items())[:16]:
         lines.append(f"| {name} | {seconds:.4f} | {top['calls_per_trial'][name]:.1f} |")
     record_results(
-        "workers",
+        args.results,
         {
             "counts": [row["workers"] for row in rows],
             "trials_per_worker": args.trials_per_worker,
@@ -251,6 +255,8 @@ def main() -> None:
         },
         "\n".join(lines) + "\n",
     )
+    if args.results != "workers":
+        return
     # The traffic of one worker alone (the first count), for bench_load.py to replay.
     alone = rows[0]
     (RESULTS_DIR / "worker_traffic.json").write_text(

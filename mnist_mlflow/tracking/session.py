@@ -361,16 +361,16 @@ def _ending(run_id: str, error: BaseException) -> BaseException:
 
 
 def _end_run(run_id: str, status: str, tag: str | None = None, reason: str = "") -> None:
-    """Ends the run with ``status`` (and its reason), letting its lease go. A process already
-    stopping ignores a second signal meanwhile, which must not leave the run RUNNING; a run
-    that finishes still takes a stop (it then ends KILLED, or the process ends after it)."""
-    stopping = status != "FINISHED"
-    with lifecycle.signals_deferred() if stopping else contextlib.nullcontext():
-        tags = [RunTag(lease.LEASE_UNTIL_TAG, "0")]
-        if tag:
-            tags.append(RunTag(tag, reason[:5000]))
+    """Ends the run with ``status``. A run that did not finish gets its reason and lets its
+    lease go, in one request, so that the next command may resume it at once (a FINISHED run is
+    never taken over). A process already stopping ignores a second signal meanwhile, which must
+    not leave the run RUNNING; a run that finishes still takes a stop."""
+    if tag is None:
+        mlflow.end_run(status)
+        return
+    with lifecycle.signals_deferred():
         try:
-            MlflowClient().log_batch(run_id, tags=tags)
+            MlflowClient().log_batch(run_id, tags=[RunTag(lease.LEASE_UNTIL_TAG, "0"), RunTag(tag, reason[:5000])])
         finally:
             mlflow.end_run(status)
 
