@@ -222,3 +222,23 @@ def test_sigterm_during_a_fit_waits_for_the_step_boundary(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_DIR, timeout=60)
     assert result.stdout.splitlines() == ["still inside", "raised at the boundary: terminated by SIGTERM"]
+
+
+def test_leases_are_judged_on_the_server_s_clock_not_on_a_skewed_local_one(mlflow_server, monkeypatch):
+    """A host whose clock runs two minutes ahead must not take a live lease for expired."""
+    import mlflow
+
+    from mnist_mlflow.tracking import lease
+
+    real_time = time.time
+    monkeypatch.setattr(lease.time, "time", lambda: real_time() + 120)
+    monkeypatch.setattr(lease, "CLOCK", lease.ServerClock())
+    mlflow.set_tracking_uri(mlflow_server.url)
+    try:
+        server_now = lease.CLOCK.now()
+        assert abs(server_now - real_time()) < 3, "the offset from the server's Date header undoes the skew"
+        live = {lease.LEASE_UNTIL_TAG: f"{real_time() + 30:.1f}"}
+        assert not lease.lease_expired(live)
+        assert lease.lease_expired({lease.LEASE_UNTIL_TAG: f"{real_time() - 30:.1f}"})
+    finally:
+        mlflow.set_tracking_uri(None)
