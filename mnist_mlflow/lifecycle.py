@@ -77,23 +77,28 @@ _termination_reason: list[Terminated] = []
 # While above zero, the main thread is inside TensorFlow's fit or predict: a stop waits there
 # for the next step boundary (stops_at_boundaries).
 _boundary_depth = [0]
-_deferred_stops: list[BaseException] = []
+# Every stop this process was told of, until it is raised at a safe point (raise_pending_stop).
+# Outside a fit the handler raises it at once as well; but raised inside a finaliser or a weakref
+# callback (a garbage collection), Python prints "Exception ignored" and goes on, and the stop
+# would be lost. The next safe point raises it again.
+_waiting_stops: list[BaseException] = []
 
 
 def _on_sigterm(signum, frame) -> None:
     stop = _pending_stops.pop() if _pending_stops else Terminated("terminated by SIGTERM")
     _termination_reason.append(stop)
+    _waiting_stops.append(stop)
     if _boundary_depth[0]:
-        _deferred_stops.append(stop)
         return
     raise stop
 
 
 def _on_sigint(signum, frame) -> None:
+    stop = KeyboardInterrupt()
+    _waiting_stops.append(stop)
     if _boundary_depth[0]:
-        _deferred_stops.append(KeyboardInterrupt())
         return
-    raise KeyboardInterrupt
+    raise stop
 
 
 @contextlib.contextmanager
@@ -110,10 +115,11 @@ def stops_at_boundaries():
 
 
 def raise_pending_stop() -> None:
-    """Raises the stop that arrived inside :func:`stops_at_boundaries`, if any (main thread only)."""
-    if _deferred_stops and threading.current_thread() is threading.main_thread():
-        stop = _deferred_stops[0]
-        _deferred_stops.clear()
+    """At a safe point (a step boundary, a run's start or end): raises the stop this process was
+    told of and has not yet raised where it took effect, if any (main thread only)."""
+    if _waiting_stops and threading.current_thread() is threading.main_thread():
+        stop = _waiting_stops[0]
+        _waiting_stops.clear()
         raise stop
 
 

@@ -242,3 +242,26 @@ def test_leases_are_judged_on_the_server_s_clock_not_on_a_skewed_local_one(mlflo
         assert lease.lease_expired({lease.LEASE_UNTIL_TAG: f"{real_time() - 30:.1f}"})
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_sigterm_swallowed_by_a_finaliser_is_raised_at_the_next_safe_point(tmp_path):
+    """Seen in CI: a SIGTERM raised inside a weakref callback during a garbage collection is
+    printed as "Exception ignored" and lost; the stop must still take effect."""
+    code = (
+        "import os, signal\n"
+        "from mnist_mlflow import lifecycle\n"
+        "lifecycle.install_signal_handlers()\n"
+        "class Finalised:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        sum(range(1000))\n"
+        "Finalised()\n"
+        "print('went on', flush=True)\n"
+        "try:\n"
+        "    lifecycle.raise_pending_stop()\n"
+        "except lifecycle.Terminated as stop:\n"
+        "    print('raised at the safe point:', stop.reason, flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_DIR, timeout=60)
+    assert "Exception ignored" in result.stderr, "the finaliser swallowed the first raise"
+    assert result.stdout.splitlines() == ["went on", "raised at the safe point: terminated by SIGTERM"]

@@ -126,6 +126,8 @@ class RunSession:
         self._lease: lease.Lease | None = None
 
     def __enter__(self) -> RunSession:
+        # A safe point: a stop that was lost on its way (see lifecycle) is raised here.
+        lifecycle.raise_pending_stop()
         continuing = self._choose_resume()
         self.run_id = self._stack.enter_context(
             start_run(self.placement, {FINGERPRINT_TAG: self.fingerprint.text()}, continuing, self._lease)
@@ -160,6 +162,7 @@ class RunSession:
     def check(self) -> None:
         """Before writing the run's results: waits for the last checkpoint's upload (raising its
         error), and stops if this process no longer holds the run."""
+        lifecycle.raise_pending_stop()
         if self._keeper is not None:
             self._keeper.wait()
         self._lease.check()
@@ -288,6 +291,8 @@ def start_run(
                 yield run_id
             finally:
                 watch.WATCH.remove(run_id)
+            # The last safe point before FINISHED: a stop that was lost on its way ends the run KILLED.
+            lifecycle.raise_pending_stop()
             _deliver_ledger(run_id)
             run_lease.verify()
             _end_run(run_id, "FINISHED")
