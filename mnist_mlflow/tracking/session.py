@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -132,10 +133,16 @@ class RunSession:
         self.run_id = self._stack.enter_context(
             start_run(self.placement, {FINGERPRINT_TAG: self.fingerprint.text()}, continuing, self._lease)
         )
-        self._lease = _HELD[self.run_id]
-        print(f"MLflow run {self.run_id} ({self.placement.run_name}) at {tracking_uri_shown()}", flush=True)
-        if self.checkpoint is not None:
-            self._announce_resume()
+        try:
+            self._lease = _HELD[self.run_id]
+            print(f"MLflow run {self.run_id} ({self.placement.run_name}) at {tracking_uri_shown()}", flush=True)
+            if self.checkpoint is not None:
+                self._announce_resume()
+        except BaseException:
+            # A with statement does not call __exit__ when __enter__ fails: the run still ends
+            # as the failure says (KILLED on a stop, FAILED otherwise), never left RUNNING.
+            self._stack.__exit__(*sys.exc_info())
+            raise
         return self
 
     def __exit__(self, *exc_info) -> bool:
