@@ -98,3 +98,22 @@ def test_without_a_stop_an_error_is_an_error(sqlite_store, monkeypatch):
 
     with pytest.raises(SystemError):
         cli.run_main(main)
+
+
+def test_a_session_that_fails_while_it_starts_still_ends_its_run(sqlite_store, monkeypatch):
+    """A with statement skips __exit__ when __enter__ raises; the run must not stay RUNNING."""
+    from mnist_mlflow.tracking import session as session_module
+
+    experiment_id = tracking.choose_experiment("mnist-dense")
+
+    def broken() -> str:
+        raise RuntimeError("the announcement failed")
+
+    monkeypatch.setattr(session_module, "tracking_uri_shown", broken)
+    session = tracking.RunSession(tracking.RunPlacement("a-run", {}), tracking.Fingerprint({"parameters": "p"}))
+    with pytest.raises(RuntimeError):
+        with session:
+            pass
+    (run,) = MlflowClient().search_runs([experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failed_reason"] == "RuntimeError: the announcement failed"
