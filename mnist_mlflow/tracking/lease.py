@@ -29,6 +29,8 @@ The remaining gap: a process frozen between its last local check and the request
 from __future__ import annotations
 
 import email.utils
+import os
+import platform
 import threading
 import time
 import uuid
@@ -238,7 +240,4 @@ class Lease:
 
 def _holder_id() -> str:
     """Who holds a lease: this host and process, and a random part no other claim shares."""
-    import os
-    import platform
-
     return f"{platform.node()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"

@@ -47,6 +47,7 @@ from mnist_mlflow.tracking.runs import (
     FAILED_REASON_TAG,
     KILLED_REASON_TAG,
     keras_metrics_logger,
+    set_run_tags,
     steps_held,
 )
 from mnist_mlflow.tracking.server import current_experiment_id, launcher_run_id, tracking_uri_shown
@@ -255,12 +256,6 @@ class RunHeldElsewhere(lifecycle.Terminated):
         return f"stopped: {self.reason}; that process carries on with it, and this one wrote nothing to it"
 
 
-def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
-    from mnist_mlflow.tracking.runs import set_run_tags as set_tags
-
-    set_tags(run_id, tags)
-
-
 # The lease of each run this process holds, by run id.
 _HELD: dict[str, lease.Lease] = {}
 
@@ -291,9 +286,8 @@ def start_run(
                 # Inside the try: a signal while the tags are being written still ends the run KILLED.
                 run_lease = held or lease.Lease.new_run(run_id)
                 _HELD[run_id] = run_lease
-                mlflow.set_tags(
-                    {"mlflow.runName": placement.run_name, **placement.tags, **(tags or {}), **_process_tags()}
-                )
+                named = {"mlflow.runName": placement.run_name, **placement.tags, **(tags or {})}
+                mlflow.set_tags({**named, **lifecycle.process_identity()})
                 watch.WATCH.add(run_id, run_lease)
                 yield run_id
             finally:
@@ -328,10 +322,6 @@ def _open_run(placement: RunPlacement, continue_run_id: str | None):
             description=placement.description,
         )
     return mlflow.start_run(experiment_id=current_experiment_id(), description=placement.description)
-
-
-def _process_tags() -> dict[str, str]:
-    return lifecycle.process_identity()
 
 
 def _deliver_ledger(run_id: str) -> None:
