@@ -7,6 +7,7 @@ processes that could not.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -70,15 +71,18 @@ def set_tag(client: MlflowClient, run_id: str, name: str, value: str, attempts: 
     key (``UNIQUE constraint failed`` on SQLite, ``duplicate key`` on PostgreSQL). The tag
     exists by then, so the retry updates it.
     """
+    retry(lambda: client.set_tag(run_id, name, value), racing_insert, attempts=attempts)
+
+
+def racing_insert(error: Exception) -> bool:
+    """Whether MLflow's SQL store refused an insert that another worker made a moment before
+    (the row exists by then, so the same call again succeeds)."""
     from mlflow.exceptions import MlflowException
 
-    def racing(error: Exception) -> bool:
-        message = str(error)
-        return isinstance(error, MlflowException) and any(
-            sign in message for sign in ("UNIQUE constraint", "duplicate key", "IntegrityError")
-        )
-
-    retry(lambda: client.set_tag(run_id, name, value), racing, attempts=attempts)
+    message = str(error)
+    return isinstance(error, MlflowException) and any(
+        sign in message for sign in ("UNIQUE constraint", "duplicate key", "IntegrityError")
+    )
 
 
 def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
@@ -339,10 +343,16 @@ def log_dataset_splits(splits) -> dict[str, Any]:
             dataset = mlflow.data.from_numpy(
                 images, targets=labels, source=splits.source, name=f"{splits.dataset}-{context}"
             )
-        mlflow.log_input(
-            dataset,
-            context=context,
-            tags={"examples": str(len(labels)), "tfds_version": splits.version},
+        # Workers that start together insert the same data set into the experiment at once.
+        retry(
+            functools.partial(
+                mlflow.log_input,
+                dataset,
+                context=context,
+                tags={"examples": str(len(labels)), "tfds_version": splits.version},
+            ),
+            racing_insert,
+            attempts=4,
         )
         datasets[context] = dataset
     return datasets
