@@ -14,6 +14,8 @@ server carry the load, not the arithmetic. For each count this reports:
 - p50 and p99 latency of the tracking server, as its clients saw it and as gunicorn logged it;
 - the most database connections held at once (``pg_stat_activity``), per database;
 - trials lost, repeated or left RUNNING (all must be 0), checked in the study and in MLflow;
+- how many of each trial's requests the run-keeping machinery made (the lease and heartbeat,
+  status checks, the epoch ledger, the checkpoints), by endpoint (see ``timed_worker.py``);
 - a worker's peak memory, and how many such workers fit in 24 GB.
 
 PostgreSQL runs with fsync on, as a real server does. The records of the largest count feed
@@ -133,12 +135,15 @@ def run_count(count: int, args, storage_url: str, server, root: Path, counter_ur
     finished = check["trials_finished"]
     per_trial: dict[str, float] = defaultdict(float)
     calls_per_trial: dict[str, float] = defaultdict(float)
+    machinery_per_trial: dict[str, float] = defaultdict(float)
     uploaded = 0
     latencies = []
     for record in records:
         for name, total in record["totals"].items():
             per_trial[name] += total["seconds"] / finished
             calls_per_trial[name] += total["calls"] / finished
+        for name, calls in record.get("machinery_calls", {}).items():
+            machinery_per_trial[name] += calls / finished
         uploaded += sum(record["uploaded_bytes"].values())
         latencies += [seconds for category, seconds in record["latencies"] if not category.startswith("http ")]
     server_side = server_latencies(server.access_log, log_offset)
@@ -156,6 +161,7 @@ def run_count(count: int, args, storage_url: str, server, root: Path, counter_ur
         "mlflow_s_per_trial": sum(value for name, value in per_trial.items() if name.startswith("mlflow")),
         "seconds_per_trial_by_call": dict(sorted(per_trial.items(), key=lambda item: -item[1])),
         "calls_per_trial": dict(sorted(calls_per_trial.items(), key=lambda item: -item[1])),
+        "machinery_calls_per_trial": dict(sorted(machinery_per_trial.items(), key=lambda item: -item[1])),
         "uploaded_bytes_per_trial": uploaded / finished,
         "client_latency_p50_ms": percentile(latencies, 50) * 1000,
         "client_latency_p99_ms": percentile(latencies, 99) * 1000,
@@ -167,6 +173,25 @@ def run_count(count: int, args, storage_url: str, server, root: Path, counter_ur
         "worker_cpu_s": statistics.mean(record["cpu_s"] for record in records),
         **{key: check[key] for key in check if key not in ("first_start", "last_end")},
     }
+
+
+def machinery_lines(row: dict) -> list[str]:
+    """The table of the requests the run-keeping machinery made per trial, by endpoint."""
+    machinery = row.get("machinery_calls_per_trial", {})
+    api = sum(calls for name, calls in machinery.items() if not name.startswith("mlflow artifacts"))
+    artifacts = sum(calls for name, calls in machinery.items() if name.startswith("mlflow artifacts"))
+    lines = [
+        "",
+        f"The run-keeping machinery's requests per trial at {row['workers']} workers (the lease and heartbeat, "
+        "status checks, the epoch ledger, the checkpoints: see `timed_worker.py`): "
+        f"**{api:.1f} tracking API requests** and {artifacts:.1f} artifact uploads.",
+        "",
+        "| request | machinery calls/trial | all calls/trial |",
+        "|---|---:|---:|",
+    ]
+    for name, calls in machinery.items():
+        lines.append(f"| {name} | {calls:.1f} | {row['calls_per_trial'].get(name, 0):.1f} |")
+    return lines
 
 
 def main() -> None:
@@ -242,6 +267,7 @@ def main() -> None:
     ]
     for name, seconds in list(top["seconds_per_trial_by_call"].items())[:16]:
         lines.append(f"| {name} | {seconds:.4f} | {top['calls_per_trial'][name]:.1f} |")
+    lines += machinery_lines(top)
     record_results(
         args.results,
         {

@@ -9,7 +9,12 @@ what it measured to ``$BENCH_WORKER_RECORD`` when the search ends:
   calling another is counted once), by method;
 - every HTTP request of the process (``requests.Session.request``, which MLflow's client uses
   for the tracking API and the artifact proxy), by endpoint, with each request's latency and
-  the bytes it uploaded.
+  the bytes it uploaded;
+- which of those requests the run-keeping machinery made: the lease and heartbeat, the status
+  checks, the epoch ledger's checks and the checkpoints. A request is the machinery's when the
+  project's innermost function on its thread's stack lives in ``tracking/watch.py``,
+  ``tracking/lease.py`` or ``tracking/checkpoints.py``, or is ``session._end_run`` (the rule of
+  ``machinery_requests.py``, which holds for this commit and for the one before the lease).
 
 ``bench_workers.py`` starts many of these against one PostgreSQL and one ``mlflow server``;
 ``bench_load.py`` replays the traffic they recorded. A measuring tool, not a product feature.
@@ -35,6 +40,8 @@ sys.path.insert(0, str(PROJECT_DIR))
 TOTALS: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
 UPLOADED_BYTES: dict[str, int] = defaultdict(int)
 LATENCIES: list[tuple[str, float]] = []
+MACHINERY_CALLS: dict[str, int] = defaultdict(int)
+MACHINERY_FILES = ("watch.py", "lease.py", "checkpoints.py")
 TRIALS_FINISHED = [0]
 LOCK = threading.Lock()
 DEPTH = threading.local()
@@ -105,6 +112,18 @@ def _size(data) -> int:
         return 0
 
 
+def _made_by_machinery() -> bool:
+    """Whether the project's innermost function on this thread's stack is the machinery's."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if f"{os.sep}mnist_mlflow{os.sep}" in filename:
+            name = os.path.basename(filename)
+            return name in MACHINERY_FILES or (name == "session.py" and frame.f_code.co_name == "_end_run")
+        frame = frame.f_back
+    return False
+
+
 def _wrap_http() -> None:
     import requests
 
@@ -112,10 +131,15 @@ def _wrap_http() -> None:
 
     def request(self, method, url, *args, **kwargs):
         started = time.perf_counter()
+        machinery = _made_by_machinery()
         try:
             return original(self, method, url, *args, **kwargs)
         finally:
-            _add(_category(method, url), time.perf_counter() - started, _size(kwargs.get("data")), latency=True)
+            category = _category(method, url)
+            _add(category, time.perf_counter() - started, _size(kwargs.get("data")), latency=True)
+            if machinery:
+                with LOCK:
+                    MACHINERY_CALLS[category] += 1
 
     requests.Session.request = request
 
@@ -130,6 +154,7 @@ def write_record(path: str, wall_s: float) -> None:
         "trials_finished": TRIALS_FINISHED[0],
         "totals": {name: {"calls": calls, "seconds": seconds} for name, (calls, seconds) in sorted(TOTALS.items())},
         "uploaded_bytes": dict(UPLOADED_BYTES),
+        "machinery_calls": dict(MACHINERY_CALLS),
         "latencies": LATENCIES,
     }
     Path(path).write_text(json.dumps(record))

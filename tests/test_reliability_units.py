@@ -181,11 +181,61 @@ def test_reconcile_closes_a_run_only_on_an_expired_heartbeat_or_a_dead_process(t
         # Past its time, but within the resolution of the server's clock.
         skewed = client.create_run(experiment_id, tags={**other_host, lease.LEASE_UNTIL_TAG: f"{now - 1:.0f}"})
         unknown = client.create_run(experiment_id, tags=other_host)
+        # A study's parent is renewed only between its children: a child's live lease keeps it alive.
+        old_beat = {lease.LEASE_UNTIL_TAG: f"{now - 120:.0f}"}
+        parent = client.create_run(experiment_id, tags=old_beat)
+        client.create_run(
+            experiment_id, tags={**other_host, "mlflow.parentRunId": parent.info.run_id, **fresh.data.tags}
+        )
+        orphaned_parent = client.create_run(experiment_id, tags=old_beat)
+        finished_child = client.create_run(
+            experiment_id, tags={"mlflow.parentRunId": orphaned_parent.info.run_id, **fresh.data.tags}
+        )
+        client.set_terminated(finished_child.info.run_id, "FINISHED")
         closed = dict(tracking.reconcile_runs([experiment_id]))
-        assert set(closed) == {expired.info.run_id}
+        assert set(closed) == {expired.info.run_id, orphaned_parent.info.run_id}
         assert "no process has renewed its heartbeat" in closed[expired.info.run_id]
-        for run in (fresh, skewed, unknown):
+        for run in (fresh, skewed, unknown, parent):
             assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_study_parent_is_renewed_between_its_children_and_at_once_when_one_ends(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mnist_mlflow.tracking import lease, watch
+
+    # Renewals every 2 s (a quarter of the server timeout).
+    monkeypatch.setenv("MNIST_MLFLOW_SERVER_TIMEOUT_S", "8")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        client = MlflowClient()
+        experiment_id = client.create_experiment("parent beats")
+        parent = client.create_run(experiment_id).info.run_id
+        child = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+
+        def until(run_id):
+            return float(client.get_run(run_id).data.tags[lease.LEASE_UNTIL_TAG])
+
+        run_watch = watch.RunWatch()
+        run_watch.add(parent)
+        parent_beat = until(parent)
+        run_watch.add(child, lease.Lease.new_run(child))
+        child_first = until(child)
+        time.sleep(4.6)
+        # Two renewals of the child; none of the parent, which the child's lease keeps alive.
+        assert until(child) > child_first + 3
+        assert until(parent) == parent_beat
+        let_go = time.monotonic()
+        run_watch.remove(child)
+        while until(parent) == parent_beat and time.monotonic() - let_go < 5:
+            time.sleep(0.05)
+        # The child let go: the parent is beaten at once, not at the next renewal (1.2 s away or more).
+        assert until(parent) > parent_beat
+        assert time.monotonic() - let_go < 1.0
+        run_watch.remove(parent)
     finally:
         mlflow.set_tracking_uri(None)
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import lifecycle
@@ -85,17 +86,17 @@ def racing_insert(error: Exception) -> bool:
     )
 
 
-def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
+def set_run_tags(run_id: str, tags: Mapping[str, str], attempts: int = 4) -> None:
+    """Sets several tags in one request, tolerating another worker setting them at the same
+    moment (as :func:`set_tag`)."""
     client = MlflowClient()
-    for name, value in tags.items():
-        set_tag(client, run_id, name, value)
+    batch = [RunTag(name, str(value)) for name, value in tags.items()]
+    retry(lambda: client.log_batch(run_id, tags=batch), racing_insert, attempts=attempts)
 
 
 def mark_run_killed(run_id: str, reason: str) -> None:
     """Ends a run some dead process left RUNNING as KILLED, with the reason as a tag, and lets
     its lease go: whoever resumes it may take it at once."""
-    from mlflow.entities import RunTag
-
     client = MlflowClient()
     client.log_batch(run_id, tags=[RunTag(KILLED_REASON_TAG, reason), RunTag(lease.LEASE_UNTIL_TAG, "0")])
     client.set_terminated(run_id, status="KILLED")
@@ -130,8 +131,9 @@ def reconcile_runs(
       host, boot and PID namespace, and no such process lives;
     - its lease expired, on the tracking server's clock (:mod:`~.lease`): every holder renews
       it while it works, and stops within its server timeout when it cannot, so a lease long
-      past says that no process is working on the run, on any host. A study parent shared by
-      many workers lives as long as one of them renews it.
+      past says that no process is working on the run, on any host. A study's parent lives as
+      long as one of its workers renews it, or one of its children holds a live lease (a worker
+      renews the parent only between children).
 
     Anything else is left alone: a run of another container or machine with a fresh heartbeat,
     or one recorded without a heartbeat. A run without any process information is closed only
@@ -141,10 +143,16 @@ def reconcile_runs(
     closed = []
     now_ms = time.time() * 1000
     server_now = lease.CLOCK.now()
-    for run in _search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
+    running = _search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'")
+    kept_alive_by_a_child = {
+        run.data.tags["mlflow.parentRunId"]
+        for run in running
+        if "mlflow.parentRunId" in run.data.tags and not lease.lease_expired(run.data.tags, server_now)
+    }
+    for run in running:
         tags = run.data.tags
         gone = lifecycle.process_is_gone(tags)
-        expired = _heartbeat_expired(tags, server_now)
+        expired = run.info.run_id not in kept_alive_by_a_child and _heartbeat_expired(tags, server_now)
         if gone:
             reason = f"its process {tags[lifecycle.PID_TAG]} on {tags[lifecycle.HOST_TAG]} ended without closing it"
         elif expired:

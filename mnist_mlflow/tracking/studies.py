@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import lifecycle
@@ -28,6 +29,7 @@ from mnist_mlflow.tracking.runs import (
     environment_summary,
     mark_run_killed,
     metric_values,
+    set_run_tags,
     set_tag,
 )
 from mnist_mlflow.tracking.server import auth_error, current_experiment_id, secret_params, tracking_uri_shown
@@ -82,11 +84,10 @@ def _point_launcher_to(
 ) -> None:
     """The launcher's run (if it is not the parent) records which run this launch worked for."""
     if launcher_run_id and launcher_run_id != parent_run_id:
-        client.set_tag(launcher_run_id, "resumed_study_run_id", parent_run_id)
-        client.set_tag(
+        note = f"This launch worked on {kind} study {study_id}; its runs and summary are in run {parent_run_id}."
+        client.log_batch(
             launcher_run_id,
-            "mlflow.note.content",
-            f"This launch worked on {kind} study {study_id}; its runs and summary are in run {parent_run_id}.",
+            tags=[RunTag("resumed_study_run_id", parent_run_id), RunTag("mlflow.note.content", note)],
         )
 
 
@@ -107,8 +108,9 @@ def attach_study_parent(kind: str, study_id: str, parent_run_id: str, launcher_r
             "point MLFLOW_TRACKING_URI at the server the study started with, or choose another study name"
         ) from None
     _point_launcher_to(client, launcher_run_id, parent_run_id, kind, study_id)
-    for name, value in _holder_tags(kind).items():
-        client.set_tag(parent_run_id, name, value)
+    holder = _holder_tags(kind)
+    if holder:
+        client.log_batch(parent_run_id, tags=[RunTag(name, value) for name, value in holder.items()])
     client.update_run(parent_run_id, status="RUNNING")
     return StudyParent(parent_run_id, experiment_id, True, launcher_run_id)
 
@@ -134,20 +136,20 @@ def create_study_parent(
     holds_secret = bool(launcher_run_id) and bool(secret_params(client, launcher_run_id))
     if launcher_run_id and not holds_secret:
         run_id = launcher_run_id
-        client.set_tag(run_id, "mlflow.runName", run_name)
     else:
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
         _point_launcher_to(client, launcher_run_id, run_id, kind, study_id)
-    client.set_tag(run_id, "mlflow.note.content", description)
-    for name, value in {
+    tags = {
+        "mlflow.runName": run_name,
+        "mlflow.note.content": description,
         STUDY_ID_TAG: study_id,
         STUDY_ROLE_TAG: "parent",
         STUDY_KIND_TAG: kind,
         STUDY_FINGERPRINT_TAG: fingerprint,
         **environment_summary(),
         **_holder_tags(kind),
-    }.items():
-        client.set_tag(run_id, name, value)
+    }
+    client.log_batch(run_id, tags=[RunTag(name, str(value)) for name, value in tags.items()])
     existing_params = client.get_run(run_id).data.params
     missing = {name: value for name, value in params.items() if name not in existing_params}
     if missing:
@@ -291,8 +293,8 @@ def log_study_summary(
     for start in range(0, len(batch), 1000):
         client.log_batch(parent.run_id, metrics=batch[start : start + 1000])
     # Workers sharing a study may write this summary at the same moment; see set_tag.
-    for name, value in (tags or {}).items():
-        set_tag(client, parent.run_id, name, value)
+    if tags:
+        set_run_tags(parent.run_id, tags)
     if winner_run_id:
         for record in study_children(parent):
             if record.status == "FINISHED":

@@ -6,7 +6,9 @@
 - :class:`RunWatch`: one daemon thread per process. For every run this process holds, it
   renews the run's lease every few seconds (:mod:`~.lease`), the heartbeat that lets any host
   tell later that nobody is working on the run; a lease taken over, or a run closed by someone
-  else, stops the main thread. When the server has not answered for
+  else, stops the main thread. A study's parent is renewed only while none of its children is
+  held here: a child's live lease keeps its parent alive (``runs.reconcile_runs``), so sixteen
+  workers do not all beat one parent. When the server has not answered for
   ``MNIST_MLFLOW_SERVER_TIMEOUT_S`` seconds, it stops the main thread too.
 - :func:`epoch_ledger`: a Keras callback that keeps every per-epoch metric value. MLflow's
   Keras callback sends them in the background and drops what the server did not take; at the end of
@@ -94,6 +96,8 @@ class RunWatch:
         self._last_answer = time.monotonic()
         self._stopping = False
         self._renewals = 0
+        # Set when a held run is let go, so that the parents it kept alive are beaten at once.
+        self._wake = threading.Event()
 
     def add(self, run_id: str, held: lease.Lease | None = None) -> None:
         """Renews ``run_id``'s lease (``held``), or, for a study parent that many workers share,
@@ -110,7 +114,12 @@ class RunWatch:
 
     def remove(self, run_id: str) -> None:
         with self._lock:
-            self._runs.pop(run_id, None)
+            _uri, held = self._runs.pop(run_id, (None, None))
+            parents_left = any(entry_held is None for _, entry_held in self._runs.values())
+        if held is not None and parents_left:
+            # The child's lease kept the study's parent alive until now: the parent is renewed
+            # on the watch's thread right away, before the child's run ends.
+            self._wake.set()
 
     def _beat(self, run_id: str, uri: str) -> None:
         until = lease.CLOCK.now() + lease.lease_duration_s()
@@ -118,20 +127,23 @@ class RunWatch:
 
     def _loop(self) -> None:
         while True:
-            time.sleep(lease.renewal_interval_s())
+            woken = self._wake.wait(lease.renewal_interval_s())
+            self._wake.clear()
             with self._lock:
                 runs = dict(self._runs)
             if not runs or self._stopping:
                 continue
-            self._renewals += 1
+            holding_a_child = any(held is not None for _, held in runs.values())
+            if not woken:
+                self._renewals += 1
             # Every few renewals, the holder reads the run back too: a run closed by someone
             # else (by hand, say) is noticed within a minute by default.
             verify = self._renewals % lease.VERIFY_EVERY_RENEWALS == 0
             try:
                 for run_id, (uri, held) in runs.items():
-                    if held is None:
+                    if held is None and not holding_a_child:
                         self._beat(run_id, uri)
-                    elif run_id in self._runs:
+                    elif held is not None and run_id in self._runs and not woken:
                         held.renew(verify=verify)
                 self._last_answer = time.monotonic()
             except lease.LeaseLost as lost:
