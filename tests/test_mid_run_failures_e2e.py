@@ -29,6 +29,8 @@ SEARCH = str(PROJECT_DIR / "entrypoints" / "search.py")
 RECONCILE = str(PROJECT_DIR / "entrypoints" / "reconcile.py")
 # Long enough to be caught mid-training, short epochs so that the steps are many.
 LONG_DENSE = [DENSE, "--epochs", "300", "--max_train_examples", "300", "--batch_size", "100"]
+# Long enough to outlive the server's timeout after four epochs; the resume trains the rest.
+RESUMED_DENSE = [DENSE, "--epochs", "100", "--max_train_examples", "300", "--batch_size", "100"]
 # The tests' server timeout: the run must stop within it (plus one watch interval and a retry).
 TIMEOUT_S = 6
 
@@ -120,7 +122,7 @@ def test_a_lost_server_and_an_unwritable_spool_say_what_was_not_kept_and_the_res
     (tmp_path / "a-file").write_text("not a folder")
     spool = tmp_path / "a-file" / "spool"
     env = _env(server.url, tmp_path, MNIST_MLFLOW_SPOOL_DIR=str(spool))
-    process = subprocess.Popen([sys.executable, *LONG_DENSE], **_piped(env))
+    process = subprocess.Popen([sys.executable, *RESUMED_DENSE], **_piped(env))
     try:
         run = wait_for(lambda: _one_run(client), "the run to start", process=process)
         wait_for(lambda: len(_epochs_logged(client, run.info.run_id)) >= 4, "four epochs", process=process)
@@ -137,13 +139,13 @@ def test_a_lost_server_and_an_unwritable_spool_say_what_was_not_kept_and_the_res
     # it from its checkpoint; the epochs it trains again are not logged a second time.
     server = tracking_server(root, port=server.port).start()
     try:
-        result = run_script([sys.executable, *LONG_DENSE], env)
+        result = run_script([sys.executable, *RESUMED_DENSE], env)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"Resuming run {run.info.run_id} (resume 1)" in result.stdout
         assert client.get_run(run.info.run_id).info.status == "FINISHED"
         for key in ("val_accuracy", "loss", "epoch_time_s"):
             steps = sorted(point.step for point in client.get_metric_history(run.info.run_id, key))
-            assert steps == list(range(300)), key
+            assert steps == list(range(100)), key
     finally:
         server.stop()
 

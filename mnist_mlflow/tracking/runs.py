@@ -323,7 +323,8 @@ def link_metrics_to_model(
 
     run_id = mlflow.active_run().info.run_id
     client = MlflowClient()
-    mlflow.flush_async_logging()
+    # The selected epoch's points must be on the server before they are read back.
+    watch.wait_for_sent(run_id)
     points = [(name, float(value), summary_time_ms, 0) for name, value in summary.items()]
     for key in ("val_accuracy", "val_loss"):
         selected = [point for point in client.get_metric_history(run_id, key) if point.step == epoch]

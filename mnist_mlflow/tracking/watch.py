@@ -207,8 +207,18 @@ def note_sent(run_id: str, epoch: int, operations) -> None:
     _sent.setdefault(run_id, {})[int(epoch)] = operations
 
 
+def wait_for_sent(run_id: str) -> None:
+    """Waits until every background batch of the run's epochs has been answered (or failed).
+
+    A wait on the batches themselves, not ``mlflow.flush_async_logging``: a flush stops and
+    restarts MLflow's logging thread, which notices only within a second.
+    """
+    for operations in list(_sent.get(run_id, {}).values()):
+        _confirmed(operations)
+
+
 def _confirmed(operations) -> bool:
-    """Whether a background batch is known to have reached the server (call after a flush)."""
+    """Whether a background batch is known to have reached the server (waits for its answer)."""
     if operations is ALREADY_HELD:
         return True
     if operations is None:
@@ -271,7 +281,6 @@ def deliver_ledger(run_id: str) -> str | None:
     sent = _sent.pop(run_id, {})
     if not points:
         return None
-    mlflow.flush_async_logging()
     epochs = {step for steps in points.values() for step in steps}
     unconfirmed = {epoch for epoch in epochs if not _confirmed(sent.get(epoch))}
     if not unconfirmed:
