@@ -36,23 +36,26 @@ SMALL_TRAIN_EXAMPLES = 2000
 # The longest files first. The suite runs on xdist workers that take one file at a time, in
 # collection order; a long file taken last keeps one worker busy while the others sit idle.
 # (Longest first is the classic rule for sharing jobs between machines.) The order comes from
-# the sum of each file's times in `--durations=0` of `-m "not slow"`, on three workers; the
-# order within each file is kept.
+# the sum of each file's times in the junit report of a full run, on three workers; the order
+# within each file is kept.
 LONGEST_FILES_FIRST = (
-    "test_environments_e2e.py",  # builds uv environments (slow)
+    "test_resume_e2e.py",
+    "test_mid_run_failures_e2e.py",
+    "test_run_ownership_e2e.py",
+    "test_search_objectives_e2e.py",
     "test_reliability_e2e.py",
     "test_search_e2e.py",
-    "test_studies_e2e.py",
     "test_search_workers_e2e.py",
-    "test_search_objectives_e2e.py",
-    "test_security_e2e.py",
+    "test_studies_e2e.py",
+    "test_environments_e2e.py",  # builds uv environments (slow)
     "test_models_view_e2e.py",
-    "test_dashboard_e2e.py",
+    "test_data.py",
+    "test_security_e2e.py",
+    "test_cnn_e2e.py",
     "test_shared_server_e2e.py",
     "test_dense_e2e.py",
     "test_fresh_machine_e2e.py",
-    "test_data.py",
-    "test_cnn_e2e.py",
+    "test_dashboard_e2e.py",
     "test_ui_e2e.py",  # a browser (slow)
     "test_training.py",
 )
