@@ -86,12 +86,12 @@ def racing_insert(error: Exception) -> bool:
     )
 
 
-def set_run_tags(run_id: str, tags: Mapping[str, str], attempts: int = 4) -> None:
+def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
     """Sets several tags in one request, tolerating another worker setting them at the same
     moment (as :func:`set_tag`)."""
     client = MlflowClient()
     batch = [RunTag(name, str(value)) for name, value in tags.items()]
-    retry(lambda: client.log_batch(run_id, tags=batch), racing_insert, attempts=attempts)
+    retry(lambda: client.log_batch(run_id, tags=batch), racing_insert, attempts=4)
 
 
 def mark_run_killed(run_id: str, reason: str) -> None:
