@@ -211,7 +211,8 @@ def wait_for_sent(run_id: str) -> None:
     """Waits until every background batch of the run's epochs has been answered (or failed).
 
     A wait on the batches themselves, not ``mlflow.flush_async_logging``: a flush stops and
-    restarts MLflow's logging thread, which notices only within a second.
+    restarts MLflow's logging thread, which notices the stop only when its wait on an empty
+    queue times out.
     """
     for operations in list(_sent.get(run_id, {}).values()):
         _confirmed(operations)
