@@ -61,9 +61,33 @@ LONGEST_FILES_FIRST = (
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="run the slow tests too (CI does; see docs/contributing.md)")
+
+
+def _slow_tests_asked_for(config) -> bool:
+    """Slow tests run with --slow, with any -m expression (which then decides alone), or when a
+    test is named by its node id (``tests/test_x.py::test_y``)."""
+    named = any("::" in str(argument) for argument in config.args)
+    return config.getoption("--slow") or bool(config.getoption("markexpr")) or named
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    if _slow_tests_asked_for(config):
+        return
+    # The default run leaves the slow tests out, and says so in its summary ("deselected").
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+    if not _slow_tests_asked_for(config):
+        return "slow tests left out: `python -m pytest --slow` runs them too, as CI does"
+    return None
 
 
 @pytest.fixture(scope="session")

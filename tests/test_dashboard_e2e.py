@@ -14,7 +14,7 @@ from conftest import PROJECT_DIR, run_script
 
 from harness.servers import ServerProcess, free_port, python_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SEARCH = str(PROJECT_DIR / "entrypoints" / "search.py")
 

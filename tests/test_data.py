@@ -112,26 +112,27 @@ def test_without_network_and_without_the_variable_fails_fast_naming_it(tmp_path,
 
 
 @pytest.fixture(scope="module")
-def prepared_both(tmp_path_factory):
-    """MNIST, then Fashion-MNIST, prepared by tfds in one private folder, with their decoded-array
-    caches written. Returns the folder and MNIST's arrays, version and prepared directory, and
-    Fashion-MNIST's arrays."""
+def prepared_mnist(tmp_path_factory):
+    """MNIST prepared by tfds in a private folder, with its decoded-array cache written. Returns
+    the folder and MNIST's arrays, version and prepared directory."""
     import os
 
     if not os.environ.get(data.DATA_DIR_ENV):
-        pytest.skip(f"needs {data.DATA_DIR_ENV} to prepare both data sets offline")
+        pytest.skip(f"needs {data.DATA_DIR_ENV} to prepare the data sets offline")
     folder = tmp_path_factory.mktemp("tfds")
     arrays, version, prepared_dir = data.load_arrays("mnist", str(folder))
-    fashion_arrays, _, fashion_dir = data.load_arrays("fashion_mnist", str(folder))
-    assert prepared_dir.startswith(str(folder)) and fashion_dir.startswith(str(folder))
-    return folder, arrays, version, prepared_dir, fashion_arrays
+    assert prepared_dir.startswith(str(folder))
+    return folder, arrays, version, prepared_dir
 
 
 @pytest.mark.e2e
-def test_mnist_and_fashion_mnist_prepared_in_one_directory_stay_distinct(prepared_both):
+@pytest.mark.slow  # prepares Fashion-MNIST as well
+def test_mnist_and_fashion_mnist_prepared_in_one_directory_stay_distinct(prepared_mnist):
     """Both data sets ship files of the same names; preparing one after the other in one tfds
     directory once gave Fashion-MNIST the MNIST images (tfds's shared extraction folder)."""
-    _, mnist_arrays, _, _, fashion_arrays = prepared_both
+    folder, mnist_arrays, _, _ = prepared_mnist
+    fashion_arrays, _, fashion_dir = data.load_arrays("fashion_mnist", str(folder))
+    assert fashion_dir.startswith(str(folder))
     means = {}
     for dataset, arrays in (("mnist", mnist_arrays), ("fashion_mnist", fashion_arrays)):
         train_images, train_labels = arrays["train"]
@@ -161,10 +162,10 @@ def _load_in_fresh_process(folder) -> str:
 
 
 @pytest.mark.e2e
-def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_both):
+def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_mnist):
     import hashlib
 
-    folder, arrays, version, prepared_dir, _ = prepared_both
+    folder, arrays, version, prepared_dir = prepared_mnist
     cache = data.Path(prepared_dir) / data.ARRAY_CACHE_FOLDER
     assert (cache / data.ARRAY_CACHE_MANIFEST).is_file()
     expected = hashlib.sha256(arrays["train"][0].tobytes() + arrays["test"][1].tobytes()).hexdigest()
@@ -175,10 +176,10 @@ def test_decoded_arrays_are_cached_beside_tfds_and_load_without_tfds(prepared_bo
 
 
 @pytest.mark.e2e
-def test_a_damaged_cache_is_noticed_and_decoded_again(prepared_both):
+def test_a_damaged_cache_is_noticed_and_decoded_again(prepared_mnist):
     import hashlib
 
-    folder, arrays, version, prepared_dir, _ = prepared_both
+    folder, arrays, version, prepared_dir = prepared_mnist
     labels_file = data.Path(prepared_dir) / data.ARRAY_CACHE_FOLDER / "test_labels.npy"
     damaged = bytearray(labels_file.read_bytes())
     damaged[-1] = (damaged[-1] + 1) % 10
@@ -191,24 +192,24 @@ def test_a_damaged_cache_is_noticed_and_decoded_again(prepared_both):
     assert "tfds imported: False" in _load_in_fresh_process(folder)
 
 
-def _copy_without_cache(prepared_both, tmp_path):
+def _copy_without_cache(prepared_mnist, tmp_path):
     """A copy of the tfds folder with MNIST prepared but no decoded-array cache."""
     import shutil
 
-    folder, _, version, _, _ = prepared_both
+    folder, _, version, _ = prepared_mnist
     copy = tmp_path / "tfds"
     shutil.copytree(folder / "mnist", copy / "mnist", ignore=shutil.ignore_patterns(data.ARRAY_CACHE_FOLDER, ".*"))
     return copy, copy / "mnist" / version
 
 
 @pytest.mark.e2e
-def test_a_cache_another_process_wrote_meanwhile_is_kept(prepared_both, tmp_path):
+def test_a_cache_another_process_wrote_meanwhile_is_kept(prepared_mnist, tmp_path):
     """The array cache is written under the preparation lock; one found in its place all the same
     (an intact one) is kept rather than removed and replaced."""
     import os
 
-    _, arrays, version, _, _ = prepared_both
-    _, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
+    _, arrays, version, _ = prepared_mnist
+    _, prepared_dir = _copy_without_cache(prepared_mnist, tmp_path)
     data._write_array_cache(arrays, version, str(prepared_dir))
     cache = prepared_dir / data.ARRAY_CACHE_FOLDER
     before = {path.name: os.stat(path).st_ino for path in cache.iterdir()}
@@ -221,9 +222,9 @@ def test_a_cache_another_process_wrote_meanwhile_is_kept(prepared_both, tmp_path
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("manifest", ["{}", "[]", '{"version": "3.0.1"}', '{"version": 3, "sha256": {}}', "not json"])
-def test_an_unreadable_manifest_is_one_line_and_the_data_is_decoded_again(prepared_both, tmp_path, capsys, manifest):
-    _, arrays, version, _, _ = prepared_both
-    copy, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
+def test_an_unreadable_manifest_is_one_line_and_the_data_is_decoded_again(prepared_mnist, tmp_path, capsys, manifest):
+    _, arrays, version, _ = prepared_mnist
+    copy, prepared_dir = _copy_without_cache(prepared_mnist, tmp_path)
     data._write_array_cache(arrays, version, str(prepared_dir))
     (prepared_dir / data.ARRAY_CACHE_FOLDER / data.ARRAY_CACHE_MANIFEST).write_text(manifest)
     assert data._read_array_cache("mnist", str(copy)) is None
@@ -236,7 +237,7 @@ def test_an_unreadable_manifest_is_one_line_and_the_data_is_decoded_again(prepar
 
 
 @pytest.mark.e2e
-def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_both, tmp_path):
+def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_mnist, tmp_path):
     """A shared volume mounted read-only: the data set loads from tfds's files, one line says the
     cache cannot be written, and nothing is left behind. (Root writes through file modes, so the
     folder is made read-only by a bind mount in a private mount namespace.)"""
@@ -249,7 +250,7 @@ def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_b
         or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0
     ):
         pytest.skip("needs `unshare --mount` to mount a folder read-only")
-    copy, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
+    copy, prepared_dir = _copy_without_cache(prepared_mnist, tmp_path)
     code = (
         "from mnist_mlflow import data\n"
         f"arrays, version, _ = data.load_arrays('mnist', {str(copy)!r})\n"
@@ -275,7 +276,7 @@ def test_a_read_only_data_folder_works_and_says_why_nothing_is_cached(prepared_b
 
 
 @pytest.mark.e2e
-def test_a_process_waits_for_the_one_preparing_the_data_set(prepared_both, tmp_path):
+def test_a_process_waits_for_the_one_preparing_the_data_set(prepared_mnist, tmp_path):
     """While another process holds the data set's lock, a loader waits, saying so, and goes on
     once the lock is free, reading what the holder left (here: tfds's prepared files)."""
     import subprocess
@@ -284,7 +285,7 @@ def test_a_process_waits_for_the_one_preparing_the_data_set(prepared_both, tmp_p
 
     from filelock import FileLock
 
-    copy, prepared_dir = _copy_without_cache(prepared_both, tmp_path)
+    copy, prepared_dir = _copy_without_cache(prepared_mnist, tmp_path)
     code = f"from mnist_mlflow import data\ndata.load_arrays('mnist', {str(copy)!r})\nprint('loaded')\n"
     with FileLock(data.preparation_lock_path("mnist", str(copy))):
         process = subprocess.Popen(

@@ -115,6 +115,7 @@ def test_a_killed_tracking_server_stops_the_run_in_bounded_time_and_loses_no_met
         server.stop()
 
 
+@pytest.mark.slow  # the lost server and its spool are checked by default in the test above
 def test_a_lost_server_and_an_unwritable_spool_say_what_was_not_kept_and_the_resume_logs_each_step_once(tmp_path):
     root = tmp_path / "server"
     server = tracking_server(root).start()

@@ -339,6 +339,7 @@ def postgres_search(postgres, mlflow_server, tmp_path, study_name: str, units: l
     return storage, command, python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=f"e2e-{study_name}")
 
 
+@pytest.mark.slow  # a race of several workers, as test_workers_opening_a_fresh_postgres_database_together
 def test_search_workers_started_together_share_one_study_and_parent_which_outlives_a_stopped_worker(
     mlflow_server, postgres, tmp_path
 ):

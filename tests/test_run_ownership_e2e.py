@@ -151,6 +151,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_other_slot(mlflow_server, tmp_pa
     _assert_whole(client, run_id)
 
 
+@pytest.mark.slow
 def test_with_both_slots_damaged_a_new_run_starts_and_says_why(mlflow_server, tmp_path):
     client, experiment = MlflowClient(mlflow_server.url), "ownership-damaged-both"
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
@@ -168,6 +169,7 @@ def test_with_both_slots_damaged_a_new_run_starts_and_says_why(mlflow_server, tm
     _assert_whole(client, new.info.run_id)
 
 
+@pytest.mark.slow  # a changed parameter (test_resume_e2e) takes the same path by default
 def test_a_run_of_other_software_is_not_resumed_and_the_line_says_what_differs(mlflow_server, tmp_path):
     client, experiment = MlflowClient(mlflow_server.url), "ownership-other-software"
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
@@ -186,7 +188,7 @@ def test_a_run_of_other_software_is_not_resumed_and_the_line_says_what_differs(m
     assert len(experiment_runs(client, experiment)) == 2
 
 
-@pytest.mark.parametrize("round_number", range(4))
+@pytest.mark.parametrize("round_number", [0, *(pytest.param(number, marks=pytest.mark.slow) for number in range(1, 4))])
 def test_a_sigterm_at_a_random_moment_of_training_ends_the_run_killed(mlflow_server, tmp_path, round_number):
     """A few SIGTERMs at random moments (benchmarks/sigterm_loop.py sends a hundred)."""
     client, experiment = MlflowClient(mlflow_server.url), f"ownership-sigterm-{round_number}"

@@ -142,6 +142,7 @@ SIGNALS = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": sign
 EXIT_STATUS = {"kill": -signal.SIGKILL, "interrupt": 130, "terminate": 143}
 
 
+@pytest.mark.slow  # three cut-offs and three resumes
 def test_a_search_cut_off_three_ways_resumes_each_time_without_repeating_finished_trials(
     tmp_path, tracking_uri, search_env
 ):

@@ -26,7 +26,8 @@ PRUNABLE_SPACE = (
 
 
 @pytest.mark.usefixtures("in_process_experiment")
-@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband"])
+# Hyperband runs successive halving in brackets: the same rungs, checked again in the slow run.
+@pytest.mark.parametrize("pruner", ["successive_halving", pytest.param("hyperband", marks=pytest.mark.slow)])
 def test_halving_pruners_stop_trials_only_at_their_rungs_and_never_at_the_last_epoch(tmp_path, tracking_uri, pruner):
     from mnist_mlflow.studies.search import run_search
 
@@ -73,6 +74,7 @@ def _dominated(point, others) -> bool:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("in_process_experiment")
 def test_accuracy_and_parameters_search_keeps_the_pareto_front_and_registers_the_rule_s_choice(tmp_path, tracking_uri):
     """Trainable parameters are an exact cost, so the front and the choice can be checked exactly."""

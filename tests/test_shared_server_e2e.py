@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.servers import python_env, tracking_server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
