@@ -203,6 +203,7 @@ def _python_of(process: subprocess.Popen):
     return next(child for child in children if "python" in child.name())
 
 
+@pytest.mark.slow  # a dozen processes in two PID namespaces
 @needs_pid_namespaces
 def test_runs_in_another_pid_namespace_are_never_taken_for_dead_in_either_direction(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.url)

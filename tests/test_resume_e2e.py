@@ -118,11 +118,10 @@ def _kill_and_resume(tmp_path, server_url, script, args, experiment, kill_signal
     return run.info.run_id, killed_at
 
 
-def _alone(tmp_path, server_url, script, args, experiment) -> str:
+def _alone(tmp_path, server_url, script, args, experiment, **settings: str) -> str:
     client = MlflowClient(server_url)
-    result = run_script(
-        [sys.executable, script, *args], python_env(server_url, MLFLOW_EXPERIMENT_NAME=experiment), cwd=tmp_path
-    )
+    env = python_env(server_url, MLFLOW_EXPERIMENT_NAME=experiment, **settings)
+    result = run_script([sys.executable, script, *args], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = _runs(client, experiment)
     return run.info.run_id
@@ -137,8 +136,12 @@ def test_a_killed_dense_run_resumes_to_the_same_weights(mlflow_server, tmp_path,
     name = f"resume-dense-{kill_signal.name}"
     resumed, killed_at = _kill_and_resume(tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, name, kill_signal, at_epoch=3)
     assert killed_at < 39
-    alone = _alone(tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, f"{name}-alone")
+    alone = _alone(tmp_path, mlflow_server.url, DENSE, DENSE_ARGS, f"{name}-alone", **SAMPLE_EVERY_SECOND)
     _assert_same_result(MlflowClient(mlflow_server.url), resumed, alone, 40)
+    # Every training run logs system metrics, here the run left alone (sampled every second).
+    alone_metrics = MlflowClient(mlflow_server.url).get_run(alone).data.metrics
+    for metric in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        assert f"system/{metric}" in alone_metrics
 
 
 def test_a_cnn_run_stopped_with_sigterm_resumes_to_the_same_weights(mlflow_server, tmp_path):
@@ -148,17 +151,6 @@ def test_a_cnn_run_stopped_with_sigterm_resumes_to_the_same_weights(mlflow_serve
     assert killed_at < 7
     alone = _alone(tmp_path, mlflow_server.url, CNN, CNN_ARGS, "resume-cnn-alone")
     _assert_same_result(MlflowClient(mlflow_server.url), resumed, alone, 8)
-
-
-def test_every_training_run_logs_system_metrics(mlflow_server, tmp_path):
-    env = python_env(
-        mlflow_server.url, MLFLOW_EXPERIMENT_NAME="system-metrics", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"
-    )
-    result = run_script([sys.executable, DENSE, "--epochs", "20", "--max_train_examples", "3000"], env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = _runs(MlflowClient(mlflow_server.url), "system-metrics")
-    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
-        assert f"system/{name}" in run.data.metrics
 
 
 def test_a_changed_configuration_starts_anew_and_says_so(mlflow_server, tmp_path):

@@ -26,8 +26,10 @@ PRUNABLE_SPACE = (
 
 
 @pytest.mark.usefixtures("in_process_experiment")
-# Hyperband runs successive halving in brackets: the same rungs, checked again in the slow run.
-@pytest.mark.parametrize("pruner", ["successive_halving", pytest.param("hyperband", marks=pytest.mark.slow)])
+# Eight trials each, in this process. The default run prunes with the median pruner
+# (test_search_e2e); these two pruners' rungs are checked in the slow run.
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband"])
 def test_halving_pruners_stop_trials_only_at_their_rungs_and_never_at_the_last_epoch(tmp_path, tracking_uri, pruner):
     from mnist_mlflow.studies.search import run_search
 
