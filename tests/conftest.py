@@ -36,28 +36,29 @@ SMALL_TRAIN_EXAMPLES = 2000
 # The longest files first. The suite runs on xdist workers that take one file at a time, in
 # collection order; a long file taken last keeps one worker busy while the others sit idle.
 # (Longest first is the classic rule for sharing jobs between machines.) The order comes from
-# the sum of each file's times in the junit report of a full run, on three workers; the order
-# within each file is kept.
+# the sum of each file's times in the junit report of a default run on four workers, then the
+# files whose tests are all slow, longest first; the order within each file is kept.
 LONGEST_FILES_FIRST = (
     "test_resume_e2e.py",
     "test_mid_run_failures_e2e.py",
     "test_run_ownership_e2e.py",
-    "test_search_objectives_e2e.py",
     "test_reliability_e2e.py",
-    "test_search_e2e.py",
-    "test_search_workers_e2e.py",
     "test_studies_e2e.py",
-    "test_environments_e2e.py",  # builds uv environments (slow)
-    "test_models_view_e2e.py",
-    "test_data.py",
     "test_security_e2e.py",
+    "test_search_workers_e2e.py",
+    "test_data.py",
     "test_cnn_e2e.py",
-    "test_shared_server_e2e.py",
+    "test_search_e2e.py",
+    "test_models_view_e2e.py",
     "test_dense_e2e.py",
     "test_fresh_machine_e2e.py",
-    "test_dashboard_e2e.py",
-    "test_ui_e2e.py",  # a browser (slow)
     "test_training.py",
+    # Slow only.
+    "test_search_objectives_e2e.py",
+    "test_environments_e2e.py",  # builds uv environments
+    "test_shared_server_e2e.py",
+    "test_dashboard_e2e.py",
+    "test_ui_e2e.py",  # a browser
 )
 
 
@@ -86,7 +87,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     if not _slow_tests_asked_for(config):
-        return "slow tests left out: `python -m pytest --slow` runs them too, as CI does"
+        return "slow tests left out: `-m slow` runs only them, `--slow` everything (CI runs both parts)"
     return None
 
 

@@ -158,11 +158,12 @@ def test_a_changed_configuration_starts_anew_and_says_so(mlflow_server, tmp_path
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME="resume-changed")
     process = subprocess.Popen([sys.executable, DENSE, *DENSE_ARGS], cwd=tmp_path, env=env, stdout=subprocess.PIPE)
     killed, _ = signal_when(process, lambda: _checkpointed(client, "resume-changed", 1), "epoch 2", signal.SIGTERM)
-    changed = [DENSE, *DENSE_ARGS[:-1], "0.3"]
+    # Another dropout, and (so that the new run is short) fewer epochs: both named in the line.
+    changed = [DENSE, "--epochs", "3", *DENSE_ARGS[2:-1], "0.3"]
     result = run_script([sys.executable, *changed], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Not resuming run {killed.info.run_id} (killed after epoch" in result.stdout
-    assert "dropout 0.2 there, 0.3 here" in result.stdout
+    assert "dropout 0.2 there, 0.3 here" in result.stdout and "epochs 40 there, 3 here" in result.stdout
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
     assert len(_runs(client, "resume-changed")) == 2
 

@@ -215,6 +215,7 @@ def test_same_sweep_id_with_other_settings_is_refused_before_training(weight_dec
     assert len(children) == 4
 
 
+@pytest.mark.slow  # test_resume_e2e kills a sweep's child by default and checks its resume
 def test_a_killed_sweep_resumes_and_never_counts_the_killed_run_as_finished(mlflow_server):
     experiment = "e2e-weight-decay-kill"
     client = MlflowClient(mlflow_server.url)
