@@ -268,6 +268,7 @@ def test_workers_opening_a_fresh_postgres_database_together_all_get_in(postgres,
 # The two tests below run their study in this process, as the entry point would: what they
 # check is how a study treats a diverging child, not the process around it (each process costs
 # about 5 s of CPU in imports; the signal and exit-status tests above cover the process).
+@pytest.mark.slow  # a diverging trial, below, is checked by default
 def test_a_diverging_child_fails_and_the_study_goes_on(tracking_uri, monkeypatch, capsys):
     from mnist_mlflow.studies.weight_decay import WeightDecayConfig, run_weight_decay
 

@@ -127,7 +127,7 @@ def _alone(tmp_path, server_url, script, args, experiment, **settings: str) -> s
     return run.info.run_id
 
 
-# SIGTERM's resume is checked by default on the CNN; the dense SIGTERM variant runs with --slow.
+# The default run resumes a dense run after SIGKILL; SIGTERM's resumes (dense and CNN) are slow.
 SIGKILL_THEN_SIGTERM = [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
 
 
@@ -144,6 +144,7 @@ def test_a_killed_dense_run_resumes_to_the_same_weights(mlflow_server, tmp_path,
         assert f"system/{metric}" in alone_metrics
 
 
+@pytest.mark.slow  # the dense SIGKILL resume is the default run's
 def test_a_cnn_run_stopped_with_sigterm_resumes_to_the_same_weights(mlflow_server, tmp_path):
     resumed, killed_at = _kill_and_resume(
         tmp_path, mlflow_server.url, CNN, CNN_ARGS, "resume-cnn", signal.SIGTERM, at_epoch=1

@@ -24,6 +24,9 @@ pytestmark = pytest.mark.e2e
 DENSE = str(PROJECT_DIR / "entrypoints" / "dense.py")
 EPOCHS = 120
 DENSE_COMMAND = [sys.executable, DENSE, "--epochs", str(EPOCHS), "--max_train_examples", "1000", "--dropout", "0.2"]
+# For the damaged-checkpoint tests, which need no overlap, only a kill after a few epochs and a resume.
+SHORT_EPOCHS = 40
+SHORT_DENSE_COMMAND = [DENSE_COMMAND[0], DENSE, "--epochs", str(SHORT_EPOCHS), *DENSE_COMMAND[4:]]
 LEASE_TAG = "mnist_mlflow.lease"
 
 
@@ -34,9 +37,9 @@ def _running_with_checkpoint(client: MlflowClient, experiment: str, epoch: int):
     return None
 
 
-def _killed_run(client: MlflowClient, experiment: str, env: dict[str, str], epoch: int = 2):
+def _killed_run(client: MlflowClient, experiment: str, env: dict[str, str], epoch: int = 2, command=DENSE_COMMAND):
     """A dense run killed with SIGKILL once its checkpoint holds ``epoch``: (run id, its checkpoint epoch)."""
-    process = start(DENSE_COMMAND, env)
+    process = start(command, env)
     run, _ = signal_when(
         process, lambda: _running_with_checkpoint(client, experiment, epoch), f"epoch {epoch + 1}", signal.SIGKILL
     )
@@ -51,11 +54,11 @@ def _steps(client: MlflowClient, run_id: str, key: str = "val_accuracy") -> list
     return sorted(point.step for point in client.get_metric_history(run_id, key))
 
 
-def _assert_whole(client: MlflowClient, run_id: str) -> None:
+def _assert_whole(client: MlflowClient, run_id: str, epochs: int = EPOCHS) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in ("loss", "val_accuracy", "epoch_time_s"):
-        assert _steps(client, run_id, key) == list(range(EPOCHS)), f"{key}: each step exactly once"
+        assert _steps(client, run_id, key) == list(range(epochs)), f"{key}: each step exactly once"
 
 
 def _lines(stderr: str) -> list[str]:
@@ -132,41 +135,75 @@ def _slot_file(mlflow_server, run_id: str, slot: str, name: str = "latest.weight
     return path
 
 
+def _whole_slot_epoch(mlflow_server, run_id: str, slot: str) -> int | None:
+    """The epoch a checkpoint slot on the server holds, when every file its manifest names is there
+    and matches its digest; None when a kill cut the slot's upload short."""
+    import hashlib
+
+    def artifact(folder: str, name: str):
+        return next((mlflow_server.root / "artifacts").glob(f"*/{run_id}/artifacts/checkpoint/{folder}/{name}"), None)
+
+    manifest_file = artifact(slot, "manifest.json")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (AttributeError, OSError, ValueError):
+        return None
+    for name, digest in manifest["sha256"].items():
+        path = artifact("best" if name.startswith("best-") else slot, name)
+        if path is None or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            return None
+    return int(manifest["epoch"])
+
+
 def test_a_damaged_checkpoint_falls_back_to_the_other_slot(mlflow_server, tmp_path):
-    client, experiment = MlflowClient(mlflow_server.url), "ownership-damaged-slot"
-    env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
-    run_id, killed_at = _killed_run(client, experiment, env, epoch=3)
-    latest = client.get_run(run_id).data.tags["mnist_mlflow.checkpoint_slot"]
+    client = MlflowClient(mlflow_server.url)
+    # The SIGKILL may land while the other slot is being rewritten with the next epoch; then both
+    # slots are unusable once the test damages the latest (the slow test below checks that case),
+    # and the test kills a new run.
+    for attempt in range(3):
+        experiment = f"ownership-damaged-slot-{attempt}"
+        env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+        run_id, _ = _killed_run(client, experiment, env, epoch=3, command=SHORT_DENSE_COMMAND)
+        latest = client.get_run(run_id).data.tags["mnist_mlflow.checkpoint_slot"]
+        other_epoch = _whole_slot_epoch(mlflow_server, run_id, "b" if latest == "a" else "a")
+        if other_epoch is not None:
+            break
+    else:
+        pytest.fail("three kills in a row each cut the other slot's upload short")
     weights = _slot_file(mlflow_server, run_id, latest)
     weights.write_bytes(weights.read_bytes()[:1000])
 
-    result = run_script(DENSE_COMMAND, env, cwd=tmp_path)
+    result = run_script(SHORT_DENSE_COMMAND, env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         f"The latest checkpoint of run {run_id} cannot be used (slot {latest}: latest.weights.h5 does not match "
         "its SHA-256 digest); trying the other slot"
     ) in result.stdout
-    # The other slot holds the epoch before.
-    assert f"Resuming run {run_id} (resume 1) from its checkpoint after epoch {killed_at} of {EPOCHS}" in result.stdout
-    _assert_whole(client, run_id)
+    # The other slot holds the epoch before (or, when the kill came between its upload and the tag
+    # that names it, the epoch after).
+    assert (
+        f"Resuming run {run_id} (resume 1) from its checkpoint after epoch {other_epoch + 1} of {SHORT_EPOCHS}"
+        in result.stdout
+    ), result.stdout[-2000:]
+    _assert_whole(client, run_id, SHORT_EPOCHS)
 
 
 @pytest.mark.slow
 def test_with_both_slots_damaged_a_new_run_starts_and_says_why(mlflow_server, tmp_path):
     client, experiment = MlflowClient(mlflow_server.url), "ownership-damaged-both"
     env = python_env(mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
-    run_id, _ = _killed_run(client, experiment, env, epoch=3)
+    run_id, _ = _killed_run(client, experiment, env, epoch=3, command=SHORT_DENSE_COMMAND)
     for slot in ("a", "b"):
         _slot_file(mlflow_server, run_id, slot, "manifest.json").write_text("[]")
 
-    result = run_script(DENSE_COMMAND, env, cwd=tmp_path)
+    result = run_script(SHORT_DENSE_COMMAND, env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Neither checkpoint of run {run_id} can be used (slot " in result.stdout
     assert "starting a new run" in result.stdout and "Resuming run" not in result.stdout
     (killed,) = [run for run in experiment_runs(client, experiment) if run.info.run_id == run_id]
     assert killed.info.status == "KILLED"
     (new,) = [run for run in experiment_runs(client, experiment) if run.info.run_id != run_id]
-    _assert_whole(client, new.info.run_id)
+    _assert_whole(client, new.info.run_id, SHORT_EPOCHS)
 
 
 @pytest.mark.slow  # a changed parameter (test_resume_e2e) takes the same path by default
