@@ -130,8 +130,14 @@ def test_a_suspended_process_whose_run_was_taken_over_writes_nothing_more(mlflow
     _assert_whole(client, run.info.run_id)
 
 
+def _checkpoint_file(mlflow_server, run_id: str, folder: str, name: str):
+    """A file of the run's checkpoint folder (``a``, ``b`` or ``best``) in the server's store, or None."""
+    return next((mlflow_server.root / "artifacts").glob(f"*/{run_id}/artifacts/checkpoint/{folder}/{name}"), None)
+
+
 def _slot_file(mlflow_server, run_id: str, slot: str, name: str = "latest.weights.h5"):
-    (path,) = (mlflow_server.root / "artifacts").glob(f"*/{run_id}/artifacts/checkpoint/{slot}/{name}")
+    path = _checkpoint_file(mlflow_server, run_id, slot, name)
+    assert path is not None, f"no {name} in slot {slot}"
     return path
 
 
@@ -140,16 +146,15 @@ def _whole_slot_epoch(mlflow_server, run_id: str, slot: str) -> int | None:
     and matches its digest; None when a kill cut the slot's upload short."""
     import hashlib
 
-    def artifact(folder: str, name: str):
-        return next((mlflow_server.root / "artifacts").glob(f"*/{run_id}/artifacts/checkpoint/{folder}/{name}"), None)
-
-    manifest_file = artifact(slot, "manifest.json")
+    manifest_file = _checkpoint_file(mlflow_server, run_id, slot, "manifest.json")
     try:
-        manifest = json.loads(manifest_file.read_text())
-    except (AttributeError, OSError, ValueError):
+        manifest = json.loads(manifest_file.read_text()) if manifest_file else None
+    except (OSError, ValueError):
+        manifest = None
+    if manifest is None:
         return None
     for name, digest in manifest["sha256"].items():
-        path = artifact("best" if name.startswith("best-") else slot, name)
+        path = _checkpoint_file(mlflow_server, run_id, "best" if name.startswith("best-") else slot, name)
         if path is None or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             return None
     return int(manifest["epoch"])
